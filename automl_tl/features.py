@@ -1,0 +1,75 @@
+"""Pooled features of a frozen backbone, computed once per (data, backbone, image size) and shared.
+
+Every trial that freezes the whole feature extractor and uses a deterministic transform sees exactly the
+same features, so the first such trial computes them for the train and validation splits and writes them
+next to the data cache; the others (in any process on the machine) wait on a file lock and load them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from automl_tl.augment import array_to_tensor, train_transform
+from automl_tl.backbones import TransferNet
+from automl_tl.transforms import Preprocessing
+
+if TYPE_CHECKING:
+    from automl_tl.training import TrialData
+
+__all__ = ["FeatureSet", "cached_features", "feature_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    train: torch.Tensor
+    val: torch.Tensor
+    hit: bool  # True when the features came from the cache
+
+
+def feature_key(data_id: str, backbone: str, pre: Preprocessing, train_idx: np.ndarray, val_idx: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr((data_id, backbone, sorted(pre.to_dict().items()))).encode())
+    digest.update(np.ascontiguousarray(train_idx, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(val_idx, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: TransferNet, batch_size: int = 64) -> FeatureSet:
+    """Train and validation features of ``model``'s frozen extractor, from the cache when present."""
+    key = feature_key(data.data_id, backbone, pre, data.train_idx, data.val_idx)
+    folder = Path(data.feature_cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{backbone.replace(':', '_')}-{pre.input_size}-{key}.npz"
+    with open(folder / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process computes; the rest wait and then read
+        if path.is_file():
+            with np.load(path) as stored:
+                return FeatureSet(torch.from_numpy(stored["train"]), torch.from_numpy(stored["val"]), hit=True)
+        train = _compute(data, data.train_idx, pre, model, batch_size)
+        val = _compute(data, data.val_idx, pre, model, batch_size)
+        partial = path.with_name(path.name + ".partial.npz")
+        np.savez(partial, train=train, val=val)
+        partial.replace(path)
+    return FeatureSet(torch.from_numpy(train), torch.from_numpy(val), hit=False)
+
+
+@torch.inference_mode()
+def _compute(data: TrialData, rows: np.ndarray, pre: Preprocessing, model: TransferNet, batch_size: int) -> np.ndarray:
+    from automl_tl.data import Dataset
+
+    images = Dataset.open(Path(data.cache_path))
+    transform = train_transform("none", pre)
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = torch.stack([transform(array_to_tensor(images.image(int(i)))) for i in rows[start : start + batch_size]])
+        out.append(model.forward_features(batch).float())
+    features: np.ndarray = torch.cat(out).numpy() if out else np.zeros((0, model.spec.feature_width), np.float32)
+    return features

@@ -1,0 +1,116 @@
+"""Sweep progress for people and for machines: one line per event (trial epoch, end, error).
+
+Each line says what happened and where the sweep stands: trials running, finished, stopped early and
+errored, the best score so far and the elapsed time, plus an estimate of the time left from the trial count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+__all__ = ["SweepProgress", "read_stop_reasons"]
+
+
+def read_stop_reasons(path: Path) -> dict[str, str]:
+    """Stop reasons the sweep recorded for trials it stopped (later lines win)."""
+    if not path.is_file():
+        return {}
+    reasons = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            reasons[str(entry["trial_id"])] = str(entry["stop_reason"])
+    return reasons
+
+
+class SweepProgress(Callback):
+    """A Tune callback that reports progress through a ``log`` function (text, JSON lines or nothing)."""
+
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        metric: str,
+        mode: str,
+        num_samples: int,
+        scheduler: str = "asha",
+        time_budget_s: float | None = None,
+        reasons_file: Path | None = None,
+    ) -> None:
+        self.log, self.metric, self.mode, self.num_samples = log, metric, mode, num_samples
+        self.scheduler, self.time_budget_s, self.reasons_file = scheduler, time_budget_s, reasons_file
+        self.started = time.time()
+        self.best: float | None = None
+        self.best_trial = ""
+        self.finished = self.stopped = self.errored = 0
+        self.running: set[str] = set()
+
+    def _better(self, value: float) -> bool:
+        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+
+    def _status(self) -> str:
+        elapsed = time.time() - self.started
+        ended = self.finished + self.stopped + self.errored
+        eta = ""
+        if 0 < ended < self.num_samples:
+            eta = f", ~{_clock(elapsed / ended * (self.num_samples - ended))} left"
+        best = f"{self.best:.4f} ({self.best_trial})" if self.best is not None else "-"
+        return (
+            f"running {len(self.running)}, finished {self.finished}, stopped {self.stopped}, errored {self.errored}"
+            f" of {self.num_samples} | best {self.metric} {best} | {_clock(elapsed)}{eta}"
+        )
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self.log(f"[search] trial {trial.trial_id} started: {_short(trial.config)}")
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and self._better(float(value)):
+            self.best, self.best_trial = float(value), trial.trial_id
+        self.log(f"[search] trial {trial.trial_id} epoch {result.get('epoch')}: {self.metric}={_fmt(value)} | {self._status()}")
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        last = trial.last_result or {}
+        if last.get("stop_reason"):
+            self.finished += 1
+            how = f"finished ({last['stop_reason']})"
+        else:
+            self.stopped += 1
+            budget_over = self.time_budget_s is not None and time.time() - self.started >= self.time_budget_s - 1.0
+            reason = "time_budget" if budget_over else f"early_stopped ({self.scheduler})"
+            self._remember(trial.trial_id, reason)
+            how = "stopped: the sweep's time budget ran out" if budget_over else "stopped early by the scheduler"
+        self.log(f"[search] trial {trial.trial_id} {how} | {self._status()}")
+
+    def _remember(self, trial_id: str, reason: str) -> None:
+        """Why the sweep stopped a trial, kept on disk so a resumed sweep still knows."""
+        if self.reasons_file is None:
+            return
+        with open(self.reasons_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"trial_id": trial_id, "stop_reason": reason}) + "\n")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self.errored += 1
+        self.log(f"[search] trial {trial.trial_id} failed (see leaderboard.csv) | {self._status()}")
+
+
+def _short(config: dict[str, Any]) -> str:
+    keys = ("backbone", "freeze_depth", "learning_rate", "augmentation", "optimizer", "batch_size", "head")
+    return ", ".join(f"{k}={_fmt(config.get(k))}" for k in keys)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,129 @@
+"""From a finished sweep to what a user trusts: the ensemble, calibrated test metrics and the artifact.
+
+Everything here is chosen on validation data only (ensemble members, weights, temperatures); the test split,
+which no trial and no selection ever saw, is touched once at the end to score the best single trial and the
+ensemble. The artifact (``RUN_DIR/artifact/``) holds every ensemble member plus the best single trial (with
+weight 0 when the selection left it out), so serving can offer both ``--mode best`` and ``--mode ensemble``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automl_tl.artifact import member_from_trial, write_artifact
+from automl_tl.config import load_config
+from automl_tl.ensemble import apply_temperature, combine, fit_temperature, select_ensemble
+from automl_tl.errors import SearchError
+from automl_tl.metrics import classification_metrics, format_metrics_table
+from automl_tl.rundir import RunDir
+
+__all__ = ["build_results", "ARTIFACT_DIR"]
+
+ARTIFACT_DIR = "artifact"
+# Ensemble selection optimises validation log loss: it rewards calibrated, complementary members, which
+# accuracy (flat on small validation sets) cannot tell apart.
+SELECTION_METRIC = "log_loss"
+
+
+def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Select the ensemble, calibrate, write the artifact, score best and ensemble on the test split."""
+    run = RunDir(Path(run_dir))
+    summary = run.read_json("summary.json")
+    data = run.read_json("data.json")
+    config = load_config(run.path / "config.yaml")
+    class_names = list(data["class_names"])
+    labels = np.asarray(data["labels"], dtype=np.int64)
+    val_idx, test_idx = np.asarray(data["val"], dtype=np.int64), np.asarray(data["test"], dtype=np.int64)
+    y_val = labels[val_idx]
+
+    candidates = [r["trial_id"] for r in summary["trials"] if r.get("has_model")]
+    if not candidates:
+        raise SearchError(f"{run.path}: no trial saved a model, so there is nothing to ensemble")
+    val_probs = {t: np.load(run.trial_dir(t) / "val_probs.npy") for t in candidates}
+    best_id = str(summary["best"]["trial_id"])
+    log(f"[ensemble] selecting from {len(candidates)} trials ({config.search.ensemble_method}, size {config.search.ensemble_size})")
+    selection = select_ensemble(val_probs, y_val, config.search.ensemble_method, config.search.ensemble_size, SELECTION_METRIC)
+
+    member_ids = list(selection.members) + ([best_id] if best_id not in selection.members else [])
+    weights = list(selection.weights) + ([0.0] if best_id not in selection.members else [])
+    temperatures = {t: fit_temperature(val_probs[t], y_val) for t in member_ids}
+    ens_val_raw = combine([val_probs[t] for t in selection.members], selection.weights)
+    ens_temperature = fit_temperature(ens_val_raw, y_val)
+
+    members = []
+    for t in member_ids:
+        record, state = member_from_trial(run.trial_dir(t), member_id=t)
+        members.append((dataclasses.replace(record, temperature=temperatures[t]), state))
+    artifact_dir = run.path / ARTIFACT_DIR
+    max_side = config.data.cache_max_side
+    write_artifact(artifact_dir, class_names, members, weights, ens_temperature, {"best_member": best_id},
+                   method=selection.method, decode_max_side=max_side)  # fmt: skip
+
+    best_val = classification_metrics(y_val, apply_temperature(val_probs[best_id], temperatures[best_id]), class_names)
+    ens_val = classification_metrics(y_val, apply_temperature(ens_val_raw, ens_temperature), class_names)
+    best_test: dict[str, Any] | None = None
+    ens_test: dict[str, Any] | None = None
+    if len(test_idx):
+        log(f"[evaluate] scoring on {len(test_idx)} held-out test images")
+        raw = _member_test_probs(artifact_dir, data["cache_path"], test_idx)
+        y_test = labels[test_idx]
+        best_test = classification_metrics(y_test, apply_temperature(raw[best_id], temperatures[best_id]), class_names)
+        ens_raw = combine([raw[t] for t in selection.members], selection.weights)
+        ens_test = classification_metrics(y_test, apply_temperature(ens_raw, ens_temperature), class_names)
+    else:
+        log("[evaluate] no test split (the data gave train/val only and no --test): test metrics are skipped")
+
+    ens_beats = _beats(ens_test or ens_val, best_test or best_val)
+    results: dict[str, Any] = {
+        "best": {**summary["best"], "temperature": temperatures[best_id], "val_calibrated": best_val, "test": best_test},
+        "ensemble": {
+            "method": selection.method,
+            "selection_metric": SELECTION_METRIC,
+            "members": list(selection.members),
+            "weights": list(selection.weights),
+            "temperature": ens_temperature,
+            "member_temperatures": {t: temperatures[t] for t in selection.members},
+            "val": ens_val,
+            "test": ens_test,
+            "beat_best": ens_beats,
+        },
+        "artifact": str(artifact_dir),
+    }
+    summary.update(results)
+    run.write_json("summary.json", summary)
+    metrics = {"best_member": best_id, "best": {"val": best_val, "test": best_test}, "ensemble": {"val": ens_val, "test": ens_test}}
+    write_artifact(artifact_dir, class_names, members, weights, ens_temperature, metrics,
+                   method=selection.method, decode_max_side=max_side)  # fmt: skip
+    split = "test" if best_test is not None else "validation (no test split)"
+    table = {"best": best_test or best_val, "ensemble": ens_test or ens_val}
+    log(f"[results] {split} metrics:\n{format_metrics_table(table)}")
+    verdict = "beat" if ens_beats else "did not beat"
+    log(f"[results] the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: {artifact_dir}")
+    return results
+
+
+def _beats(ensemble: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Higher accuracy, or equal accuracy and lower log loss."""
+    if ensemble["accuracy"] != best["accuracy"]:
+        return bool(ensemble["accuracy"] > best["accuracy"])
+    return bool(ensemble["log_loss"] < best["log_loss"])
+
+
+def _member_test_probs(artifact_dir: Path, cache_path: str, test_idx: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Each member's uncalibrated test probabilities through the Predictor: serving's own preprocessing."""
+    from automl_tl.data import Dataset
+    from automl_tl.predictor import Predictor
+
+    predictor = Predictor.load(artifact_dir)
+    images = Dataset.open(Path(cache_path))
+    parts: list[list[np.ndarray]] = [[] for _ in predictor.artifact.members]
+    for start in range(0, len(test_idx), batch_size):
+        arrays = [images.image(int(i)) for i in test_idx[start : start + batch_size]]
+        for i, probs in enumerate(predictor.member_probabilities(predictor.preprocess(arrays))):
+            parts[i].append(probs)
+    return {m.member_id: np.concatenate(parts[i]) for i, m in enumerate(predictor.artifact.members)}

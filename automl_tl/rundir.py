@@ -1,0 +1,105 @@
+"""The run directory: where a sweep leaves everything later steps (ensemble, report, serving) build from."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from automl_tl.config import ExperimentConfig, config_to_dict
+
+__all__ = ["RunDir", "write_leaderboard", "write_summary", "versions"]
+
+LEADERBOARD_COLUMNS = (
+    "rank", "trial_id", "backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
+    "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size", "head", "head_dropout",
+    "best_val_accuracy", "best_val_macro_f1", "best_val_log_loss", "best_epoch", "epochs_run", "stop_reason",
+    "wall_s", "feature_cache", "has_model",
+)  # fmt: skip
+
+
+class RunDir:
+    """Paths and small-file I/O inside one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def prepare(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "trials").mkdir(exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.path / name
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(target)
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.write_text(name, json.dumps(data, indent=2, default=str))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.path / "trials" / trial_id
+
+
+def versions() -> dict[str, str]:
+    import optuna
+    import ray
+    import timm
+    import torch
+
+    from automl_tl import __version__
+
+    return {
+        "automl_tl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+    }
+
+
+def write_leaderboard(run: RunDir, rows: list[dict[str, Any]]) -> Path:
+    target = run.path / "leaderboard.csv"
+    with open(target, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(LEADERBOARD_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return target
+
+
+def write_summary(run: RunDir, config: ExperimentConfig, rows: list[dict[str, Any]], best: dict[str, Any], wall_s: float) -> Path:
+    data = run.read_json("data.json")
+    summary = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metric": config.search.metric,
+        "best": {
+            "trial_id": best["trial_id"],
+            "config": {k: best.get(k) for k in LEADERBOARD_COLUMNS[2:14]},
+            "val": {k: best.get(f"best_val_{k}") for k in ("accuracy", "macro_f1", "log_loss")},
+        },
+        "trials": rows,
+        "wall_s": round(wall_s, 2),
+        "data": {
+            "source": data["source"],
+            "test_source": data.get("test_source"),
+            "data_id": data["data_id"],
+            "class_names": data["class_names"],
+            "n_train": len(data["train"]),
+            "n_val": len(data["val"]),
+            "n_test": len(data["test"]),
+        },
+        "config": config_to_dict(config),
+        "versions": versions(),
+    }
+    return run.write_json("summary.json", summary)

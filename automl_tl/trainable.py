@@ -1,0 +1,159 @@
+"""The Ray edge of one trial: Tune's dict in, ``training.train_trial`` run by one of two engines.
+
+* ``train`` engine: the trial builds a Ray Train ``TorchTrainer`` (``ScalingConfig`` from the config, DDP over
+  its workers, GPUs where asked, ``FailureConfig`` retries that resume from the last checkpoint) and Ray
+  Train's ``TuneReportCallback`` forwards each epoch's metrics and checkpoint path to Tune.
+* ``inline`` engine: the trial trains inside Tune's own trial actor. Tune reuses that actor across trials
+  (``reuse_actors``), so torch, timm, the memory-mapped data cache and the backbone weights are loaded once
+  per process instead of once per trial, and no worker group is launched. Tune's ``FailureConfig`` restarts
+  a failed trial from its last checkpoint.
+
+``auto`` picks ``train`` when a trial asks for several workers or a GPU and ``inline`` otherwise; the
+benchmark ``benchmarks/bench_trial_overhead.py`` measures what each costs per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from automl_tl.config import ResourcesConfig
+from automl_tl.training import TrialConfig, TrialData, select_device, train_trial
+
+__all__ = ["TrialSetup", "run_trial", "trial_resources", "FAULT_ENV"]
+
+# Test hook: a path; the first trial that manages to create this file raises (exercises failure handling).
+FAULT_ENV = "AUTOML_TL_INJECT_TRIAL_FAILURE"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one sweep shares besides the data."""
+
+    run_dir: str
+    engine: str
+    resources: ResourcesConfig
+    fault_marker: str | None = None  # test hook, from $AUTOML_TL_INJECT_TRIAL_FAILURE on the driver
+
+
+def trial_resources(resources: ResourcesConfig) -> dict[str, float]:
+    """Resources of the Tune trial itself (the train engine's workers reserve their own)."""
+    if resources.engine() == "train":
+        return {"CPU": 0.001}  # the TorchTrainer's workers reserve the real resources
+    return {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_trial}
+
+
+def run_trial(params: dict[str, Any], data: TrialData, setup: TrialSetup) -> None:
+    """Tune's function trainable (wrapped with ``tune.with_parameters``)."""
+    cfg = TrialConfig.from_params(params)  # the first line: Tune's dict becomes a typed object
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = Path(setup.run_dir) / "trials" / str(trial_id)
+    _maybe_inject_failure(setup.fault_marker, out_dir)
+    if setup.engine == "train":
+        _run_with_ray_train(cfg, data, setup, out_dir, str(trial_id))
+        return
+    torch.set_num_threads(max(1, int(setup.resources.cpus_per_worker)))
+    device = select_device(setup.resources.use_gpu)
+    with _restored(tune.get_checkpoint()) as resume_dir:
+
+        def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            metrics = {**metrics, "resumed_from_epoch": _resumed_epoch(resume_dir)}
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+        train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device)
+
+
+@contextlib.contextmanager
+def _restored(checkpoint: Any) -> Iterator[Path | None]:
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as path:
+        yield Path(path)
+
+
+def _resumed_epoch(resume_dir: Path | None) -> int:
+    if resume_dir is None:
+        return 0
+    import json
+
+    state = json.loads((resume_dir / "state.json").read_text(encoding="utf-8"))
+    return int(state["state"]["epoch"])
+
+
+def _maybe_inject_failure(marker: str | None, out_dir: Path) -> None:
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(out_dir).encode())
+    os.close(fd)
+    raise RuntimeError(f"injected failure ({FAULT_ENV}) in trial {out_dir.name}")
+
+
+# --- the Ray Train engine ----------------------------------------------------------------------------------
+
+
+def _run_with_ray_train(cfg: TrialConfig, data: TrialData, setup: TrialSetup, out_dir: Path, trial_id: str) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = setup.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_trial / res.workers_per_trial
+    trainer = TorchTrainer(
+        _train_worker_loop,
+        train_loop_config={"trial": cfg.to_dict(), "data": data, "out_dir": str(out_dir), "use_gpu": res.use_gpu,
+                           "cpus": res.cpus_per_worker},  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=str(Path(setup.run_dir) / "train"),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+        ),
+    )
+    trainer.fit()
+
+
+def _train_worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; rank 0 writes the best model and the checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    cfg = TrialConfig.from_params(config["trial"])
+
+    with _restored(ray.train.get_checkpoint()) as resume_dir:
+
+        def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            metrics = {**metrics, "resumed_from_epoch": _resumed_epoch(resume_dir)}
+            ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+        train_trial(
+            cfg, config["data"], report, Path(config["out_dir"]), resume_dir=resume_dir, device=device,
+            rank=rank, world_size=world,
+        )  # fmt: skip
+
+
+def ray_is_local() -> bool:
+    """Whether the connected Ray cluster is a single node (a local run directory is then fine)."""
+    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1

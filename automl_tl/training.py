@@ -1,0 +1,487 @@
+"""One trial's training, in plain torch: no Ray here, so it runs and tests anywhere.
+
+``train_trial`` fine-tunes one backbone with one set of hyperparameters, evaluates on the validation split
+after every epoch, keeps the best epoch's weights and validation probabilities, stops early on a plateau and
+hands each epoch to a ``report`` callback (Ray Tune or Ray Train at the edge) together with a checkpoint
+directory from which an interrupted trial resumes exactly where it was.
+
+A fully frozen backbone with a deterministic transform trains its head on pooled features computed once per
+(data, backbone, image size) and shared by every such trial (``automl_tl.features``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from automl_tl._validate import build_dataclass
+from automl_tl.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
+from automl_tl.backbones import TransferNet, create_backbone, resolve_spec
+from automl_tl.metrics import classification_metrics
+from automl_tl.transforms import Preprocessing
+
+__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "select_device", "Reporter"]
+
+METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_log_loss": "min"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    """One point of the search space, typed: the first thing a trial builds from Tune's dict."""
+
+    backbone: str
+    freeze_depth: int
+    learning_rate: float
+    backbone_lr_ratio: float
+    augmentation: Literal["none", "light", "medium", "heavy"]
+    optimizer: Literal["adamw", "sgd"]
+    weight_decay: float
+    label_smoothing: float
+    batch_size: int
+    max_epochs: int
+    head: Literal["linear", "mlp"]
+    head_dropout: float
+    image_size: int | None = None
+    seed: int = 0
+    class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
+    plateau_patience: int = 3
+    metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
+    pretrained: bool = True
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrialConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return build_dataclass(cls, {k: v for k, v in params.items() if k in known}, "trial")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def frozen_features(self) -> bool:
+        """Whether this trial only trains a head on cached features."""
+        spec = resolve_spec(self.backbone)
+        return self.freeze_depth >= spec.max_freeze_depth and is_deterministic(self.augmentation)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialData:
+    """What every trial needs to find its images: shared once through the Ray object store."""
+
+    cache_path: str
+    data_id: str
+    class_names: tuple[str, ...]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    labels: np.ndarray
+    feature_cache_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    metrics: dict[str, Any]
+    improved: bool
+
+
+Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on GPU: bf16 where the card supports it, else fp16 (with a grad scaler); none on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def select_device(use_gpu: bool, local_rank: int = 0) -> torch.device:
+    """The device a worker trains on; asking for a GPU where there is none is an error, not a silent CPU run."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu=True but CUDA is not available on this worker")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    counts[counts == 0] = 1.0
+    weights: np.ndarray = counts.sum() / (num_classes * counts)
+    return weights
+
+
+def resolve_class_balance(mode: str, labels: np.ndarray, num_classes: int) -> str:
+    """``auto`` turns on a weighted loss when the largest class is over 3x the smallest."""
+    if mode != "auto":
+        return mode
+    counts = np.bincount(labels, minlength=num_classes)
+    return "weighted_loss" if counts.max() > 3 * max(1, counts.min()) else "off"
+
+
+@functools.lru_cache(maxsize=4)
+def _images(cache_path: str) -> Any:
+    from automl_tl.data import Dataset
+
+    return Dataset.open(Path(cache_path))
+
+
+def train_trial(
+    cfg: TrialConfig,
+    data: TrialData,
+    report: Reporter,
+    out_dir: Path | None,
+    resume_dir: Path | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    use_feature_cache: bool = True,
+    max_seconds: float | None = None,
+) -> EpochResult | None:
+    """Train one trial to the end (max epochs or a plateau) and return its last epoch.
+
+    ``use_feature_cache=False`` makes a frozen trial step through images anyway (for benchmarks);
+    ``max_seconds`` ends training after the epoch that crosses it (a wall-clock budget).
+    """
+    started_at = time.perf_counter()
+    device = device or torch.device("cpu")
+    seed_everything(cfg.seed + 1000 * rank)
+    spec = resolve_spec(cfg.backbone)
+    pre = Preprocessing.from_spec(spec, cfg.image_size)
+    num_classes = len(data.class_names)
+    model = create_backbone(
+        cfg.backbone,
+        num_classes=num_classes,
+        pretrained=cfg.pretrained,
+        freeze_depth=min(cfg.freeze_depth, spec.max_freeze_depth),
+        head=cfg.head,
+        head_dropout=cfg.head_dropout,
+    )
+    train_labels = data.labels[data.train_idx]
+    balance = resolve_class_balance(cfg.class_balance, train_labels, num_classes)
+    weight = torch.tensor(class_weights(train_labels, num_classes), dtype=torch.float32) if balance == "weighted_loss" else None
+
+    feature_mode = use_feature_cache and cfg.frozen_features and cfg.pretrained
+    if feature_mode:
+        from automl_tl.features import cached_features
+
+        features = cached_features(data, cfg.backbone, pre, model)
+        steps: _Steps = _FeatureSteps(model, features.train, features.val, cfg, data, weight, balance)
+        cache_note = "hit" if features.hit else "miss"
+    else:
+        steps = _ImageSteps(model, pre, cfg, data, weight, balance, device, rank, world_size)
+        cache_note = "unused"
+
+    optimizer = _make_optimizer(model, cfg)
+    steps_per_epoch = steps.steps_per_epoch()
+    total_steps = max(1, cfg.max_epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "since_best": 0}
+    if resume_dir is not None:
+        state = _load_checkpoint(resume_dir, model, optimizer, schedule)
+
+    mode = METRIC_MODES[cfg.metric]
+    last: EpochResult | None = None
+    for epoch in range(int(state["epoch"]) + 1, cfg.max_epochs + 1):
+        started = time.perf_counter()
+        train_loss, train_acc = steps.train_epoch(optimizer, schedule, epoch)
+        val_probs = steps.val_probs()
+        val = classification_metrics(data.labels[data.val_idx], val_probs, data.class_names)
+        scores = {"val_accuracy": val["accuracy"], "val_macro_f1": val["f1"]["macro"], "val_log_loss": val["log_loss"]}
+        score = scores[cfg.metric]
+        best = state["best_score"]
+        improved = best is None or (score > best if mode == "max" else score < best)
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, since_best=0)
+            if rank == 0 and out_dir is not None:
+                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores)
+        else:
+            state["since_best"] = int(state["since_best"]) + 1
+        state["epoch"] = epoch
+        plateau = int(state["since_best"]) >= cfg.plateau_patience
+        stop_reason = "plateau" if plateau and epoch < cfg.max_epochs else ("max_epochs" if epoch == cfg.max_epochs else "")
+        if not stop_reason and max_seconds is not None and time.perf_counter() - started_at >= max_seconds:
+            stop_reason = "time_budget"
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            **scores,
+            "best_epoch": state["best_epoch"],
+            f"best_{cfg.metric}": state["best_score"],
+            "epoch_s": time.perf_counter() - started,
+            "feature_cache": cache_note,
+            "stop_reason": stop_reason,
+        }
+        with tempfile.TemporaryDirectory(prefix="automl_tl_ckpt_") as tmp:
+            ckpt = Path(tmp) if rank == 0 else None
+            if ckpt is not None:
+                _save_checkpoint(ckpt, model, optimizer, schedule, state, cfg)
+            report(metrics, ckpt)
+        last = EpochResult(epoch, metrics, improved)
+        if stop_reason:
+            break
+    return last
+
+
+# --- the two ways a trial steps through an epoch ---------------------------------------------------------
+
+
+class _Steps:
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def train_epoch(self, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def val_probs(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, cfg: TrialConfig, weight: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _epoch_order(n: int, labels: np.ndarray, balance: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if balance == "sampler":
+        w = class_weights(labels, int(labels.max()) + 1)[labels]
+        return rng.choice(n, size=n, replace=True, p=w / w.sum())
+    return rng.permutation(n)
+
+
+class _FeatureSteps(_Steps):
+    """Head-only training on cached pooled features: the fast path of feature-extraction trials."""
+
+    def __init__(
+        self,
+        model: TransferNet,
+        train_x: torch.Tensor,
+        val_x: torch.Tensor,
+        cfg: TrialConfig,
+        data: TrialData,
+        weight: torch.Tensor | None,
+        balance: str,
+    ) -> None:
+        self.head: nn.Module = model.net.get_classifier()  # type: ignore[operator]
+        self.train_x, self.val_x = train_x, val_x
+        self.train_y = torch.from_numpy(data.labels[data.train_idx]).long()
+        self.cfg, self.weight, self.balance = cfg, weight, balance
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_x) / self.cfg.batch_size)
+
+    def train_epoch(self, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
+        self.head.train()
+        order = _epoch_order(len(self.train_x), self.train_y.numpy(), self.balance, self.cfg.seed * 7919 + epoch)
+        total, correct, count = 0.0, 0, 0
+        for start in range(0, len(order), self.cfg.batch_size):
+            idx = torch.from_numpy(order[start : start + self.cfg.batch_size])
+            x, y = self.train_x[idx], self.train_y[idx]
+            logits = self.head(x)
+            loss = _loss(logits, y, self.cfg, self.weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(idx)
+        return total / count, correct / count
+
+    @torch.inference_mode()
+    def val_probs(self) -> np.ndarray:
+        self.head.eval()
+        probs: np.ndarray = torch.softmax(self.head(self.val_x).float(), dim=1).numpy()
+        return probs
+
+
+class _ImageSteps(_Steps):
+    """Full training on images from the decoded cache, with augmentation, AMP and DDP where available."""
+
+    def __init__(
+        self,
+        model: TransferNet,
+        pre: Preprocessing,
+        cfg: TrialConfig,
+        data: TrialData,
+        weight: torch.Tensor | None,
+        balance: str,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.images = _images(data.cache_path)
+        self.cfg, self.data, self.balance, self.device = cfg, data, balance, device
+        self.rank, self.world_size = rank, world_size
+        self.weight = weight.to(device) if weight is not None else None
+        self.amp = amp_dtype(device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.model = model.to(device).to(memory_format=self.memory_format)
+        self.train_model: nn.Module = self.model
+        if world_size > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.augment = train_transform(cfg.augmentation, pre)
+        self.mixer = batch_mixer(cfg.augmentation, len(data.class_names))
+        self.eval_tf = train_transform("none", pre)
+        self._val: torch.Tensor | None = None
+
+    def steps_per_epoch(self) -> int:
+        per_rank = math.ceil(len(self.data.train_idx) / self.world_size)
+        return math.ceil(per_rank / self.cfg.batch_size)
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        train_idx = self.data.train_idx
+        order = _epoch_order(len(train_idx), self.data.labels[train_idx], self.balance, self.cfg.seed * 7919 + epoch)
+        mine = order[self.rank :: self.world_size]  # every rank sees its own share of the same permutation
+        for start in range(0, len(mine), self.cfg.batch_size):
+            rows = train_idx[mine[start : start + self.cfg.batch_size]]
+            x = torch.stack([self.augment(array_to_tensor(self.images.image(int(i)))) for i in rows])
+            y = torch.from_numpy(self.data.labels[rows]).long()
+            yield x, y
+
+    def train_epoch(self, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
+        self.train_model.train()
+        total, correct, count = 0.0, 0, 0
+        for x, y in self._batches(epoch):
+            targets: torch.Tensor = y
+            if self.mixer is not None and len(y) > 1:
+                x, targets = self.mixer(x, y)
+            x = x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            targets, y = targets.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                logits = self.train_model(x)
+            loss = _loss(logits, targets, self.cfg, self.weight)
+            optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+            total += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+        return total / max(count, 1), correct / max(count, 1)
+
+    @torch.inference_mode()
+    def val_probs(self) -> np.ndarray:
+        if self._val is None:  # the evaluation transform is fixed: build the validation tensor once
+            self._val = torch.stack([self.eval_tf(array_to_tensor(self.images.image(int(i)))) for i in self.data.val_idx])
+        self.model.eval()
+        out = []
+        for start in range(0, len(self._val), 64):
+            x = self._val[start : start + 64].to(self.device, memory_format=self.memory_format)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out.append(torch.softmax(self.model(x).float(), dim=1).cpu())
+        probs: np.ndarray = torch.cat(out).numpy()
+        return probs
+
+
+# --- optimizer, checkpoints and the best epoch's files ---------------------------------------------------
+
+
+def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimizer:
+    head_ids = {id(p) for p in model.net.get_classifier().parameters()}  # type: ignore[operator]
+    head: list[nn.Parameter] = []
+    body: list[nn.Parameter] = []
+    for param in model.net.parameters():
+        if param.requires_grad:
+            (head if id(param) in head_ids else body).append(param)
+    groups = [{"params": head, "lr": cfg.learning_rate}]
+    if body:  # pretrained layers move more slowly than the new head
+        groups.append({"params": body, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def _flat_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as named tensors (for safetensors) plus JSON scalars: no pickles in checkpoints."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, entries in sd["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars["state"].setdefault(str(pid), {})[key] = value
+    return tensors, scalars
+
+
+def _save_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Optimizer, schedule: Any, state: dict[str, Any], cfg: TrialConfig) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    tensors, scalars = _flat_optimizer_state(optimizer)
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    meta = {"state": state, "optimizer": scalars, "schedule": schedule.state_dict(), "trial": cfg.to_dict()}
+    (path / "state.json").write_text(json.dumps(meta, default=_json_default), encoding="utf-8")
+
+
+def _load_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Optimizer, schedule: Any) -> dict[str, Any]:
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, entries in meta["optimizer"]["state"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+    resumed: dict[str, Any] = meta["state"]
+    return resumed
+
+
+def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int, scores: dict[str, float]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.safetensors.partial"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out_dir / "model.safetensors")
+    np.save(out_dir / "val_probs.npy", val_probs.astype(np.float32))
+    spec = resolve_spec(cfg.backbone)
+    info = {
+        **cfg.to_dict(),
+        "num_classes": len(data.class_names),
+        "class_names": list(data.class_names),
+        "preprocessing": Preprocessing.from_spec(spec, cfg.image_size).to_dict(),
+        "spec": spec.to_dict(),
+        "best_epoch": epoch,
+        "val_metrics": scores,
+        "data_id": data.data_id,
+    }
+    (out_dir / "trial.json").write_text(json.dumps(info, indent=2, default=_json_default), encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

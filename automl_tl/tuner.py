@@ -1,0 +1,307 @@
+"""The sweep: Ray Tune over the search space, Optuna proposing, ASHA stopping weak trials early.
+
+``run_search`` validates everything that can be validated before a single trial starts (config, backbone
+weights, data), joins the Ray cluster in ``RAY_ADDRESS`` or starts an embedded one sized to the machine,
+runs the trials and leaves a run directory::
+
+    RUN_DIR/config.yaml         the validated config
+    RUN_DIR/data.json           data cache, class names and the exact train/val/test rows
+    RUN_DIR/tune/               the Tune experiment (what ``automl-tl resume`` restores)
+    RUN_DIR/trials/<id>/        best epoch per trial: model.safetensors, val_probs.npy, trial.json
+    RUN_DIR/leaderboard.csv     one row per trial
+    RUN_DIR/summary.json        best trial, every trial, wall time, data and code versions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from automl_tl.backbones import resolve_spec, source_status
+from automl_tl.config import ExperimentConfig, config_to_dict, load_config
+from automl_tl.errors import BackboneError, SearchError
+from automl_tl.rundir import RunDir, write_leaderboard, write_summary
+from automl_tl.training import METRIC_MODES, TrialData
+
+__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "ensure_ray"]
+
+Log = Callable[[str], None]
+STOP_REASONS = "stop_reasons.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    wall_s: float
+
+
+def check_backbones(config: ExperimentConfig) -> None:
+    """Every backbone of the space must have its weights before anything trains."""
+    for name in config.space.backbones:
+        spec = resolve_spec(name)
+        status = source_status(spec.weights)
+        if status != "ready" and not status.startswith("hub"):
+            raise BackboneError(f"backbone '{name}': {spec.weights.describe()}: {status}")
+
+
+def ensure_ray(log: Log) -> bool:
+    """Join ``RAY_ADDRESS`` or start an embedded Ray sized to this machine; True if started here."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our SweepProgress reports; no Tune tables
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"[search] joining the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=False)
+    else:
+        cpus = os.cpu_count() or 1
+        log(f"[search] starting an embedded Ray with {cpus} CPUs")
+        ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
+def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool) -> TrialData:
+    """Validate and cache the data once, fix the splits, and describe them in ``data.json``."""
+    from automl_tl.data import load_dataset
+
+    data_cfg = config.data if test_source is None else dataclasses.replace(config.data, test_source=test_source)
+    dataset = load_dataset(data_cfg.source, data_cfg, progress=progress)
+    train_idx, val_idx, test_idx = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
+    cache_path = str(dataset.cache_path)
+    data_id = Path(cache_path).stem
+    run.write_json(
+        "data.json",
+        {
+            "source": data_cfg.source,
+            "test_source": data_cfg.test_source,
+            "cache_path": cache_path,
+            "data_id": data_id,
+            "class_names": list(dataset.class_names),
+            "train": train_idx.tolist(),
+            "val": val_idx.tolist(),
+            "test": test_idx.tolist(),
+            "labels": np.asarray(dataset.labels).tolist(),
+        },
+    )
+    return TrialData(
+        cache_path=cache_path,
+        data_id=data_id,
+        class_names=tuple(dataset.class_names),
+        train_idx=train_idx,
+        val_idx=val_idx,
+        labels=np.asarray(dataset.labels, dtype=np.int64),
+        feature_cache_dir=str(Path(cache_path).parent / "features"),
+    )
+
+
+def run_search(
+    config: ExperimentConfig,
+    out: str | os.PathLike[str],
+    test_source: str | None = None,
+    log: Log = print,
+    progress: bool = True,
+) -> SearchOutcome:
+    """Run a whole sweep into ``out`` and return its leaderboard and best trial."""
+    from automl_tl.space import build_param_space
+
+    started = time.time()
+    run = RunDir(Path(out))
+    check_backbones(config)
+    param_space = build_param_space(config)  # a bad space fails here, before data or Ray
+    run.prepare()
+    run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    data = prepare_data(config, run, test_source, progress)
+    log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
+    started_ray = ensure_ray(log)
+    try:
+        tuner = _build_tuner(config, run, data, param_space, log, restore=False)
+        grid = tuner.fit()
+        return _finish(config, run, grid, started, log)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def resume_search(out: str | os.PathLike[str], log: Log = print, progress: bool = True) -> SearchOutcome:
+    """Continue a sweep whose driver stopped: finished trials are kept, unfinished ones resume."""
+    from automl_tl.space import build_param_space
+
+    started = time.time()
+    run = RunDir(Path(out))
+    if not run.exists("config.yaml") or not run.exists("tune"):
+        raise SearchError(f"{out} is not a run directory of automl_tl (no config.yaml or tune/)")
+    config = load_config(run.path / "config.yaml")
+    data_info = run.read_json("data.json")
+    data = prepare_data(config, run, data_info.get("test_source"), progress)
+    started_ray = ensure_ray(log)
+    try:
+        tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
+        grid = tuner.fit()
+        return _finish(config, run, grid, started, log)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _build_tuner(
+    config: ExperimentConfig, run: RunDir, data: TrialData, param_space: dict[str, Any], log: Log, restore: bool
+) -> Any:
+    from ray import tune
+
+    from automl_tl.progress import SweepProgress
+    from automl_tl.trainable import FAULT_ENV, TrialSetup, run_trial, trial_resources
+
+    search, res = config.search, config.resources
+    setup = TrialSetup(str(run.path.resolve()), res.engine(), res, fault_marker=os.environ.get(FAULT_ENV))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(res)
+    )
+    if restore:
+        return tune.Tuner.restore(
+            str(run.path.resolve() / "tune"), trainable=trainable, param_space=param_space,
+            resume_unfinished=True, resume_errored=True,
+        )  # fmt: skip
+    mode = METRIC_MODES[search.metric]
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=mode,
+            search_alg=_search_alg(config, mode),
+            scheduler=_scheduler(config, mode),
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials or _default_concurrency(res),
+            time_budget_s=search.time_budget_s,
+            reuse_actors=res.engine() == "inline",
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(run.path.resolve()),
+            verbose=0,
+            callbacks=[SweepProgress(log, search.metric, mode, search.num_samples, search.scheduler,
+                                     search.time_budget_s, run.path / STOP_REASONS)],  # fmt: skip
+            failure_config=tune.FailureConfig(max_failures=res.max_failures if res.engine() == "inline" else 0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def _default_concurrency(res: Any) -> int:
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(1, int(cpus // (res.cpus_per_worker * res.workers_per_trial)))
+
+
+def _search_alg(config: ExperimentConfig, mode: str) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = config.search.seed
+    if config.search.algorithm == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, config.search.num_samples // 3)))
+    return OptunaSearch(sampler=sampler)
+
+
+def _scheduler(config: ExperimentConfig, mode: str) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
+
+    search, max_t = config.search, config.space.max_epochs
+    if search.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(search.grace_period_epochs, max_t), reduction_factor=3)
+    if search.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=3)
+    if search.scheduler == "pbt":
+        from ray import tune
+
+        lr = config.space.learning_rate
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=max(1, search.grace_period_epochs),
+            hyperparam_mutations={"learning_rate": tune.loguniform(lr.low, lr.high) if not lr.fixed else [lr.low]},
+        )
+    return FIFOScheduler()
+
+
+def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log) -> SearchOutcome:
+    from automl_tl.progress import read_stop_reasons
+
+    metric, mode = config.search.metric, METRIC_MODES[config.search.metric]
+    stopped = read_stop_reasons(run.path / STOP_REASONS)
+    rows = []
+    for result in grid:
+        rows.append(_row(run, result, config, stopped))
+    done = [r for r in rows if r.get(f"best_{metric}") is not None]
+    if not done:
+        errors = "; ".join(sorted({str(r["stop_reason"]) for r in rows})) or "no trial ran"
+        raise SearchError(f"no trial finished an epoch: {errors}")
+    sign = 1 if mode == "max" else -1
+    rows.sort(key=lambda r: (r.get(f"best_{metric}") is None, -sign * (r.get(f"best_{metric}") or 0.0)))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    best = rows[0]
+    wall_s = time.time() - started
+    write_leaderboard(run, rows)
+    write_summary(run, config, rows, best, wall_s)
+    log(f"[search] done in {wall_s:.0f}s: {len(done)} of {len(rows)} trials finished; best {best['trial_id']} "
+        f"{metric}={best[f'best_{metric}']:.4f} ({best['backbone']}, freeze {best['freeze_depth']})")  # fmt: skip
+    return SearchOutcome(run.path, rows, best, wall_s)
+
+
+def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, str]) -> dict[str, Any]:
+    metrics = dict(result.metrics or {})
+    params = dict(result.config or {})
+    trial_id = str(metrics.get("trial_id") or Path(str(result.path)).name)
+    info_path = run.path / "trials" / trial_id / "trial.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    epochs = int(metrics.get("training_iteration") or 0)
+    if result.error is not None:
+        first = str(result.error).strip().splitlines()
+        reason = f"error: {type(result.error).__name__}: {first[-1] if first else ''}"[:300]
+    elif metrics.get("stop_reason"):
+        reason = str(metrics["stop_reason"])
+    else:
+        reason = stopped.get(trial_id, f"early_stopped ({config.search.scheduler})")
+    if metrics.get("resumed_from_epoch"):
+        reason += f"; resumed from epoch {metrics['resumed_from_epoch']} checkpoint"
+    val = info.get("val_metrics", {})
+    row: dict[str, Any] = {
+        "trial_id": trial_id,
+        **{k: params.get(k) for k in ("backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
+                                      "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size",
+                                      "head", "head_dropout")},  # fmt: skip
+        "best_val_accuracy": val.get("val_accuracy"),
+        "best_val_macro_f1": val.get("val_macro_f1"),
+        "best_val_log_loss": val.get("val_log_loss"),
+        "best_epoch": info.get("best_epoch"),
+        "epochs_run": epochs,
+        "stop_reason": reason,
+        "wall_s": round(float(metrics.get("time_total_s") or 0.0), 2),
+        "feature_cache": metrics.get("feature_cache"),
+        "has_model": (run.path / "trials" / trial_id / "model.safetensors").is_file(),
+    }
+    return row

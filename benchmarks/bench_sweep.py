@@ -1,0 +1,256 @@
+"""Sweep benchmarks: trial overhead, Ray Train vs a bare loop, the feature cache, accuracy, search efficiency.
+
+Run from the repository root; each writes its figures to ``benchmarks/results/sweep_<name>.json``::
+
+    .venv/bin/python benchmarks/bench_sweep.py overhead        # per-trial seconds outside training, per engine
+    .venv/bin/python benchmarks/bench_sweep.py train_vs_bare   # Ray Train throughput / bare torch loop
+    .venv/bin/python benchmarks/bench_sweep.py feature_cache   # frozen trial: cached features vs images
+    .venv/bin/python benchmarks/bench_sweep.py accuracy        # 15-minute sweeps on hymenoptera and flowers5
+    .venv/bin/python benchmarks/bench_sweep.py efficiency      # TPE+ASHA vs random search without stopping
+
+They need ``../shared/datasets`` beside the checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from automl_tl.config import ExperimentConfig, load_config  # noqa: E402
+from automl_tl.tuner import run_search  # noqa: E402
+
+
+def _write(name: str, figures: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figures = {"benchmark": name, "machine": f"{os.cpu_count()} CPUs, no GPU", "date": time.strftime("%Y-%m-%d"), **figures}
+    path = RESULTS / f"sweep_{name}.json"
+    path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(figures, indent=2))
+    print(f"written to {path}")
+
+
+def _tiny(cache: Path, engine: str, trials: int, **space: Any) -> ExperimentConfig:
+    base = {"backbones": ["mobilenetv2_100"], "image_sizes": [64], "max_epochs": 1, "batch_sizes": [32],
+            "freeze_depths": [6], "augmentations": ["light"]}  # fmt: skip
+    base.update(space)
+    return load_config({
+        "data": {"source": str(SHARED / "hymenoptera"), "cache_dir": str(cache)},
+        "space": base,
+        "search": {"num_samples": trials, "max_concurrent_trials": 1, "scheduler": "none", "time_budget_s": 3600},
+        "resources": {"trial_engine": engine},
+    })  # fmt: skip
+
+
+def _train_seconds(run_dir: Path) -> list[float]:
+    import pandas as pd
+
+    per_trial = []
+    for progress in (run_dir / "tune").glob("*/progress.csv"):
+        frame = pd.read_csv(progress)
+        per_trial.append(float(frame["epoch_s"].sum()))
+    return per_trial
+
+
+def bench_overhead(args: argparse.Namespace) -> None:
+    """Per-trial seconds outside training, sequential trials: Ray Train per trial vs the inline engine."""
+    figures: dict[str, Any] = {"trials": args.trials, "workload": "mobilenetv2_100 64px, freeze 6, light aug, 1 epoch, hymenoptera"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        for engine in ("train", "inline"):
+            run_dir = Path(tmp) / engine
+            started = time.perf_counter()
+            run_search(_tiny(cache, engine, args.trials), run_dir, log=lambda line: None, progress=False)
+            sweep_s = time.perf_counter() - started
+            train_s = _train_seconds(run_dir)
+            overhead = (sweep_s - sum(train_s)) / args.trials
+            figures[engine] = {
+                "sweep_s": round(sweep_s, 2),
+                "train_s_per_trial": round(float(np.mean(train_s)), 2),
+                "overhead_s_per_trial": round(overhead, 2),
+            }
+    figures["before_after"] = f"{figures['train']['overhead_s_per_trial']} s -> {figures['inline']['overhead_s_per_trial']} s per trial"
+    _write("overhead", figures)
+
+
+def bench_train_vs_bare(args: argparse.Namespace) -> None:
+    """Training throughput in a Ray Train worker vs the same loop in a bare process, same data and epochs."""
+    import ray
+
+    from automl_tl.trainable import TrialSetup, _run_with_ray_train
+    from automl_tl.training import TrialConfig, train_trial
+    from automl_tl.tuner import prepare_data
+    from automl_tl.rundir import RunDir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _tiny(Path(tmp) / "cache", "train", 1, max_epochs=args.epochs, image_sizes=[96], freeze_depths=[4])
+        run = RunDir(Path(tmp) / "run")
+        run.prepare()
+        data = prepare_data(config, run, None, progress=False)
+        params = {"backbone": "mobilenetv2_100", "freeze_depth": 4, "learning_rate": 1e-3, "backbone_lr_ratio": 0.1,
+                  "augmentation": "light", "optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.0,
+                  "batch_size": 32, "max_epochs": args.epochs, "head": "linear", "head_dropout": 0.0,
+                  "image_size": 96, "plateau_patience": 100}  # fmt: skip
+        cfg = TrialConfig.from_params(params)
+        n_images = len(data.train_idx) * args.epochs
+
+        import torch
+
+        torch.set_num_threads(1)
+        bare_epochs: list[float] = []
+        train_trial(cfg, data, lambda m, d: bare_epochs.append(m["epoch_s"]), None)
+
+        ray.init(num_cpus=2, log_to_driver=False)
+        try:
+            from ray import tune
+
+            setup = TrialSetup(str(run.path), "train", config.resources)
+
+            def trial(p: dict[str, Any]) -> None:
+                _run_with_ray_train(TrialConfig.from_params(p), data, setup, run.path / "t", "bench")
+
+            grid = tune.Tuner(tune.with_resources(trial, {"CPU": 0.001}), param_space=params,
+                              run_config=tune.RunConfig(storage_path=str(run.path), name="tune", verbose=0)).fit()  # fmt: skip
+            frame = grid[0].metrics_dataframe
+            ray_epochs = [float(v) for v in frame["epoch_s"]]
+        finally:
+            ray.shutdown()
+    bare_ips, ray_ips = n_images / sum(bare_epochs), n_images / sum(ray_epochs)
+    _write("train_vs_bare", {
+        "workload": f"mobilenetv2_100 96px, freeze 4, light aug, {args.epochs} epochs x {len(data.train_idx)} images, 1 thread",
+        "bare_images_per_s": round(bare_ips, 1), "ray_train_images_per_s": round(ray_ips, 1),
+        "ratio": round(ray_ips / bare_ips, 3), "target": ">= 0.9",
+    })  # fmt: skip
+
+
+def bench_feature_cache(args: argparse.Namespace) -> None:
+    """A frozen-backbone trial training its head on cached features vs on images through the frozen net."""
+    from automl_tl.rundir import RunDir
+    from automl_tl.training import TrialConfig, train_trial
+    from automl_tl.tuner import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _tiny(Path(tmp) / "cache", "inline", 1, max_epochs=args.epochs, image_sizes=[160])
+        run = RunDir(Path(tmp) / "run")
+        run.prepare()
+        data = prepare_data(config, run, None, progress=False)
+        params = {"backbone": "mobilenetv2_100", "freeze_depth": 8, "learning_rate": 3e-3, "backbone_lr_ratio": 0.1,
+                  "augmentation": "none", "optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.0,
+                  "batch_size": 32, "max_epochs": args.epochs, "head": "linear", "head_dropout": 0.0,
+                  "image_size": 160, "plateau_patience": 100}  # fmt: skip
+        cfg = TrialConfig.from_params(params)
+        timings: dict[str, float] = {}
+        accuracy: dict[str, float] = {}
+        for label in ("first (computes the cache)", "cached"):
+            started = time.perf_counter()
+            last = train_trial(cfg, data, lambda m, d: None, None)
+            timings[label] = time.perf_counter() - started
+            accuracy[label] = float(last.metrics["val_accuracy"]) if last else float("nan")
+        # Without the cache: the same frozen trial stepping through images every epoch.
+        started = time.perf_counter()
+        last = train_trial(cfg, data, lambda m, d: None, None, use_feature_cache=False)
+        timings["without cache (images)"] = time.perf_counter() - started
+        accuracy["without cache (images)"] = float(last.metrics["val_accuracy"]) if last else float("nan")
+    speedup = timings["without cache (images)"] / timings["cached"]
+    _write("feature_cache", {
+        "workload": f"mobilenetv2_100 160px, whole extractor frozen, no augmentation, {args.epochs} epochs, hymenoptera",
+        "seconds": {k: round(v, 2) for k, v in timings.items()}, "val_accuracy": accuracy,
+        "speedup_cached_vs_images": round(speedup, 1), "target": ">= 10x",
+    })  # fmt: skip
+
+
+def _accuracy_config(data: str, budget_s: float, cache: Path, test_fraction: float) -> ExperimentConfig:
+    return load_config({
+        "data": {"source": data, "cache_dir": str(cache), "test_fraction": test_fraction},
+        "space": {"backbones": ["tf_efficientnet_lite0", "mobilenetv2_100"], "image_sizes": [160, 224],
+                  "max_epochs": 6, "batch_sizes": [32]},
+        "search": {"num_samples": 40, "time_budget_s": budget_s, "seed": 0},
+    })  # fmt: skip
+
+
+def bench_accuracy(args: argparse.Namespace) -> None:
+    """``search --data hymenoptera/train --test hymenoptera/val`` and flowers5 with a held-out 20%."""
+    from automl_tl.results import build_results
+
+    figures: dict[str, Any] = {"budget_s": args.budget_s}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        cases = {
+            "hymenoptera": (str(SHARED / "hymenoptera" / "train"), str(SHARED / "hymenoptera" / "val"), 0.0, 0.96),
+            "flowers5": (str(SHARED / "flowers5"), None, 0.2, 0.90),
+        }
+        for name in args.datasets:
+            data, test, test_fraction, target = cases[name]
+            run_dir = Path(tmp) / name
+            config = _accuracy_config(data, args.budget_s, cache, test_fraction)
+            started = time.perf_counter()
+            outcome = run_search(config, run_dir, test_source=test, log=print, progress=False)
+            results = build_results(run_dir, log=print)
+            figures[name] = {
+                "wall_s": round(time.perf_counter() - started, 1),
+                "trials": len(outcome.rows),
+                "best_trial": {k: outcome.best.get(k) for k in ("backbone", "freeze_depth", "augmentation", "image_size", "best_val_accuracy")},
+                "best_test_accuracy": results["best"]["test"]["accuracy"],
+                "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
+                "n_test": results["best"]["test"]["n"],
+                "target_test_accuracy": target,
+            }
+    _write("accuracy", figures)
+
+
+def bench_efficiency(args: argparse.Namespace) -> None:
+    """TPE + ASHA vs random search without early stopping, same number of trials."""
+    figures: dict[str, Any] = {"trials": args.trials}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        for label, algorithm, scheduler in (("tpe_asha", "tpe", "asha"), ("random_no_stopping", "random", "none")):
+            config = load_config({
+                "data": {"source": str(SHARED / "hymenoptera"), "cache_dir": str(cache)},
+                "space": {"backbones": ["mobilenetv2_100"], "image_sizes": [96], "max_epochs": 4, "batch_sizes": [32]},
+                "search": {"num_samples": args.trials, "algorithm": algorithm, "scheduler": scheduler,
+                           "time_budget_s": 3600, "seed": 0},
+            })  # fmt: skip
+            started = time.perf_counter()
+            outcome = run_search(config, Path(tmp) / label, log=lambda line: None, progress=False)
+            figures[label] = {
+                "best_val_accuracy": outcome.best["best_val_accuracy"],
+                "trial_epochs": int(sum(r["epochs_run"] for r in outcome.rows)),
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
+    _write("efficiency", figures)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True)
+    p = sub.add_parser("overhead")
+    p.add_argument("--trials", type=int, default=4)
+    p = sub.add_parser("train_vs_bare")
+    p.add_argument("--epochs", type=int, default=3)
+    p = sub.add_parser("feature_cache")
+    p.add_argument("--epochs", type=int, default=5)
+    p = sub.add_parser("accuracy")
+    p.add_argument("--budget-s", type=float, default=900.0, dest="budget_s")
+    p.add_argument("--datasets", nargs="+", default=["hymenoptera", "flowers5"])
+    p = sub.add_parser("efficiency")
+    p.add_argument("--trials", type=int, default=8)
+    args = parser.parse_args()
+    {"overhead": bench_overhead, "train_vs_bare": bench_train_vs_bare, "feature_cache": bench_feature_cache,
+     "accuracy": bench_accuracy, "efficiency": bench_efficiency}[args.name](args)  # fmt: skip
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    main()

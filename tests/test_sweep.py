@@ -1,0 +1,183 @@
+"""The sweep, end to end through a real local Ray: Tune + Optuna + ASHA, Ray Train, a real run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from automl_tl.config import ExperimentConfig, load_config
+from automl_tl.errors import BackboneError, ConfigError
+from automl_tl.results import build_results
+from automl_tl.space import build_param_space
+from automl_tl.trainable import FAULT_ENV
+from automl_tl.tuner import run_search
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(data: Path, cache: Path, **space: Any) -> ExperimentConfig:
+    base_space = {
+        "backbones": ["mobilenetv2_100"],
+        "image_sizes": [64],
+        "max_epochs": 2,
+        "batch_sizes": [32],
+        "freeze_depths": [8],
+        "augmentations": ["none"],
+    }
+    base_space.update(space)
+    return load_config(
+        {
+            "data": {"source": str(data), "cache_dir": str(cache)},
+            "space": base_space,
+            "search": {"num_samples": 3, "time_budget_s": 300, "max_concurrent_trials": 2},
+        }
+    )
+
+
+def read_leaderboard(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "leaderboard.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_param_space_covers_every_dimension() -> None:
+    space = build_param_space(load_config(None))
+    assert sorted(space["freeze_depth"].categories) == list(range(9))
+    assert set(space["augmentation"].categories) == {"none", "light", "medium", "heavy"}
+    assert space["learning_rate"].lower == pytest.approx(1e-4)
+    for key in ("backbone", "optimizer", "weight_decay", "label_smoothing", "batch_size", "head", "head_dropout"):
+        assert key in space
+
+
+def test_bad_space_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="space.freeze_depths: 12 is deeper"):
+        build_param_space(load_config({"space": {"freeze_depths": [0, 12]}}))
+    with pytest.raises(BackboneError, match="unknown backbone 'resnet9000'"):
+        build_param_space(load_config({"space": {"backbones": ["resnet9000"]}}))
+
+
+def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
+    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = tiny_config(hymenoptera_dir / "train", data_cache_dir)
+    test = str(hymenoptera_dir / "val")
+    outcome = run_search(config, run_dir, test_source=test, log=lambda line: None, progress=False)
+    rows = read_leaderboard(run_dir)
+    assert len(rows) == 3 and len(outcome.rows) == 3
+    caches = sorted(r["feature_cache"] for r in rows)
+    assert caches == ["hit", "hit", "miss"]  # computed once, then shared
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == rows[0]["trial_id"]
+    n_val = summary["data"]["n_val"]
+    assert summary["data"]["n_train"] + n_val == 244 and summary["data"]["n_test"] == 153
+    best_dir = run_dir / "trials" / rows[0]["trial_id"]
+    probs = np.load(best_dir / "val_probs.npy")
+    assert probs.shape == (n_val, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    info = json.loads((best_dir / "trial.json").read_text())
+    assert info["class_names"] == ["ants", "bees"] and info["preprocessing"]["input_size"] == 64
+    assert float(rows[0]["best_val_accuracy"]) > 0.7  # real pretrained features separate ants from bees
+
+    results = build_results(run_dir, log=lambda line: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("best", "ensemble"):
+        test_metrics = summary[key]["test"]
+        assert test_metrics["n"] == 153 and test_metrics["accuracy"] > 0.7
+        assert len(test_metrics["confusion_matrix"]) == 2
+    assert summary["ensemble"]["members"] and abs(sum(summary["ensemble"]["weights"]) - 1.0) < 1e-9
+    # The artifact's Predictor gives the same test answers as the evaluation in build_results.
+    from automl_tl.data import Dataset
+    from automl_tl.predictor import Predictor
+
+    predictor = Predictor.load(results["artifact"])
+    data = json.loads((run_dir / "data.json").read_text())
+    images = Dataset.open(data["cache_path"])
+    test_rows = data["test"]
+    preds = predictor.predict_proba([images.image(i) for i in test_rows]).argmax(axis=1)
+    labels = np.asarray(data["labels"])[test_rows]
+    assert np.mean(preds == labels) == pytest.approx(summary["ensemble"]["test"]["accuracy"], abs=1e-12)
+
+
+def test_sweep_with_augmentation_survives_a_failing_trial(
+    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fail-once"))
+    config = tiny_config(hymenoptera_dir, data_cache_dir, freeze_depths=[6], augmentations=["light", "heavy"], max_epochs=1)
+    config = config.replace("resources", max_failures=0)
+    run_dir = tmp_path / "run"
+    lines: list[str] = []
+    run_search(config, run_dir, log=lines.append, progress=False)
+    rows = read_leaderboard(run_dir)
+    errors = [r for r in rows if r["stop_reason"].startswith("error")]
+    assert len(rows) == 3 and len(errors) == 1
+    assert "injected failure" in errors[0]["stop_reason"]
+    assert all(r["has_model"] == "True" for r in rows if r not in errors)
+    assert any("failed" in line for line in lines) and any("finished" in line for line in lines)
+
+
+def test_ray_train_engine_runs_a_torch_trainer(
+    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(hymenoptera_dir, data_cache_dir, freeze_depths=[7], augmentations=["light"], max_epochs=1)
+    config = config.replace("search", num_samples=1).replace("resources", trial_engine="train")
+    run_dir = tmp_path / "run"
+    run_search(config, run_dir, log=lambda line: None, progress=False)
+    rows = read_leaderboard(run_dir)
+    assert rows[0]["stop_reason"] == "max_epochs" and rows[0]["has_model"] == "True"
+    assert any((run_dir / "train").iterdir())  # Ray Train's own run storage
+
+
+def _experiment_terminated(run_dir: Path) -> int:
+    states = list((run_dir / "tune").glob("experiment_state-*.json"))
+    return sum(p.read_text(errors="replace").count('\\"TERMINATED\\"') for p in states)
+
+
+def test_killed_driver_resumes_without_repeating_finished_trials(
+    hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"data: {{source: '{hymenoptera_dir}', cache_dir: '{data_cache_dir}'}}\n"
+        "space: {backbones: [mobilenetv2_100], image_sizes: [64], max_epochs: 2, batch_sizes: [32], "
+        "freeze_depths: [8], augmentations: [none]}\n"
+        "search: {num_samples: 4, max_concurrent_trials: 1, scheduler: none}\n",
+        encoding="utf-8",
+    )
+    exe = str(Path(sys.executable).parent / "automl-tl")
+    proc = subprocess.Popen(
+        [exe, "search", "--config", str(config_file), "--out", str(run_dir), "--quiet"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while _experiment_terminated(run_dir) < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert _experiment_terminated(run_dir) >= 1, "no trial finished in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+        proc.wait(timeout=30)
+    finished_before = {
+        p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/model.safetensors")
+    }
+    assert not (run_dir / "leaderboard.csv").exists()
+    done = subprocess.run([exe, "resume", str(run_dir), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_leaderboard(run_dir)
+    assert len(rows) == 4
+    assert all(r["stop_reason"].startswith("max_epochs") for r in rows)
+    for trial_id, mtime in finished_before.items():
+        row = next(r for r in rows if r["trial_id"] == trial_id)
+        model = run_dir / "trials" / trial_id / "model.safetensors"
+        if "resumed" not in row["stop_reason"]:
+            assert model.stat().st_mtime_ns == mtime, f"finished trial {trial_id} was trained again"
