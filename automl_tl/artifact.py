@@ -456,11 +456,32 @@ def _member(data: Any, where: str, num_classes: int) -> MemberRecord:
     return record
 
 
+def _remote_store(uri: str) -> ArtifactStore:
+    """The artifact folder at ``uri`` (or its manifest, or the ``artifact/`` folder of a run directory)."""
+    from automl_tl.storage import FileSystemStore
+
+    uri = uri.rstrip("/")
+    if uri.endswith("/" + MANIFEST_NAME):
+        uri = uri[: -len(MANIFEST_NAME) - 1]
+    store = FileSystemStore(uri)
+    if not store.exists(MANIFEST_NAME) and FileSystemStore(f"{uri}/artifact").exists(MANIFEST_NAME):
+        store = FileSystemStore(f"{uri}/artifact")
+    return store
+
+
 def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = None) -> Artifact:
-    """Read ``path`` (the artifact folder or its manifest.json), check the manifest and every file's sha256."""
+    """Read ``path`` (the artifact folder, its manifest.json or the run directory above it), check every sha256.
+
+    ``path`` may be a URI on object storage (``s3://bucket/run/artifact``, or the run directory above it).
+    """
+    if store is None and "://" in os.fspath(path) and not os.fspath(path).startswith("file://"):
+        store = _remote_store(os.fspath(path))
+        path = store.describe("").rstrip("/")
     root = Path(path)
     if root.name == MANIFEST_NAME and root.is_file():
         root = root.parent
+    if store is None and not (root / MANIFEST_NAME).exists() and (root / "artifact" / MANIFEST_NAME).is_file():
+        root = root / "artifact"  # a run directory: its artifact, as for object storage
     if store is None:
         if not root.exists():
             raise ArtifactError(f"artifact {root} does not exist")

@@ -8,6 +8,8 @@
     automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json]   classify images with a saved artifact
     automl-tl evaluate ARTIFACT --data DATA [--json FILE]            score an artifact on a labelled set
     automl-tl export ARTIFACT --format onnx|torchscript --out FILE   one graph: tensor in, probabilities out
+    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--port P] [--emit-config FILE]   HTTP server
+    automl-tl report RUN_DIR             write RUN_DIR/report.html, a self-contained page about the run
 
 Errors a user can cause print as one line, ``automl-tl: error: ...``, and exit with code 2.
 """
@@ -116,8 +118,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     config = _load_search_config(args)
     log = _logger(args)
-    run_search(config, args.out, test_source=args.test, log=log, progress=not args.quiet)
+    run_search(config, args.out, test_source=args.test, log=log, progress=not args.quiet, shared_fs=args.shared_fs)
     build_results(args.out, log=log)
+    _report(args.out, log)
     return 0
 
 
@@ -127,8 +130,26 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from automl_tl.results import build_results
 
     log = _logger(args)
-    resume_search(args.run_dir, log=log, progress=not args.quiet)
+    resume_search(args.run_dir, log=log, progress=not args.quiet, shared_fs=args.shared_fs)
     build_results(args.run_dir, log=log)
+    _report(args.run_dir, log)
+    return 0
+
+
+def _report(run_dir: str, log: Callable[[str], None]) -> None:
+    """The report closes every finished search; a failure there is said, and the results stand."""
+    from automl_tl.report import write_report
+
+    try:
+        log(f"[report] {write_report(run_dir)}")
+    except (AutoMLError, OSError) as exc:
+        log(f"[report] not written ({exc}); the run's results are complete: retry with `automl-tl report {run_dir}`")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from automl_tl.report import write_report
+
+    print(f"report written to {write_report(args.run_dir)}")
     return 0
 
 
@@ -204,8 +225,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from automl_tl.demo import run_demo
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    run_demo(args.data, out, args.keep_serving, _logger(args), budget_s=args.budget_s, progress=not args.quiet)
+    run_demo(
+        args.data, out, args.keep_serving, _logger(args), budget_s=args.budget_s, progress=not args.quiet, port=args.port
+    )
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from automl_tl.serve._cli import run_serve_command
+
+    return run_serve_command(args)
+
+
+def _add_shared_fs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-fs", action="store_true", dest="shared_fs",
+                   help="the local run directory is mounted on every node of the cluster (NFS, EFS); "
+                        "without it a multi-node cluster needs --out s3://...")  # fmt: skip
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -246,19 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial")
     p.add_argument("--workers-per-trial", type=int, dest="workers_per_trial")
     p.add_argument("--seed", type=int)
+    _add_shared_fs_flag(p)
     _add_output_flags(p)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped, keeping finished trials")
     p.add_argument("run_dir", help="run directory of the interrupted sweep")
+    _add_shared_fs_flag(p)
     _add_output_flags(p)
     p.set_defaults(func=_cmd_resume)
 
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: leaderboard, curves, importances, mistakes")
+    p.add_argument("run_dir", help="run directory of a finished search")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("demo", help="run the main job on the embedded default: sweep, ensemble, report, serve")
-    p.add_argument("--data", help="use this labelled folder instead of the built-in set")
+    p.add_argument("--data", help="use this labelled data set (any --data form of search) instead of the built-in set")
     p.add_argument("--out", help="run directory (default: runs/demo-<time>)")
     p.add_argument("--budget-s", type=float, default=360.0, dest="budget_s", help="sweep time budget (default 360)")
     p.add_argument("--keep-serving", action="store_true", dest="keep_serving", help="keep the endpoint up until Ctrl-C")
+    p.add_argument("--port", type=_positive_int, default=8000, help="HTTP port on 127.0.0.1 for the endpoint (default 8000)")
     _add_output_flags(p)
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("predict", help="classify images with a saved artifact")
@@ -286,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
     p.add_argument("--member", help="export this member alone instead of the ensemble")
     p.set_defaults(func=_cmd_export)
+
+    from automl_tl.serve._cli import add_serve_arguments
+
+    p = sub.add_parser("serve", help="serve an artifact over HTTP with Ray Serve (blocks until stopped)")
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -88,10 +88,13 @@ def run_demo(
     log: Callable[[str], None],
     budget_s: float = DEMO_BUDGET_S,
     progress: bool = True,
+    port: int = 8000,
 ) -> dict[str, Any]:
     from automl_tl.results import build_results
+    from automl_tl.serve import check_port
     from automl_tl.tuner import run_search
 
+    check_port("127.0.0.1", port)  # now, not after the sweep
     started = time.time()
     config = demo_config(data, budget_s)
     log(f"[demo] data: {config.data.source}; run directory: {out}; sweep budget {budget_s:.0f}s")
@@ -107,7 +110,7 @@ def run_demo(
     summary = {"best_test_accuracy": best_test, "ensemble_test_accuracy": ens_test, "random_init_test_accuracy": baseline}
     RunDir(out).write_json("demo.json", {**summary, "wall_s": round(time.time() - started, 1)})
     _maybe_report(out, log)
-    _serve_and_query(out, keep_serving, log)
+    _serve_and_query(out, keep_serving, log, port)
     log(f"[demo] done in {time.time() - started:.0f}s")
     return summary
 
@@ -133,7 +136,7 @@ def _maybe_report(out: Path, log: Callable[[str], None]) -> None:
     log(f"[demo] report: {path}")
 
 
-def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], n_images: int = 5) -> None:
+def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], port: int, n_images: int = 5) -> None:
     try:
         from automl_tl.serve import start_server, stop_server
     except ImportError:
@@ -147,7 +150,7 @@ def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], 
     data_info = run.read_json("data.json")
     rows = (data_info["test"] or data_info["val"])[:n_images]
     images = Dataset.open(data_info["cache_path"])
-    url = start_server(out, mode="ensemble")
+    url = start_server(out, mode="ensemble", host="127.0.0.1", port=port)
     log(f"[demo] serving the ensemble at {url} (page: {url}/ , API docs: {url}/docs)")
     try:
         from PIL import Image

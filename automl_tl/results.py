@@ -21,6 +21,7 @@ from automl_tl.ensemble import apply_temperature, combine, fit_temperature, sele
 from automl_tl.errors import SearchError
 from automl_tl.metrics import classification_metrics, format_metrics_table
 from automl_tl.rundir import RunDir
+from automl_tl.storage import local_data_cache
 
 __all__ = ["build_results", "ARTIFACT_DIR"]
 
@@ -32,7 +33,8 @@ SELECTION_METRIC = "log_loss"
 
 def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Select the ensemble, calibrate, write the artifact, score best and ensemble on the test split."""
-    run = RunDir(Path(run_dir))
+    run = RunDir.open(run_dir)
+    run.pull("summary.json", "data.json", "config.yaml", "trials")  # a remote run: into the local mirror
     summary = run.read_json("summary.json")
     data = run.read_json("data.json")
     config = load_config(run.path / "config.yaml")
@@ -70,7 +72,7 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     ens_test: dict[str, Any] | None = None
     if len(test_idx):
         log(f"[evaluate] scoring on {len(test_idx)} held-out test images")
-        raw = _member_test_probs(artifact_dir, data["cache_path"], test_idx)
+        raw = _member_test_probs(artifact_dir, local_data_cache(data), test_idx)
         y_test = labels[test_idx]
         best_test = classification_metrics(y_test, apply_temperature(raw[best_id], temperatures[best_id]), class_names)
         ens_raw = combine([raw[t] for t in selection.members], selection.weights)
@@ -92,18 +94,19 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
             "test": ens_test,
             "beat_best": ens_beats,
         },
-        "artifact": str(artifact_dir),
+        "artifact": f"{run.remote}/{ARTIFACT_DIR}" if run.remote else str(artifact_dir),
     }
     summary.update(results)
     run.write_json("summary.json", summary)
     metrics = {"best_member": best_id, "best": {"val": best_val, "test": best_test}, "ensemble": {"val": ens_val, "test": ens_test}}
     write_artifact(artifact_dir, class_names, members, weights, ens_temperature, metrics,
                    method=selection.method, decode_max_side=max_side)  # fmt: skip
+    run.push(ARTIFACT_DIR, "summary.json")
     split = "test" if best_test is not None else "validation (no test split)"
     table = {"best": best_test or best_val, "ensemble": ens_test or ens_val}
     log(f"[results] {split} metrics:\n{format_metrics_table(table)}")
     verdict = "beat" if ens_beats else "did not beat"
-    log(f"[results] the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: {artifact_dir}")
+    log(f"[results] the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: {results['artifact']}")
     return results
 
 

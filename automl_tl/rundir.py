@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,10 +23,58 @@ LEADERBOARD_COLUMNS = (
 
 
 class RunDir:
-    """Paths and small-file I/O inside one run directory."""
+    """Paths and small-file I/O inside one run directory.
 
-    def __init__(self, path: Path) -> None:
+    ``remote`` is set when the run directory lives on shared storage (``s3://...``): ``path`` is then the
+    driver's local mirror, and :meth:`push` / :meth:`pull` move files between the two (see
+    :mod:`automl_tl.storage`). Both are no-ops for a local run directory.
+    """
+
+    def __init__(self, path: Path, remote: str | None = None) -> None:
         self.path = path
+        self.remote = remote.rstrip("/") if remote else None
+
+    @classmethod
+    def open(cls, location: str | os.PathLike[str]) -> RunDir:
+        """A local run directory, or the local mirror of one on shared storage."""
+        from automl_tl.storage import is_uri, local_mirror
+
+        text = os.fspath(location)
+        if is_uri(text):
+            return cls(local_mirror(text), remote=text)
+        return cls(Path(text))
+
+    @property
+    def location(self) -> str:
+        """Where the run directory really is: its URI, or its absolute local path."""
+        return self.remote or str(self.path.resolve())
+
+    def push(self, *names: str) -> None:
+        """Upload these files or folders of the local mirror to the remote run directory."""
+        if self.remote is None:
+            return
+        from automl_tl.storage import join, upload
+
+        for name in names:
+            if (self.path / name).exists():
+                upload(self.path / name, join(self.remote, name))
+
+    def pull(self, *names: str) -> None:
+        """Download these files or folders of the remote run directory into the local mirror."""
+        if self.remote is None:
+            return
+        from automl_tl.storage import download, join
+
+        for name in names:
+            download(join(self.remote, name), self.path / name)
+
+    def remote_exists(self, name: str) -> bool:
+        """Whether ``name`` exists in the run directory (remote or local)."""
+        if self.remote is None:
+            return self.exists(name)
+        from automl_tl.storage import exists, join
+
+        return exists(join(self.remote, name))
 
     def prepare(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import torch
 from ray import tune
 
 from automl_tl.config import ResourcesConfig
+from automl_tl.storage import discard_staging, is_uri, join, localize_data, trial_output
 from automl_tl.training import TrialConfig, TrialData, select_device, train_trial
 
 __all__ = ["TrialSetup", "run_trial", "trial_resources", "FAULT_ENV"]
@@ -55,20 +56,32 @@ def run_trial(params: dict[str, Any], data: TrialData, setup: TrialSetup) -> Non
     """Tune's function trainable (wrapped with ``tune.with_parameters``)."""
     cfg = TrialConfig.from_params(params)  # the first line: Tune's dict becomes a typed object
     trial_id = tune.get_context().get_trial_id()
-    out_dir = Path(setup.run_dir) / "trials" / str(trial_id)
+    # A remote run directory: write into a node-local staging folder, publish each new best epoch.
+    out_dir, publish = trial_output(setup.run_dir, str(trial_id))
     _maybe_inject_failure(setup.fault_marker, out_dir)
     if setup.engine == "train":
         _run_with_ray_train(cfg, data, setup, out_dir, str(trial_id))
+        discard_staging(setup.run_dir, out_dir)
         return
     torch.set_num_threads(max(1, int(setup.resources.cpus_per_worker)))
     device = select_device(setup.resources.use_gpu)
-    with _restored(tune.get_checkpoint()) as resume_dir:
+    data = localize_data(data)  # the data cache on this node, fetched once from shared storage if needed
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        with _restored(tune.get_checkpoint()) as resume_dir:
+            # Read once: with local storage resume_dir *is* the stored checkpoint, which Tune deletes
+            # (num_to_keep=1) as soon as this trial reports its next one.
+            resumed_from = _resumed_epoch(resume_dir)
 
-        def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-            metrics = {**metrics, "resumed_from_epoch": _resumed_epoch(resume_dir)}
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+            def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+                if metrics.get("best_epoch") == metrics.get("epoch"):
+                    publish()  # before Tune sees the result, so a finished trial's files are already shared
+                metrics = {**metrics, "resumed_from_epoch": resumed_from, "node_id": node_id}
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
 
-        train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device)
+            train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device)
+    finally:
+        discard_staging(setup.run_dir, out_dir)  # a remote run's staging: published at every new best
 
 
 @contextlib.contextmanager
@@ -115,14 +128,14 @@ def _run_with_ray_train(cfg: TrialConfig, data: TrialData, setup: TrialSetup, ou
         per_worker["GPU"] = res.gpus_per_trial / res.workers_per_trial
     trainer = TorchTrainer(
         _train_worker_loop,
-        train_loop_config={"trial": cfg.to_dict(), "data": data, "out_dir": str(out_dir), "use_gpu": res.use_gpu,
-                           "cpus": res.cpus_per_worker},  # fmt: skip
+        train_loop_config={"trial": cfg.to_dict(), "data": data, "run_dir": setup.run_dir, "trial_id": trial_id,
+                           "use_gpu": res.use_gpu, "cpus": res.cpus_per_worker},  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
             name=f"train-{trial_id}",
-            storage_path=str(Path(setup.run_dir) / "train"),
+            storage_path=join(setup.run_dir, "train") if is_uri(setup.run_dir) else str(Path(setup.run_dir) / "train"),
             failure_config=FailureConfig(max_failures=res.max_failures),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
         ),
@@ -140,18 +153,25 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["cpus"])))
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     cfg = TrialConfig.from_params(config["trial"])
+    data = localize_data(config["data"])
+    out_dir, publish = trial_output(config["run_dir"], config["trial_id"])
+    node_id = ray.get_runtime_context().get_node_id()
 
     with _restored(ray.train.get_checkpoint()) as resume_dir:
+        resumed_from = _resumed_epoch(resume_dir)  # once: the stored checkpoint may be deleted later
 
         def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-            metrics = {**metrics, "resumed_from_epoch": _resumed_epoch(resume_dir)}
+            if rank == 0 and metrics.get("best_epoch") == metrics.get("epoch"):
+                publish()
+            metrics = {**metrics, "resumed_from_epoch": resumed_from, "node_id": node_id}
             ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
             ray.train.report(metrics, checkpoint=ckpt)
 
         train_trial(
-            cfg, config["data"], report, Path(config["out_dir"]), resume_dir=resume_dir, device=device,
+            cfg, data, report, out_dir, resume_dir=resume_dir, device=device,
             rank=rank, world_size=world,
         )  # fmt: skip
+    discard_staging(config["run_dir"], out_dir)
 
 
 def ray_is_local() -> bool:

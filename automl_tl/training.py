@@ -34,7 +34,8 @@ from automl_tl.backbones import TransferNet, create_backbone, resolve_spec
 from automl_tl.metrics import classification_metrics
 from automl_tl.transforms import Preprocessing
 
-__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "select_device", "Reporter"]
+__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
+           "Reporter"]
 
 METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_log_loss": "min"}
 
@@ -88,6 +89,9 @@ class TrialData:
     val_idx: np.ndarray
     labels: np.ndarray
     feature_cache_dir: str
+    # The cache file on the run's shared storage (s3://...) when nodes cannot open ``cache_path`` directly:
+    # each node then downloads it once into its own cache (``automl_tl.storage.localize_data``).
+    shared_cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +109,11 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """Channels-last on GPU (what its convolution kernels prefer under AMP); the default layout on CPU."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def select_device(use_gpu: bool, local_rank: int = 0) -> torch.device:
@@ -335,7 +344,7 @@ class _ImageSteps(_Steps):
         self.weight = weight.to(device) if weight is not None else None
         self.amp = amp_dtype(device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.memory_format = memory_format_for(device)
         self.model = model.to(device).to(memory_format=self.memory_format)
         self.train_model: nn.Module = self.model
         if world_size > 1:

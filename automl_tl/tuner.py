@@ -10,6 +10,10 @@ runs the trials and leaves a run directory::
     RUN_DIR/trials/<id>/        best epoch per trial: model.safetensors, val_probs.npy, trial.json
     RUN_DIR/leaderboard.csv     one row per trial
     RUN_DIR/summary.json        best trial, every trial, wall time, data and code versions
+
+``RUN_DIR`` may be a URI (``s3://bucket/prefix``): Tune then keeps its experiment and checkpoints there, the
+data cache is shared through ``RUN_DIR/data/`` and trials upload their best epoch (``automl_tl.storage``).
+On a multi-node cluster a local ``RUN_DIR`` is refused unless every node mounts it (``shared_fs``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from automl_tl.errors import BackboneError, SearchError
 from automl_tl.rundir import RunDir, write_leaderboard, write_summary
 from automl_tl.training import METRIC_MODES, TrialData
 
-__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "ensure_ray"]
+__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ensure_ray"]
 
 Log = Callable[[str], None]
 STOP_REASONS = "stop_reasons.jsonl"
@@ -76,6 +80,21 @@ def ensure_ray(log: Log) -> bool:
     return True
 
 
+def check_storage(run: RunDir, shared_fs: bool) -> None:
+    """A sweep over several nodes needs a run directory that every node can reach."""
+    if run.remote is not None or shared_fs:
+        return
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise SearchError(
+            f"the run directory {run.path} is a local path, but the Ray cluster has {len(nodes)} nodes and trials "
+            "on the other nodes cannot write there: use shared storage (--out s3://bucket/prefix), or pass "
+            "--shared-fs if every node mounts this path (NFS, EFS, a shared volume)"
+        )
+
+
 def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool) -> TrialData:
     """Validate and cache the data once, fix the splits, and describe them in ``data.json``."""
     from automl_tl.data import load_dataset
@@ -85,6 +104,12 @@ def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None,
     train_idx, val_idx, test_idx = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
     cache_path = str(dataset.cache_path)
     data_id = Path(cache_path).stem
+    shared_cache = None
+    if run.remote is not None:  # nodes fetch the data from the run's shared storage, once each
+        from automl_tl.storage import join, share_file
+
+        shared_cache = join(run.remote, "data", f"{data_id}.arrow")
+        share_file(Path(cache_path), shared_cache)
     run.write_json(
         "data.json",
         {
@@ -92,6 +117,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None,
             "test_source": data_cfg.test_source,
             "cache_path": cache_path,
             "data_id": data_id,
+            "shared_cache": shared_cache,
             "class_names": list(dataset.class_names),
             "train": train_idx.tolist(),
             "val": val_idx.tolist(),
@@ -107,6 +133,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None,
         val_idx=val_idx,
         labels=np.asarray(dataset.labels, dtype=np.int64),
         feature_cache_dir=str(Path(cache_path).parent / "features"),
+        shared_cache=shared_cache,
     )
 
 
@@ -116,20 +143,26 @@ def run_search(
     test_source: str | None = None,
     log: Log = print,
     progress: bool = True,
+    shared_fs: bool = False,
 ) -> SearchOutcome:
-    """Run a whole sweep into ``out`` and return its leaderboard and best trial."""
+    """Run a whole sweep into ``out`` and return its leaderboard and best trial.
+
+    ``out`` is a local path or a URI (``s3://...``); ``shared_fs`` says a local ``out`` is mounted on every node.
+    """
     from automl_tl.space import build_param_space
 
     started = time.time()
-    run = RunDir(Path(out))
+    run = RunDir.open(out)
     check_backbones(config)
     param_space = build_param_space(config)  # a bad space fails here, before data or Ray
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     data = prepare_data(config, run, test_source, progress)
+    run.push("config.yaml", "data.json")
     log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
     started_ray = ensure_ray(log)
     try:
+        check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, param_space, log, restore=False)
         grid = tuner.fit()
         return _finish(config, run, grid, started, log)
@@ -140,19 +173,23 @@ def run_search(
             ray.shutdown()
 
 
-def resume_search(out: str | os.PathLike[str], log: Log = print, progress: bool = True) -> SearchOutcome:
+def resume_search(
+    out: str | os.PathLike[str], log: Log = print, progress: bool = True, shared_fs: bool = False
+) -> SearchOutcome:
     """Continue a sweep whose driver stopped: finished trials are kept, unfinished ones resume."""
     from automl_tl.space import build_param_space
 
     started = time.time()
-    run = RunDir(Path(out))
-    if not run.exists("config.yaml") or not run.exists("tune"):
+    run = RunDir.open(out)
+    run.pull("config.yaml", "data.json", STOP_REASONS)
+    if not run.exists("config.yaml") or not run.remote_exists("tune"):
         raise SearchError(f"{out} is not a run directory of automl_tl (no config.yaml or tune/)")
     config = load_config(run.path / "config.yaml")
     data_info = run.read_json("data.json")
     data = prepare_data(config, run, data_info.get("test_source"), progress)
     started_ray = ensure_ray(log)
     try:
+        check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
         grid = tuner.fit()
         return _finish(config, run, grid, started, log)
@@ -172,13 +209,13 @@ def _build_tuner(
     from automl_tl.trainable import FAULT_ENV, TrialSetup, run_trial, trial_resources
 
     search, res = config.search, config.resources
-    setup = TrialSetup(str(run.path.resolve()), res.engine(), res, fault_marker=os.environ.get(FAULT_ENV))
+    setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(res)
     )
     if restore:
         return tune.Tuner.restore(
-            str(run.path.resolve() / "tune"), trainable=trainable, param_space=param_space,
+            f"{run.location}/tune", trainable=trainable, param_space=param_space,
             resume_unfinished=True, resume_errored=True,
         )  # fmt: skip
     mode = METRIC_MODES[search.metric]
@@ -197,7 +234,7 @@ def _build_tuner(
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(run.path.resolve()),
+            storage_path=run.location,
             verbose=0,
             callbacks=[SweepProgress(log, search.metric, mode, search.num_samples, search.scheduler,
                                      search.time_budget_s, run.path / STOP_REASONS)],  # fmt: skip
@@ -251,6 +288,7 @@ def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, lo
     from automl_tl.progress import read_stop_reasons
 
     metric, mode = config.search.metric, METRIC_MODES[config.search.metric]
+    run.pull("trials")  # a remote run: the trials' best epochs, uploaded from their nodes
     stopped = read_stop_reasons(run.path / STOP_REASONS)
     rows = []
     for result in grid:
@@ -267,6 +305,7 @@ def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, lo
     wall_s = time.time() - started
     write_leaderboard(run, rows)
     write_summary(run, config, rows, best, wall_s)
+    run.push("leaderboard.csv", "summary.json", STOP_REASONS)
     log(f"[search] done in {wall_s:.0f}s: {len(done)} of {len(rows)} trials finished; best {best['trial_id']} "
         f"{metric}={best[f'best_{metric}']:.4f} ({best['backbone']}, freeze {best['freeze_depth']})")  # fmt: skip
     return SearchOutcome(run.path, rows, best, wall_s)

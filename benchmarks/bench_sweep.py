@@ -35,7 +35,10 @@ from automl_tl.tuner import run_search  # noqa: E402
 
 def _write(name: str, figures: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figures = {"benchmark": name, "machine": f"{os.cpu_count()} CPUs, no GPU", "date": time.strftime("%Y-%m-%d"), **figures}
+    import torch
+
+    gpus = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    figures = {"benchmark": name, "machine": f"{os.cpu_count()} CPUs, {gpus}", "date": time.strftime("%Y-%m-%d"), **figures}
     path = RESULTS / f"sweep_{name}.json"
     path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(figures, indent=2))

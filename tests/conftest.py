@@ -49,7 +49,7 @@ def ray_session() -> object:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=None)
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=None)
     yield ray
     if started:
         ray.shutdown()

@@ -256,7 +256,7 @@ def test_error_class_too_small_names_it_and_its_count(tmp_path: Path) -> None:
     message = _error(tmp_path / "small", tmp_path)
     assert "class 'tiny' has 2 image(s)" in message and "at least 3" in message
     (tmp_path / "small" / "hollow").mkdir()  # an empty class folder counts as a class with 0 images
-    assert "'hollow' has 0 image(s)" in _error(tmp_path / "small", tmp_path)
+    assert "class 'hollow' has no usable image" in _error(tmp_path / "small", tmp_path)
 
 
 def test_error_unknown_split_folder(tmp_path: Path) -> None:

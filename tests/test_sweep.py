@@ -141,6 +141,21 @@ def _experiment_terminated(run_dir: Path) -> int:
     return sum(p.read_text(errors="replace").count('\\"TERMINATED\\"') for p in states)
 
 
+def _terminated_trial_ids(run_dir: Path) -> set[str]:
+    """Trials that Tune's saved experiment state records as finished: the ones a resume must not repeat.
+
+    A trial can finish in the instant between Tune's last state snapshot and the kill; Tune never learns of
+    it, so a resume schedules a new trial in its place, and that is not a repeat.
+    """
+    ids: set[str] = set()
+    for path in (run_dir / "tune").glob("experiment_state-*.json"):
+        for entry in json.loads(path.read_text(encoding="utf-8"))["trial_data"]:
+            state = json.loads(entry[0])
+            if state.get("status") == "TERMINATED":
+                ids.add(state["trial_id"])
+    return ids
+
+
 def test_killed_driver_resumes_without_repeating_finished_trials(
     hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -167,9 +182,14 @@ def test_killed_driver_resumes_without_repeating_finished_trials(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
         proc.wait(timeout=30)
+    recorded = _terminated_trial_ids(run_dir)
+    assert recorded, "the saved experiment state records no finished trial"
     finished_before = {
-        p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/model.safetensors")
+        p.parent.name: p.stat().st_mtime_ns
+        for p in (run_dir / "trials").glob("*/model.safetensors")
+        if p.parent.name in recorded
     }
+    assert set(finished_before) == recorded, "a trial Tune recorded as finished left no model"
     assert not (run_dir / "leaderboard.csv").exists()
     done = subprocess.run([exe, "resume", str(run_dir), "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

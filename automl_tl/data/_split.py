@@ -113,8 +113,13 @@ def assign_splits(
             n = members.size
             n_test = max(1, _round(n * test_fraction)) if draw_test else 0
             n_val = max(1, _round(n * val_fraction)) if draw_val else 0
+            where = "" if not given_set else " in the train split"
+            if n == 0:
+                raise DatasetError(
+                    f"class {name!r} has no usable image{where}: its folder is empty or every file in it was "
+                    "skipped (`automl-tl inspect DATA` lists why)"
+                )
             if n - n_test - n_val < 1:
-                where = "" if not given_set else " in the train split"
                 raise DatasetError(
                     f"class {name!r} has {n} image(s){where}, fewer than the split needs: at least "
                     f"{n_test + n_val + 1} (1 train, {n_val} val, {n_test} test) with "

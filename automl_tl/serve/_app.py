@@ -1,0 +1,381 @@
+"""The Ray Serve application: a FastAPI ingress, dynamic batching, and one or more model deployments.
+
+Two layouts of the same HTTP API (``AppArgs.layout``):
+
+* ``single``: one deployment, :class:`Classifier`, holds every planned member; images from concurrent
+  requests are gathered by ``@serve.batch`` and each batch runs through all members in one call;
+* ``composed``: :class:`Classifier` only decodes and preprocesses; one :class:`MemberModel` deployment
+  per member batches and runs its own forward; the ingress fans out, then averages and calibrates.
+
+Either way the request path is: read the body (bounded), parse and decode it in a worker thread (never on
+the event loop), queue each image into the batcher, answer with the top-k labels. Every user error is a
+:class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
+"""
+
+# No ``from __future__ import annotations`` here, on purpose: ``serve.ingress`` pickles the FastAPI app by
+# value when the class is decorated, and a route's string annotations ("Request") cannot be resolved in the
+# replica from the few globals that pickling keeps. Real annotation objects travel with the functions.
+import asyncio
+import hmac
+import importlib.resources
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve import Application, Deployment
+from ray.serve.handle import DeploymentHandle
+
+import automl_tl
+from automl_tl.artifact import Artifact, load_artifact
+from automl_tl.errors import AutoMLError
+from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
+from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
+from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for, top_k
+from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, device_for, torch_threads
+from automl_tl.transforms import Preprocessing
+
+__all__ = ["Classifier", "MemberModel", "build_app"]
+
+API_PREFIX = "/v1"
+# Two malloc arenas per replica instead of one per thread: decode threads then reuse memory, and a replica's
+# resident size levels off after warm-up instead of creeping up (benchmarks/bench_serve.py samples it).
+REPLICA_ENV = {"MALLOC_ARENA_MAX": "2"}
+DECODE_THREADS = 2
+
+
+# --- response schemas (for /docs) ------------------------------------------------------------------------
+
+
+class ImageTiming(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    forward_ms: float
+    batch_size: int
+
+
+class ImageAnswer(BaseModel):
+    name: str
+    labels: list[str]
+    probabilities: list[float]
+    timing: ImageTiming
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    mode: str
+    members: list[str]
+    predictions: list[ImageAnswer]
+    total_ms: float
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model_id: str
+    auth: bool
+
+
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A raw image, a multipart upload of one or more files, or JSON with base64 images.",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"}}},
+                }
+            },
+        },
+    }
+}
+
+api = FastAPI(
+    title="automl_tl image classifier",
+    version=automl_tl.__version__,
+    description="Classify images with a saved automl_tl artifact (its best member or its ensemble).",
+)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(AutoMLError)
+async def _automl_error(request: Request, exc: AutoMLError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        where = " ".join(str(p) for p in err.get("loc", ()))
+        got = f" (got {err['input']!r:.40})" if "input" in err and err["input"] is not None else ""
+        parts.append(f"{where}: {err.get('msg', 'invalid')}{got}")
+    return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+
+# The drop-an-image page; read now, since the ingress class (and what it references) is pickled when decorated.
+_PAGE = importlib.resources.files("automl_tl").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+# --- deployments -----------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="MemberModel", max_constructor_retry_count=3)
+class MemberModel:
+    """One ensemble member: batches its preprocessed inputs and returns its (uncalibrated) softmax rows."""
+
+    def __init__(self, args: AppArgs, member_index: int) -> None:
+        torch.set_num_threads(torch_threads(args))
+        artifact = load_artifact(resolve_artifact(args.artifact))
+        runner = MemberRunner.build(artifact, [member_index], device_for(args))
+        runner.warm_up([Preprocessing.from_dict(artifact.members[member_index].preprocessing)], args.max_batch_size)
+        self._forward = Forward(runner)
+        configure_batching(self._batched, args)
+
+    async def infer(self, pixels: np.ndarray) -> Row:
+        """This member's softmax row for one preprocessed CHW input."""
+        await self._forward.admit()
+        return await self._batched((torch.from_numpy(pixels),))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[Row]:
+        return await self._forward.run(inputs)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        return self._forward.counters.to_dict()
+
+
+@serve.deployment(name="Classifier", max_constructor_retry_count=3)
+@serve.ingress(api)
+class Classifier:
+    """The HTTP ingress. Holds the members itself (``members`` None) or fans out to member deployments."""
+
+    def __init__(
+        self, args: AppArgs, token: Secret | None = None, members: list[DeploymentHandle] | None = None
+    ) -> None:
+        self._args = args
+        self._token = token if token is not None else read_token(args)
+        artifact = load_artifact(resolve_artifact(args.artifact))
+        self._plan: ServingPlan = plan_for(artifact, args.mode)
+        self._class_names = artifact.class_names
+        self._max_side = artifact.decode_max_side
+        self._limits = BodyLimits(args.max_body_bytes, args.max_images_per_request, args.max_pixels)
+        self._preprocess = Preprocessor(self._plan.preprocessing)
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._members = members
+        self._forward: Forward | None = None
+        if members is None:
+            torch.set_num_threads(torch_threads(args))
+            runner = MemberRunner.build(artifact, self._plan.member_indices, device_for(args))
+            runner.warm_up(self._plan.preprocessing, args.max_batch_size)
+            self._forward = Forward(runner)
+            configure_batching(self._batched, args)
+        else:
+            torch.set_num_threads(1)  # the ingress only preprocesses; the member replicas own the cores
+        self._metadata = self._describe(artifact)
+
+    def _describe(self, artifact: Artifact) -> dict[str, Any]:
+        planned = set(self._plan.member_indices)
+        return {
+            "model_id": self._plan.model_id,
+            "mode": self._plan.mode,
+            "layout": "single" if self._members is None else "composed",
+            "class_names": list(artifact.class_names),
+            "members": [
+                {
+                    "member_id": m.member_id,
+                    "backbone": m.backbone,
+                    "image_size": m.image_size,
+                    "preprocessing": dict(m.preprocessing),
+                    "temperature": m.temperature,
+                    "weight": artifact.weights[i],
+                    "val_metrics": dict(m.val_metrics),
+                    "serving": i in planned,
+                }
+                for i, m in enumerate(artifact.members)
+            ],
+            "ensemble": {"method": artifact.method, "weights": list(artifact.weights),
+                         "temperature": artifact.temperature},  # fmt: skip
+            "calibration_temperature": self._plan.temperature,
+            "metrics": dict(artifact.metrics),
+            "versions": dict(artifact.versions),
+            "limits": {"max_body_bytes": self._args.max_body_bytes, "max_pixels": self._args.max_pixels,
+                       "max_images_per_request": self._args.max_images_per_request},  # fmt: skip
+            "batching": {"max_batch_size": self._args.max_batch_size,
+                         "batch_wait_timeout_s": self._args.batch_wait_timeout_s},  # fmt: skip
+        }
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise RequestError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(given.strip().encode("utf-8"), self._token.reveal().encode("utf-8")):
+            raise RequestError(401, "invalid bearer token")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise RequestError(400, f"Content-Length must be a number of bytes, got {declared!r:.40}")
+            if int(declared) > limit:
+                raise RequestError(413, f"request body is {int(declared):,} bytes, over the limit of {limit:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prepare(self, content_type: str | None, body: bytes) -> list[tuple[str, tuple[torch.Tensor, ...], float]]:
+        """Parse, decode and preprocess every image of a body (runs in a worker thread)."""
+        out = []
+        for image in split_body(content_type, body, self._limits):
+            start = time.perf_counter()
+            pixels = decode_image(image, self._max_side, self._args.max_pixels)
+            resized = self._preprocess.resized_pixels(*pixels.shape[:2])
+            if resized > self._args.max_pixels:
+                raise RequestError(
+                    422, f"{image.name}: a {pixels.shape[1]}x{pixels.shape[0]} image is too elongated: resized for the "
+                    f"model it would hold {resized:,} pixels, over max_pixels={self._args.max_pixels:,}",
+                )  # fmt: skip
+            out.append((image.name, self._preprocess(pixels), (time.perf_counter() - start) * 1000.0))
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[Row]:
+        assert self._forward is not None  # the single layout
+        return await self._forward.run(inputs)
+
+    async def _infer(self, inputs: tuple[torch.Tensor, ...]) -> Row:
+        if self._forward is not None:
+            await self._forward.admit()
+            return await self._batched(inputs)
+        assert self._members is not None
+        rows = await asyncio.gather(*(h.infer.remote(x.numpy()) for h, x in zip(self._members, inputs)))
+        return tuple(r[0][0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows)
+
+    async def _answer(self, name: str, inputs: tuple[torch.Tensor, ...], decode_ms: float, k: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        member_rows, batch_size, forward_ms = await self._infer(inputs)
+        waited_ms = (time.perf_counter() - start) * 1000.0
+        probs = self._plan.calibrate([row[None, :] for row in member_rows])
+        answer = top_k(probs, self._class_names, k)[0]
+        timing = {"decode_ms": round(decode_ms, 3), "queue_ms": round(max(waited_ms - forward_ms, 0.0), 3),
+                  "forward_ms": round(forward_ms, 3), "batch_size": batch_size}  # fmt: skip
+        return {"name": name, **answer, "timing": timing}
+
+    @api.post(f"{API_PREFIX}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
+    async def predict(
+        self, request: Request, top_k: int = Query(5, ge=1, le=10_000, description="labels per image")
+    ) -> JSONResponse:
+        """Classify the images of the body; per image: the top-k labels with calibrated probabilities."""
+        start = time.perf_counter()
+        self._authorize(request)
+        body = await self._read_body(request)
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            self._decoder, self._prepare, request.headers.get("content-type"), body
+        )
+        answers = await asyncio.gather(*(self._answer(name, x, ms, top_k) for name, x, ms in prepared))
+        # Built here, plain JSON types only: a Response skips FastAPI's re-validation against the schema.
+        return JSONResponse({
+            "model_id": self._plan.model_id,
+            "mode": self._plan.mode,
+            "members": list(self._plan.member_ids),
+            "predictions": answers,
+            "total_ms": round((time.perf_counter() - start) * 1000.0, 3),
+        })  # fmt: skip
+
+    @api.get(f"{API_PREFIX}/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def healthz(self) -> JSONResponse:
+        """200 once every model is loaded and answering; 503 otherwise."""
+        ready = True
+        if self._members is not None:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self._members)), timeout=5.0)
+            except Exception:  # noqa: BLE001 - any failure to answer means not ready
+                ready = False
+        body = {"status": "ready" if ready else "loading", "model_id": self._plan.model_id,
+                "auth": self._token is not None}  # fmt: skip
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @api.get(f"{API_PREFIX}/metadata")
+    async def metadata(self, request: Request) -> dict[str, Any]:
+        """Classes, members (and which of them serve), metrics, versions and limits of the artifact."""
+        self._authorize(request)
+        return self._metadata
+
+    @api.get(f"{API_PREFIX}/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """This replica's batching counters and memory (and those of the member replicas it reached)."""
+        self._authorize(request)
+        out: dict[str, Any] = {"ingress": (self._forward.counters if self._forward else Counters()).to_dict()}
+        if self._members is not None:
+            found = await asyncio.gather(*(h.stats.remote() for h in self._members))
+            out["members"] = dict(zip(self._plan.member_ids, found))
+        return out
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(_PAGE)
+
+
+# --- the application builder -----------------------------------------------------------------------------
+
+
+def build_app(args: AppArgs, token: Secret | None = None) -> Application:
+    """The bound application for ``args``; ``token`` overrides ``token_env``/``token_file`` when given."""
+    folder = resolve_artifact(args.artifact)  # absolute: replicas do not share the caller's working directory
+    args = args.model_copy(update={"artifact": str(folder)})
+    artifact = load_artifact(folder)  # fail here, not in a crash-looping replica
+    plan = plan_for(artifact, args.mode)
+    actor: dict[str, Any] = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica,
+                             "runtime_env": {"env_vars": REPLICA_ENV}}  # fmt: skip
+    scale: dict[str, Any] = (
+        {"autoscaling_config": args.autoscaling_config()} if args.autoscaling else {"num_replicas": args.replicas}
+    )
+    limit = args.ongoing_requests_limit()
+    classifier, member_model = cast(Deployment, Classifier), cast(Deployment, MemberModel)
+    if args.layout == "single":
+        return classifier.options(ray_actor_options=actor, max_ongoing_requests=limit, **scale).bind(args, token)
+    members = [
+        member_model.options(
+            name=f"Member{n}-{_safe(artifact.members[i].member_id)}",
+            ray_actor_options=actor,
+            max_ongoing_requests=limit,
+            **scale,
+        ).bind(args, i)
+        for n, i in enumerate(plan.member_indices)
+    ]
+    ingress = classifier.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=limit * 4, **scale)
+    return ingress.bind(args, token, members)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:40]
+

@@ -1,0 +1,156 @@
+"""The typed arguments of the serving application, and where its artifact and bearer token come from.
+
+No Ray here: :class:`AppArgs` is what ``serve run automl_tl.serve:app artifact=PATH mode=ensemble`` and a
+Serve config file's ``args:`` are validated into, and what :func:`~automl_tl.serve.start_server` builds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from automl_tl.errors import ArtifactError, ConfigError
+
+__all__ = ["AppArgs", "DEFAULT_LAYOUT", "Secret", "config_error", "read_token", "resolve_artifact"]
+
+ServeMode = Literal["best", "ensemble"]
+Layout = Literal["single", "composed"]
+
+# Measured by benchmarks/bench_serve.py (results/serve.json), 2 cores, 32 clients: one deployment holding every
+# member served about 2.4x the images per second of one deployment per member with fan-out in the ingress, at
+# less than half its latency under load; a lone request took about as long either way.
+DEFAULT_LAYOUT: Layout = "single"
+
+
+class Secret:
+    """A bearer token that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+class AppArgs(BaseModel):
+    """Everything the serving application needs; every field can be given as ``key=value`` to ``serve run``.
+
+    ``replicas`` is the fixed replica count; setting ``min_replicas`` or ``max_replicas`` turns on
+    autoscaling between them (starting at ``replicas``), aiming at ``target_ongoing_requests`` per replica
+    (default: one full batch). The bearer token is read inside each replica from the environment variable
+    ``token_env`` or the file ``token_file``; it is never part of the arguments.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    artifact: str = Field(description="artifact folder, its manifest.json, or a run directory holding artifact/")
+    mode: ServeMode = "ensemble"
+    layout: Layout = DEFAULT_LAYOUT
+    replicas: int = Field(1, ge=1, le=1024)
+    min_replicas: int | None = Field(None, ge=0, le=1024)
+    max_replicas: int | None = Field(None, ge=1, le=1024)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    cpus_per_replica: float = Field(1.0, ge=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, le=256)
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    # No wait by default: batches fill from the requests that queue while the previous batch runs (one
+    # batch at a time), so a lone request is not held back; a positive wait fills batches at light load.
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    token_env: str | None = Field(None, min_length=1)
+    token_file: str | None = Field(None, min_length=1)
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact_is_a_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("artifact must be a path, got an empty string")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppArgs:
+        if self.token_env and self.token_file:
+            raise ValueError("give token_env or token_file, not both")
+        lo, hi = self.min_replicas, self.max_replicas
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_replicas <= max_replicas must hold, but got {lo} > {hi}")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas)
+        return {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": min(max(self.replicas, low), high),
+            "target_ongoing_requests": self.target_ongoing_requests or float(self.max_batch_size),
+        }
+
+    def ongoing_requests_limit(self) -> int:
+        """One batch running and one filling: enough to keep batches full without hoarding queued work."""
+        return self.max_ongoing_requests or max(2 * self.max_batch_size, 4)
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    """Pydantic's report as one line naming each bad field and value."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "args"
+        value = f" (got {err['input']!r:.60})" if "input" in err and not isinstance(err["input"], dict) else ""
+        parts.append(f"{field}: {err['msg']}{value}")
+    return ConfigError("serve: " + "; ".join(parts))
+
+
+def resolve_artifact(path: str | os.PathLike[str]) -> Path:
+    """The artifact folder of ``path``: an artifact folder, its manifest.json, or a run directory."""
+    from automl_tl.artifact import MANIFEST_NAME  # torch comes with it: not needed to parse a command line
+
+    given = Path(path).expanduser()
+    if given.name == MANIFEST_NAME and given.is_file():
+        return given.parent.resolve()
+    if (given / MANIFEST_NAME).is_file():
+        return given.resolve()
+    if (given / "artifact" / MANIFEST_NAME).is_file():
+        return (given / "artifact").resolve()
+    if not given.exists():
+        raise ArtifactError(f"{given} does not exist: expected a run directory or an artifact folder")
+    raise ArtifactError(
+        f"{given} holds neither {MANIFEST_NAME} nor artifact/{MANIFEST_NAME}: not a run directory or an artifact"
+    )
+
+
+def read_token(args: AppArgs) -> Secret | None:
+    """The bearer token named by ``token_env`` / ``token_file`` (None when auth is off); empty is an error."""
+    if args.token_env:
+        value = os.environ.get(args.token_env, "")
+        where = f"environment variable {args.token_env}"
+    elif args.token_file:
+        try:
+            value = Path(args.token_file).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"token_file {args.token_file}: cannot read it: {exc.strerror or exc}") from None
+        where = f"token_file {args.token_file}"
+    else:
+        return None
+    value = value.strip()
+    if not value:
+        raise ConfigError(f"{where} is empty or unset: the bearer token cannot be empty")
+    return Secret(value)

@@ -1,0 +1,270 @@
+"""Starting and stopping the application from Python or the CLI, and writing it as a Serve config file.
+
+    url = start_server("runs/my_run", mode="ensemble", port=8000)   # embedded Ray, or RAY_ADDRESS's cluster
+    ...                                                              # POST url + "/v1/predict"
+    stop_server()
+
+``emit_config`` writes the same application as YAML for ``serve deploy FILE`` or as a KubeRay RayService.
+The bearer token never enters a config file: only the name of the environment variable or file holding it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ValidationError
+
+from automl_tl.errors import ConfigError
+from automl_tl.serve._args import AppArgs, Secret, config_error, read_token, resolve_artifact
+
+__all__ = ["APP_NAME", "emit_config", "make_args", "start_server", "stop_server"]
+
+APP_NAME = "automl_tl"
+IMPORT_PATH = "automl_tl.serve:app"
+
+# The proxy forwards requests to replicas over gRPC instead of through Ray object references: about half
+# the per-request proxy time on a 2-core machine (benchmarks/results/serve.json). The controller's
+# environment is inherited by the proxies it starts; a cluster started elsewhere sets it in its own env.
+PROXY_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": PROXY_ENV}}
+
+# What start_server started, so stop_server stops exactly that.
+_started: dict[str, Any] = {"serve": False, "ray": False, "apps": []}
+
+
+def make_args(
+    artifact: str | os.PathLike[str],
+    mode: str = "ensemble",
+    replicas: int = 1,
+    gpus_per_replica: float = 0.0,
+    **options: Any,
+) -> AppArgs:
+    """Validated :class:`AppArgs` with the artifact resolved to an absolute artifact folder."""
+    try:
+        return AppArgs.model_validate(
+            {
+                "artifact": str(resolve_artifact(artifact)),
+                "mode": mode,
+                "replicas": replicas,
+                "gpus_per_replica": gpus_per_replica,
+                **options,
+            }
+        )
+    except ValidationError as exc:
+        raise config_error(exc) from None
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise a ConfigError naming the port when something on this machine already listens there."""
+    if not _port_is_free(host, port):
+        raise ConfigError(f"port {port} on {host} is already in use: pick another with --port")
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _url(host: str, port: int, route_prefix: str) -> str:
+    reach = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{reach}:{port}{route_prefix.rstrip('/')}"
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/healthz", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise ConfigError(f"the server at {url} did not become ready within {timeout_s:.0f} s (last: {last})")
+
+
+def start_server(
+    artifact: str | os.PathLike[str],
+    mode: str = "ensemble",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    gpus_per_replica: float = 0.0,
+    token: str | None = None,
+    *,
+    name: str = APP_NAME,
+    route_prefix: str = "/",
+    ready_timeout_s: float = 180.0,
+    **options: Any,
+) -> str:
+    """Deploy the app (``serve.run(..., blocking=False)``) and return its base URL once it answers healthz.
+
+    Runs on the Ray this process is connected to, else the cluster in ``RAY_ADDRESS``, else an embedded one.
+    ``options`` are further :class:`AppArgs` fields (``layout``, ``max_batch_size``, ``min_replicas``, ...).
+    ``token`` (or the ``token_env``/``token_file`` option, read here) turns on bearer-token auth.
+    """
+    import ray
+    from ray import serve
+
+    from automl_tl.serve._app import build_app
+
+    args = make_args(artifact, mode, replicas, gpus_per_replica, **options)
+    if token is not None and not token.strip():
+        raise ConfigError("token must not be empty")
+    secret = Secret(token.strip()) if token is not None else read_token(args)
+    if not route_prefix.startswith("/"):
+        raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"  # then the proxy binds on this machine: check the port here
+    if not ray.is_initialized():
+        if local:
+            check_port(host, port)
+        # "local": an embedded instance, never some other local cluster that `ray start` left running.
+        ray.init(address=address, log_to_driver=False)
+        _started["ray"] = True
+    if serve.context._get_global_client(raise_if_no_controller_running=False) is None:
+        if local:
+            check_port(host, port)
+        serve.start(http_options={"host": host, "port": port}, controller_options=CONTROLLER_OPTIONS)
+        _started["serve"] = True
+    client = serve.context._get_global_client()
+    if client is None:
+        raise ConfigError("Serve did not start on this Ray cluster")
+    running = client.http_config
+    if (running.host, running.port) != (host, port):
+        raise ConfigError(
+            f"Serve already runs on this cluster at {running.host}:{running.port}, not {host}:{port}: "
+            "use that host and port, or stop it first (serve shutdown)"
+        )
+    serve.run(build_app(args, secret), name=name, route_prefix=route_prefix, blocking=False)
+    _started["apps"].append(name)
+    url = _url(host, port, route_prefix)
+    _wait_ready(url, ready_timeout_s)
+    return url
+
+
+def stop_server() -> None:
+    """Undo :func:`start_server`: delete its applications, then stop Serve and Ray if it started them."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        _started.update(serve=False, ray=False, apps=[])
+        return
+    if _started["serve"]:
+        serve.shutdown()
+    else:
+        for name in _started["apps"]:
+            serve.delete(name)
+    if _started["ray"]:
+        ray.shutdown()
+    _started.update(serve=False, ray=False, apps=[])
+
+
+def emit_config(
+    path: str | os.PathLike[str],
+    artifact: str | os.PathLike[str],
+    mode: str = "ensemble",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    gpus_per_replica: float = 0.0,
+    *,
+    kind: Literal["serve", "rayservice"] = "serve",
+    name: str = APP_NAME,
+    image: str = "automl-tl:latest",
+    **options: Any,
+) -> Path:
+    """Write the app as a Serve config (``serve deploy FILE``) or a KubeRay RayService manifest.
+
+    The artifact path is written as given after resolving it here; on a cluster it must name the same
+    files on every node (a shared volume). The token itself is never written: pass ``token_env`` or
+    ``token_file``, which each replica reads at start.
+    """
+    if "token" in options:
+        raise ConfigError("a config file never holds the token: pass token_env=VAR or token_file=PATH instead")
+    if kind not in ("serve", "rayservice"):
+        raise ConfigError(f"kind must be 'serve' or 'rayservice', got {kind!r}")
+    args = make_args(artifact, mode, replicas, gpus_per_replica, **options)
+    application = {
+        "name": name,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": args.model_dump(exclude_none=True),
+    }
+    if kind == "serve":
+        document: dict[str, Any] = {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": host, "port": port},
+            "applications": [application],
+        }
+        header = (
+            f"# Serve config for {args.artifact}\n# deploy: serve deploy {path}\n"
+            f"# start the cluster with {' '.join(f'{k}={v}' for k, v in PROXY_ENV.items())} for faster proxies\n"
+        )
+    else:
+        document = _rayservice(application, args, image)
+        header = f"# KubeRay RayService for {args.artifact}\n# apply: kubectl apply -f {path}\n"
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def _rayservice(application: dict[str, Any], args: AppArgs, image: str) -> dict[str, Any]:
+    """A minimal RayService: one head group whose image has automl_tl installed and the artifact mounted."""
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in PROXY_ENV.items()]
+    if args.token_env:
+        env.append({"name": args.token_env,
+                    "valueFrom": {"secretKeyRef": {"name": "automl-tl-token", "key": "token"}}})  # fmt: skip
+    container: dict[str, Any] = {
+        "name": "ray-head",
+        "image": image,
+        "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 8000, "name": "serve"}],  # fmt: skip
+        "resources": {"limits": {"cpu": "4", "memory": "8Gi"}, "requests": {"cpu": "4", "memory": "8Gi"}},
+    }
+    container["env"] = env
+    if args.gpus_per_replica > 0:
+        container["resources"]["limits"]["nvidia.com/gpu"] = max(1, int(args.gpus_per_replica + 0.999))
+    # KubeRay talks to the dashboard and exposes the proxies itself; serveConfigV2 holds only applications.
+    serve_config = yaml.safe_dump({"applications": [application]}, sort_keys=False)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": "automl-tl"},
+        "spec": {
+            "serveConfigV2": serve_config,
+            "rayClusterConfig": {
+                "rayVersion": _ray_version(),
+                "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"},
+                                  "template": {"spec": {"containers": [container]}}},  # fmt: skip
+            },
+        },
+    }
+
+
+def _ray_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "2.60.0"
+

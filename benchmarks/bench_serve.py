@@ -1,0 +1,378 @@
+"""Serving benchmark: Serve against the same models in-process, best against ensemble, and the two ensemble
+layouts, on 127.0.0.1 only. Writes ``benchmarks/results/serve.json``; about 4-5 minutes on 2 cores.
+
+    .venv/bin/python benchmarks/bench_serve.py              # the full run (60 s load test)
+    .venv/bin/python benchmarks/bench_serve.py --smoke-test # a few seconds per stage, for CI
+
+The artifact is the default search space's pair, built without training (timing does not depend on the
+weights): mobilenetv2_100 at 160 px and tf_efficientnet_lite0 at 224 px, the latter named best member.
+Requests are real hymenoptera val JPEGs sent as raw ``image/jpeg`` bodies by 32 concurrent aiohttp
+clients in this process. The in-process baseline is the Predictor on the same files at the same batch size
+with the same two cores (decode, preprocess and forward, as the server does), plus forward-only figures.
+Memory is the resident set of every Serve process this run started (proxy, controller, replicas), sampled
+each second, and their summed high-water marks (VmHWM) before and after the measured run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402
+
+from automl_tl.artifact import MemberRecord, write_artifact  # noqa: E402
+from automl_tl.backbones import create_backbone  # noqa: E402
+from automl_tl.predictor import Predictor  # noqa: E402
+from automl_tl.serve import DEFAULT_LAYOUT, start_server, stop_server  # noqa: E402
+from automl_tl.serve._model import MemberRunner, plan_for  # noqa: E402
+
+CLIENTS = 32
+BATCH = 8
+CPUS = 2
+
+
+def _build_artifact(out: Path) -> Path:
+    members = []
+    for member_id, backbone, size in (("mnv2", "mobilenetv2_100", 160), ("lite0", "tf_efficientnet_lite0", 224)):
+        torch.manual_seed(0)
+        net = create_backbone(backbone, num_classes=2, pretrained=False)
+        record = MemberRecord.create(member_id, backbone, 2, image_size=size, temperature=1.1)
+        members.append((record, net.state_dict()))
+    write_artifact(out, ("ants", "bees"), members, [1.0, 1.0], 1.2, metrics={"best_member": "lite0"})
+    return out
+
+
+def _percentiles(values_ms: list[float]) -> dict[str, float]:
+    if not values_ms:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    arr = np.asarray(values_ms)
+    return {"p50_ms": round(float(np.percentile(arr, 50)), 2), "p99_ms": round(float(np.percentile(arr, 99)), 2)}
+
+
+# --- in-process ------------------------------------------------------------------------------------------
+
+
+def in_process(artifact: Path, files: list[Path], mode: str, seconds: float) -> dict[str, Any]:
+    """The Predictor on files at batch size BATCH (decode + preprocess + forward), and forward-only times, with
+    one torch thread and with one per core; the better of the two is the reference."""
+    predictor = Predictor.load(artifact)
+    member = plan_for(predictor.artifact, "best").member_ids[0] if mode == "best" else None
+    plan = plan_for(predictor.artifact, mode)
+    runner = MemberRunner.build(predictor.artifact, plan.member_indices)
+    item = tuple(torch.randn(3, p.input_size, p.input_size) for p in plan.preprocessing)
+    out: dict[str, Any] = {}
+    for threads in sorted({1, CPUS}):
+        torch.set_num_threads(threads)
+        predictor.predict_proba(files[:BATCH], batch_size=BATCH, member=member)  # warm up
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            chunk = [files[(done + i) % len(files)] for i in range(BATCH * 2)]
+            predictor.predict_proba(chunk, batch_size=BATCH, member=member)
+            done += len(chunk)
+        figures: dict[str, float] = {"throughput_img_s": round(done / (time.perf_counter() - start), 2)}
+        for size in (1, BATCH):
+            runner.run([item] * size)
+            times = [runner.run([item] * size).forward_ms for _ in range(30 if size == 1 else 6)]
+            figures[f"forward_ms_batch{size}"] = round(statistics.median(times), 2)
+        figures["forward_only_throughput_img_s"] = round(BATCH * 1000.0 / figures[f"forward_ms_batch{BATCH}"], 2)
+        single = []
+        for i in range(20):  # one file, decoded and predicted alone: what a lone request asks of the server
+            sent = time.perf_counter()
+            predictor.predict_proba([files[i]], batch_size=1, member=member)
+            single.append((time.perf_counter() - sent) * 1000.0)
+        figures["predict_one_file_ms"] = round(statistics.median(single), 2)
+        out[f"threads_{threads}"] = figures
+    torch.set_num_threads(CPUS)
+    runs = list(out.values())
+    out["best"] = {
+        "throughput_img_s": max(r["throughput_img_s"] for r in runs),
+        "forward_ms_batch1": min(r["forward_ms_batch1"] for r in runs),
+        "predict_one_file_ms": min(r["predict_one_file_ms"] for r in runs),
+    }
+    return out
+
+
+# --- Serve -----------------------------------------------------------------------------------------------
+
+
+def _serve_pids() -> dict[int, str]:
+    """Serve's processes (proxy, controller, replicas) started under this process, by pid."""
+    me, found = os.getpid(), {}
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        names[int(entry.name)] = cmd
+    for pid, cmd in names.items():
+        if not cmd.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")):
+            continue
+        ancestor = parents.get(pid, 0)
+        while ancestor > 1 and ancestor != me:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == me:
+            found[pid] = cmd
+    return found
+
+
+def _rss_by_pid(pids: dict[int, str], field: str = "VmRSS") -> dict[int, int]:
+    """Resident memory now (VmRSS) or at its peak so far (VmHWM) of each process, in bytes."""
+    out = {}
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    out[pid] = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass  # the process ended
+    return out
+
+
+def _by_process_mb(pids: dict[int, str], rss: dict[int, int]) -> dict[str, float]:
+    return {f"{pids[pid].split()[0]}[{pid}]": round(value / 2**20, 1) for pid, value in sorted(rss.items())}
+
+
+def _trend_mb(memory: list[tuple[float, int]]) -> float | None:
+    """Least-squares slope of resident memory over the run, times its length: the drift, free of the noise."""
+    if len(memory) < 3:
+        return None
+    t = np.array([m[0] for m in memory])
+    rss = np.array([m[1] for m in memory]) / 2**20
+    slope = float(np.polyfit(t, rss, 1)[0])
+    return round(slope * float(t[-1] - t[0]), 1)
+
+
+async def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    memory: list[tuple[float, int]] = []
+    snapshots: list[dict[int, int]] = []
+    stop_at = time.monotonic() + seconds
+    start = time.monotonic()
+    pids = _serve_pids()
+
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
+        n = index
+        while time.monotonic() < stop_at:
+            body = bodies[n % len(bodies)]
+            n += clients
+            sent = time.perf_counter()
+            try:
+                async with session.post(f"{url}/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                    payload = await r.read()
+                    if r.status != 200:
+                        errors.append(f"{r.status}: {payload[:120]!r}")
+                        continue
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies.append((time.perf_counter() - sent) * 1000.0)
+
+    async def sample_memory() -> None:
+        while time.monotonic() < stop_at:
+            snapshots.append(_rss_by_pid(pids))
+            memory.append((round(time.monotonic() - start, 1), sum(snapshots[-1].values())))
+            await asyncio.sleep(1.0)
+
+    peak_before = _rss_by_pid(pids, "VmHWM")
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(sample_memory(), *(client(i, session) for i in range(clients)))
+    elapsed = time.monotonic() - start
+    peak_after = _rss_by_pid(pids, "VmHWM")
+    rss = [m for _, m in memory]
+    tenth = max(1, len(rss) // 6)
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "throughput_img_s": round(len(latencies) / elapsed, 2),
+        **_percentiles(latencies),
+        "memory": {
+            "processes": sorted(set(pids.values())),
+            # Each process's high-water mark (VmHWM), summed, before and after the run: a leak raises it.
+            "peak_before_run_mb": round(sum(peak_before.values()) / 2**20, 1),
+            "peak_after_run_mb": round(sum(peak_after.values()) / 2**20, 1),
+            "peak_rss_mb": round(max(rss) / 2**20, 1) if rss else None,
+            "first_sixth_peak_mb": round(max(rss[:tenth]) / 2**20, 1) if rss else None,
+            "last_sixth_peak_mb": round(max(rss[-tenth:]) / 2**20, 1) if rss else None,
+            "growth_mb_over_run": _trend_mb(memory),
+            "series_mb": [(t, round(m / 2**20, 1)) for t, m in memory[:: max(1, len(memory) // 12)]],
+            "first_by_process_mb": _by_process_mb(pids, snapshots[0]) if snapshots else {},
+            "last_by_process_mb": _by_process_mb(pids, snapshots[-1]) if snapshots else {},
+        },
+    }
+
+
+def _sequential(url: str, body: bytes, count: int) -> dict[str, float]:
+    import requests
+
+    with requests.Session() as session:
+        times = []
+        for _ in range(count):
+            sent = time.perf_counter()
+            r = session.post(f"{url}/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}, timeout=60)
+            r.raise_for_status()
+            times.append((time.perf_counter() - sent) * 1000.0)
+    return _percentiles(times[2:])
+
+
+def _batches(url: str) -> dict[int, tuple[int, int]]:
+    """(batches, images) per model process; stats answer from one replica at a time, so ask a few times."""
+    import requests
+
+    seen: dict[int, tuple[int, int]] = {}
+    for _ in range(16):
+        stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+        for counters in [stats["ingress"], *stats.get("members", {}).values()]:
+            if counters["batches"]:
+                seen[counters["pid"]] = (counters["batches"], counters["images"])
+    return seen
+
+
+def _mean_batch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:
+    batches = sum(after[pid][0] - before.get(pid, (0, 0))[0] for pid in after)
+    images = sum(after[pid][1] - before.get(pid, (0, 0))[1] for pid in after)
+    return round(images / batches, 2) if batches else 0.0
+
+
+def serve_run(artifact: Path, bodies: list[bytes], mode: str, layout: str, seconds: float, port: int,
+              sequential: int, warm_up_s: float) -> dict[str, Any]:  # fmt: skip
+    # One core and one torch thread per model replica: two replicas of the single layout, or one replica per
+    # member in the composed layout (its ingress reserves no core). Two torch threads in one replica were
+    # slower on this machine, in latency and throughput.
+    replicas = CPUS if layout == "single" else 1
+    url = start_server(artifact, mode=mode, port=port, layout=layout, replicas=replicas, cpus_per_replica=1,
+                       torch_threads=1, max_batch_size=BATCH)  # fmt: skip
+    try:
+        single = _sequential(url, bodies[0], sequential)
+        asyncio.run(_load(url, bodies, CLIENTS, warm_up_s))  # allocator pools and decode threads settle first
+        before = _batches(url)
+        load = asyncio.run(_load(url, bodies, CLIENTS, seconds))
+        load["mean_batch_size"] = _mean_batch(before, _batches(url))
+        return {"mode": mode, "layout": layout, "replicas": replicas, "single_request": single, "load": load}
+    finally:
+        stop_server()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke-test", action="store_true", help="seconds, not minutes: checks the script runs")
+    opts = parser.parse_args()
+    quick = opts.smoke_test
+    # Warm-up load before each measured run: the main run's is long enough for the replicas' allocator pools to
+    # reach their plateau (about 10-15 s at 32 clients here), so "flat" judges the steady state.
+    main_s, side_s, inproc_s, seq, warm_main_s, warm_side_s = (
+        (4.0, 3.0, 2.0, 5, 1.0, 1.0) if quick else (60.0, 15.0, 6.0, 30, 15.0, 5.0)
+    )
+    files = sorted((SHARED / "hymenoptera" / "val").glob("*/*.jpg"))
+    if not files:
+        sys.exit(f"{SHARED / 'hymenoptera'} is absent: this benchmark needs the shared data sets")
+    bodies = [p.read_bytes() for p in files]
+    began, load_at_start = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg()[0]
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = _build_artifact(Path(tmp) / "artifact")
+        baseline = {mode: in_process(artifact, files, mode, inproc_s) for mode in ("ensemble", "best")}
+        print("in-process:", json.dumps(baseline), flush=True)
+
+        import ray
+
+        ray.init(address="local", num_cpus=CPUS, log_to_driver=False, include_dashboard=False)
+        port = 8765
+        runs: dict[str, Any] = {}
+        other = "composed" if DEFAULT_LAYOUT == "single" else "single"
+        for key, mode, layout, seconds, warm_s in (
+            (f"ensemble_{other}", "ensemble", other, side_s, warm_side_s),
+            ("best", "best", "single", side_s, warm_side_s),
+            (f"ensemble_{DEFAULT_LAYOUT}", "ensemble", DEFAULT_LAYOUT, main_s, warm_main_s),
+        ):
+            runs[key] = serve_run(artifact, bodies, mode, layout, seconds, port, seq, warm_s)
+            print(key, json.dumps(runs[key]), flush=True)
+        ray.shutdown()
+
+    main_run = runs[f"ensemble_{DEFAULT_LAYOUT}"]
+    layouts = {name: runs[f"ensemble_{name}"] for name in ("single", "composed")}
+    faster = max(layouts, key=lambda n: layouts[n]["load"]["throughput_img_s"])
+    memory = main_run["load"]["memory"]
+    checks = {
+        "zero_errors": main_run["load"]["errors"] == 0,
+        f"memory flat: the servers' summed peak RSS grew <= 3% over the run (from {memory['peak_before_run_mb']} "
+        f"to {memory['peak_after_run_mb']} MB)": bool(
+            memory["peak_after_run_mb"] <= 1.03 * memory["peak_before_run_mb"]
+        ),
+    }
+    for mode, key in (("ensemble", f"ensemble_{DEFAULT_LAYOUT}"), ("best", "best")):
+        ratio = runs[key]["load"]["throughput_img_s"] / baseline[mode]["best"]["throughput_img_s"]
+        p50 = runs[key]["single_request"]["p50_ms"]
+        gap = p50 - baseline[mode]["best"]["forward_ms_batch1"]
+        same = p50 - baseline[mode]["threads_1"]["forward_ms_batch1"]  # the replicas' own setting: one thread
+        whole = p50 - baseline[mode]["best"]["predict_one_file_ms"]  # decoding included on both sides
+        checks[f"{mode}: serve / in-process throughput >= 0.8 (got {ratio:.2f})"] = bool(ratio >= 0.8)
+        checks[f"{mode}: single-request p50 - fastest in-process forward <= 10 ms (got {gap:.1f} ms; "
+               f"{same:.1f} ms over the one-thread forward, {whole:.1f} ms over in-process decode + forward "
+               "of one file)"] = bool(gap <= 10.0)  # fmt: skip
+    figures = {
+        "benchmark": "serve",
+        "started": began,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "smoke_test": opts.smoke_test,
+        "machine": f"{os.cpu_count()} CPUs, no GPU; 1-minute load average {load_at_start:.2f} at start, "
+                   f"{os.getloadavg()[0]:.2f} at the end (other work on the machine skews every figure)",
+        "setup": {"clients": CLIENTS, "max_batch_size": BATCH, "batch_wait_timeout_s": "AppArgs default",
+                  "images": len(files), "artifact": "mobilenetv2_100@160 + tf_efficientnet_lite0@224",
+                  "replicas": "single layout: 2 replicas x 1 CPU x 1 torch thread; composed: 1 per member",
+                  "warm_up_s": {"main": warm_main_s, "others": warm_side_s},
+                  "requests": "raw image/jpeg bodies over keep-alive connections"},  # fmt: skip
+        "in_process": baseline,
+        "serve": runs,
+        "ensemble_layouts": {
+            "faster": faster,
+            "default": DEFAULT_LAYOUT,
+            "throughput_img_s": {n: r["load"]["throughput_img_s"] for n, r in layouts.items()},
+            "p50_ms_under_load": {n: r["load"]["p50_ms"] for n, r in layouts.items()},
+            "single_request_p50_ms": {n: r["single_request"]["p50_ms"] for n, r in layouts.items()},
+        },
+        "best_vs_ensemble": {
+            key: {"throughput_img_s": runs[key]["load"]["throughput_img_s"], "p50_ms": runs[key]["load"]["p50_ms"],
+                  "p99_ms": runs[key]["load"]["p99_ms"], "single_request_p50_ms": runs[key]["single_request"]["p50_ms"]}
+            for key in ("best", f"ensemble_{DEFAULT_LAYOUT}")
+        },  # fmt: skip
+        "checks": checks,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("serve_smoke.json" if opts.smoke_test else "serve.json")
+    out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(figures["checks"], indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

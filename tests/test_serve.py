@@ -1,0 +1,429 @@
+"""The real Serve app on 127.0.0.1: every request form agrees with the Predictor, every bad input is a 4xx
+and the replica keeps answering, auth on and off, the drop-an-image page in headless Chromium, and the
+config files. Two apps share one Serve instance: ``/`` (ensemble, one deployment, no auth) and ``/secure``
+(ensemble composed of one deployment per member, bearer token).
+
+    .venv/bin/python -m pytest -q tests/test_serve.py
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from automl_tl.artifact import write_artifact
+from automl_tl.cli import main
+from automl_tl.errors import ArtifactError, ConfigError
+from automl_tl.predictor import Predictor
+from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_server, stop_server
+from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
+from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
+
+from .test_artifact import CLASSES, make_member
+
+TOKEN = "test-token-6f1c0e9b"
+LIMITS = {"max_body_bytes": 1 << 20, "max_pixels": 1_000_000, "max_images_per_request": 8}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory whose artifact holds two members (96 px linear, 112 px MLP) and names the best one."""
+    root = tmp_path_factory.mktemp("run")
+    members = [make_member("a", 96), make_member("b", 112, head="mlp", seed=1, temperature=0.7)]
+    write_artifact(root / "artifact", CLASSES, members, [2.0, 1.0], 1.4,
+                   metrics={"best_member": "b", "val": {"accuracy": 0.9}}, method="greedy")  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir: Path) -> Predictor:
+    return Predictor.load(run_dir / "artifact")
+
+
+@pytest.fixture(scope="module")
+def images(hymenoptera_dir: Path) -> list[Path]:
+    return [p for name in CLASSES for p in sorted((hymenoptera_dir / "val" / name).glob("*.jpg"))[:2]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(ray_session: Any, run_dir: Path, hymenoptera_dir: Path) -> Iterator[dict[str, str]]:
+    port = _free_port()
+    try:
+        url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5, **LIMITS)
+        secure = start_server(
+            run_dir / "artifact", port=port, token=TOKEN, name="secure", route_prefix="/secure",
+            layout="composed", cpus_per_replica=0.5, **LIMITS,
+        )  # fmt: skip
+        yield {"open": url, "secure": secure}
+    finally:
+        stop_server()
+
+
+def _post(url: str, timeout: float = 60, **kwargs: Any) -> requests.Response:
+    return requests.post(f"{url}/v1/predict", timeout=timeout, **kwargs)
+
+
+def _probs(answer: dict[str, Any]) -> list[float]:
+    """The answer's probabilities in class order (it lists them most probable first)."""
+    by_label = dict(zip(answer["labels"], answer["probabilities"]))
+    return [by_label[c] for c in CLASSES]
+
+
+# --- the HTTP API ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_health_metadata_and_schema(server: dict[str, str]) -> None:
+    health = requests.get(f"{server['open']}/v1/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ready" and health.json()["auth"] is False
+    meta = requests.get(f"{server['open']}/v1/metadata", timeout=10).json()
+    assert meta["class_names"] == list(CLASSES) and meta["mode"] == "ensemble" and meta["layout"] == "single"
+    assert [m["member_id"] for m in meta["members"]] == ["a", "b"] and meta["metrics"]["best_member"] == "b"
+    assert meta["calibration_temperature"] == 1.4 and "torch" in meta["versions"]
+    schema = requests.get(f"{server['open']}/openapi.json", timeout=10).json()
+    assert set(schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]) >= {
+        "image/*", "multipart/form-data", "application/json"}  # fmt: skip
+    assert requests.get(f"{server['open']}/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_every_request_form_agrees_with_the_predictor(
+    server: dict[str, str], images: list[Path], predictor: Predictor
+) -> None:
+    expected = predictor.predict_proba(images)
+    url = server["open"]
+    raw = [_post(url, data=p.read_bytes(), headers={"Content-Type": "image/jpeg"}) for p in images]
+    multipart = _post(url, files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images])
+    as_json = _post(url, json={"images": [base64.b64encode(p.read_bytes()).decode() for p in images]})
+    for response in [*raw, multipart, as_json]:
+        assert response.status_code == 200, response.text
+    raw_answers = [r.json()["predictions"][0] for r in raw]
+    for answers in (raw_answers, multipart.json()["predictions"], as_json.json()["predictions"]):
+        np.testing.assert_allclose([_probs(a) for a in answers], expected, atol=1e-5)
+    body = multipart.json()
+    assert body["model_id"].startswith("ensemble-") and body["members"] == ["a", "b"]
+    assert [a["name"] for a in body["predictions"]] == [p.name for p in images]
+    timing = body["predictions"][0]["timing"]
+    assert timing["batch_size"] >= 1 and timing["forward_ms"] > 0 and body["total_ms"] > 0
+    top1 = _post(url, params={"top_k": 1}, data=images[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert len(top1.json()["predictions"][0]["labels"]) == 1
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+_JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"
+
+# name -> (request kwargs, expected status, words the message must contain). ``{jpeg}`` is a real image.
+BAD_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
+    "empty body": ({"data": b"", "headers": {"Content-Type": "image/jpeg"}}, 400, "empty"),
+    "corrupt bytes": ({"data": _JPEG_HEAD + os.urandom(3000), "headers": {"Content-Type": "image/jpeg"}}, 422,
+                      "cannot decode"),
+    "truncated image": ({"data": "{jpeg_half}", "headers": {"Content-Type": "image/jpeg"}}, 422, "truncated"),
+    "not an image": ({"data": b"hello, I am text", "headers": {"Content-Type": "image/png"}}, 422,
+                     "not-an-image"),
+    "bad base64": ({"json": {"images": ["not base64!!"]}}, 400, "not valid base64"),
+    "malformed JSON": ({"data": b'{"images": [', "headers": {"Content-Type": "application/json"}}, 400,
+                       "malformed JSON"),
+    "JSON of the wrong shape": ({"json": {"pictures": []}}, 400, "images"),
+    "malformed multipart": ({"data": b"--xyz\r\nContent-Disposition: form-data; name=f; filename=a.jpg\r\n\r\nab",
+                             "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}}, 400,
+                            "malformed multipart"),
+    "multipart without boundary": ({"data": b"abc", "headers": {"Content-Type": "multipart/form-data"}}, 400,
+                                   "boundary"),
+    "multipart without files": ({"files": {"note": (None, "hi")}}, 400, "no file parts"),
+    "unsupported content type": ({"data": b"abc", "headers": {"Content-Type": "text/plain"}}, 415,
+                                 "unsupported Content-Type"),
+    "body too large": ({"data": b"\0" * (LIMITS["max_body_bytes"] + 1), "headers": {"Content-Type": "image/png"}},
+                       413, "over the limit"),
+    "too many pixels": ({"data": _png(1250, 1000), "headers": {"Content-Type": "image/png"}}, 422,
+                        "max_pixels"),
+    "too elongated": ({"data": _png(1, 5000), "headers": {"Content-Type": "image/png"}}, 422, "too elongated"),
+    "too many images": ({"files": [("files", (f"{i}.png", _png(8, 8), "image/png")) for i in range(9)]}, 413,
+                        "images in one request"),
+    "top_k of 0": ({"params": {"top_k": 0}, "data": _png(8, 8), "headers": {"Content-Type": "image/png"}}, 422,
+                   "top_k"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_and_the_replica_stays_healthy(
+    server: dict[str, str], images: list[Path], case: str
+) -> None:
+    kwargs, status, words = BAD_REQUESTS[case]
+    jpeg = images[0].read_bytes()
+    if kwargs.get("data") == "{jpeg_half}":
+        kwargs = {**kwargs, "data": jpeg[: len(jpeg) // 2]}
+    response = _post(server["open"], **kwargs)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"], response.json()
+    good = _post(server["open"], data=jpeg, headers={"Content-Type": "image/jpeg"})
+    assert good.status_code == 200, good.text
+    assert requests.get(f"{server['open']}/v1/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_bearer_token_auth_and_the_composed_layout(
+    server: dict[str, str], images: list[Path], predictor: Predictor, ray_session: Any
+) -> None:
+    url, jpeg = server["secure"], images[0].read_bytes()
+    headers = {"Content-Type": "image/jpeg"}
+    missing = _post(url, data=jpeg, headers=headers)
+    assert missing.status_code == 401 and "missing bearer token" in missing.json()["detail"]
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    wrong = _post(url, data=jpeg, headers={**headers, "Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "invalid" in wrong.json()["detail"]
+    assert requests.get(f"{url}/v1/metadata", timeout=10).status_code == 401
+    assert requests.get(f"{url}/v1/healthz", timeout=10).json()["auth"] is True  # probes need no token
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ok = _post(url, files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images], headers=auth)
+    assert ok.status_code == 200, ok.text
+    np.testing.assert_allclose([_probs(a) for a in ok.json()["predictions"]], predictor.predict_proba(images),
+                               atol=1e-5)  # fmt: skip
+    meta = requests.get(f"{url}/v1/metadata", headers=auth, timeout=10).json()
+    assert meta["layout"] == "composed"
+    stats = requests.get(f"{url}/v1/stats", headers=auth, timeout=10).json()
+    assert set(stats["members"]) == {"a", "b"} and all(s["images"] >= len(images) for s in stats["members"].values())
+    # the token appears in no log line of this Ray session
+    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    for log in (session / "logs").rglob("*"):
+        if log.is_file() and log.stat().st_size < 50_000_000:
+            assert TOKEN.encode() not in log.read_bytes(), f"the token was logged in {log}"
+
+
+# --- the page in headless Chromium ------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run")  # fmt: skip
+
+
+class _DevTools:
+    """A minimal Chrome DevTools Protocol client over one page target's websocket: synchronous calls."""
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+        self._next = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        self._ws.send(json.dumps({"id": self._next, "method": method, "params": params}))
+        while True:  # events arrive interleaved with answers; the answer carries our id
+            message = json.loads(self._ws.recv(timeout=30))
+            if message.get("id") == self._next:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message["result"]
+                return result
+
+    def evaluate(self, expression: str) -> Any:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+def _page_target(profile: Path, deadline: float) -> str:
+    """The websocket URL of the browser's page, once Chromium wrote its DevTools port."""
+    port_file = profile / "DevToolsActivePort"
+    while time.monotonic() < deadline:
+        if port_file.is_file() and port_file.read_text().strip():
+            port = int(port_file.read_text().split()[0])
+            try:
+                targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+            except requests.RequestException:
+                targets = []
+            pages = [t for t in targets if t.get("type") == "page"]
+            if pages:
+                return str(pages[0]["webSocketDebuggerUrl"])
+        time.sleep(0.2)
+    raise TimeoutError("Chromium did not open its DevTools port")
+
+
+def _wait_for(devtools: _DevTools, expression: str, deadline: float) -> Any:
+    while time.monotonic() < deadline:
+        value = devtools.evaluate(expression)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"the page never satisfied {expression}")
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_the_page_shows_the_top_answer_in_headless_chromium(
+    server: dict[str, str], images: list[Path], predictor: Predictor, tmp_path: Path
+) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    from websockets.sync.client import connect  # comes with ray[serve] (uvicorn[standard])
+
+    profile = tmp_path / "profile"
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+               f"{server['open']}/"]  # fmt: skip
+    browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        with connect(_page_target(profile, deadline), max_size=None, open_timeout=10) as ws:
+            devtools = _DevTools(ws)
+            _wait_for(devtools, "document.readyState === 'complete' && document.querySelector('#model small') !== null",
+                      deadline)  # fmt: skip
+            # Drop the file on the drop zone, as a user would: dragenter, dragover, drop at its centre.
+            x, y = devtools.evaluate("(r => [r.x + r.width / 2, r.y + r.height / 2])"
+                                     "(document.querySelector('#drop').getBoundingClientRect())")  # fmt: skip
+            data = {"items": [], "files": [str(images[-1])], "dragOperationsMask": 1}
+            for kind in ("dragEnter", "dragOver", "drop"):
+                devtools.call("Input.dispatchDragEvent", type=kind, x=x, y=y, data=data)
+            state = _wait_for(devtools, "['done', 'error'].includes(document.querySelector('#status').dataset.state)"
+                              " && document.querySelector('#status').dataset.state", deadline)  # fmt: skip
+            status = devtools.evaluate("document.querySelector('#status').textContent")
+            assert state == "done", status
+            rows = devtools.evaluate("[...document.querySelectorAll('#result tr.answer')]"
+                                     ".map(r => [r.dataset.label, +r.dataset.probability])")  # fmt: skip
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait(timeout=10)
+    expected = predictor.predict([images[-1]], top_k=5)[0]
+    assert [label for label, _ in rows] == list(expected.labels)
+    np.testing.assert_allclose([p for _, p in rows], expected.probabilities, atol=1e-5)
+    assert status.startswith(expected.label)
+
+
+# --- without a cluster ------------------------------------------------------------------------------------
+
+
+def test_best_mode_serves_the_named_best_member_with_its_own_temperature(
+    run_dir: Path, predictor: Predictor
+) -> None:
+    artifact = predictor.artifact
+    plan = plan_for(artifact, "best")
+    assert plan.member_ids == ("b",) and plan.temperature == 0.7 and plan.model_id == "b"
+    pixels = [np.random.default_rng(i).integers(0, 256, (90 + 10 * i, 130, 3), dtype=np.uint8) for i in range(3)]
+    runner, prep = MemberRunner.build(artifact, plan.member_indices), Preprocessor(plan.preprocessing)
+    got = plan.calibrate(runner.run([prep(p) for p in pixels]).member_probs)
+    np.testing.assert_allclose(got, predictor.predict_proba(pixels, member="b"), atol=1e-6)
+    ensemble = plan_for(artifact, "ensemble")
+    got = ensemble.calibrate(MemberRunner.build(artifact, ensemble.member_indices).run(
+        [Preprocessor(ensemble.preprocessing)(p) for p in pixels]).member_probs)  # fmt: skip
+    np.testing.assert_allclose(got, predictor.predict_proba(pixels), atol=1e-6)
+
+
+def test_best_member_falls_back_to_the_largest_weight(tmp_path: Path) -> None:
+    members = [make_member("a", 96), make_member("c", 96, seed=2)]
+    write_artifact(tmp_path / "artifact", CLASSES, members, [1.0, 3.0], 1.0)
+    assert plan_for(Predictor.load(tmp_path / "artifact").artifact, "best").member_ids == ("c",)
+
+
+def test_multipart_parsing_is_byte_exact() -> None:
+    rng = np.random.default_rng(0)
+    payloads = [b"", b"\r\n", b"--boundary\r\n", bytes(rng.integers(0, 256, 70_000, dtype=np.uint8)),
+                b"\r\n--x\r\n\r\n" * 50]  # fmt: skip
+    files = [("files", (f"f{i}.jpg", data, "image/jpeg")) for i, data in enumerate(payloads)]
+    prepared = requests.Request("POST", "http://127.0.0.1/", files=files).prepare()
+    assert isinstance(prepared.body, bytes)
+    got = split_body(prepared.headers["Content-Type"], prepared.body, BodyLimits(1 << 24, 10, 10**8))
+    assert [g.payload for g in got] == payloads and [g.name for g in got] == [f"f{i}.jpg" for i in range(5)]
+    with pytest.raises(RequestError, match="missing Content-Type"):
+        split_body(None, b"abc", BodyLimits(1 << 24, 10, 10**8))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "words"),
+    [
+        ("application/json", b"[" * 100_000, "nested too deeply"),
+        ("application/json", b'{"images": [' + b"1" * 5000 + b"]}", "malformed JSON"),
+        ("application/json", b'{"images": ["data:image/png,abc"]}', "data URL"),
+        ("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data; filename*\r\n\r\n1\r\n--b--",
+         "unreadable headers"),
+        ("multipart/form-data; boundary=b", b"--b\r\nContent-Type: image/png\r\n1\r\n--b--", "no blank line"),
+        ("multipart/form-data; boundary=b", b"preamble--b\r\n\r\n1\r\n--b--", "opening boundary"),
+    ],
+)  # fmt: skip
+def test_hostile_bodies_are_request_errors(content_type: str, body: bytes, words: str) -> None:
+    with pytest.raises(RequestError, match=words) as caught:
+        split_body(content_type, body, BodyLimits(1 << 24, 10, 10**8))
+    assert caught.value.status == 400
+
+
+def test_run_directory_resolves_to_its_artifact(run_dir: Path, tmp_path: Path) -> None:
+    artifact = (run_dir / "artifact").resolve()
+    assert resolve_artifact(run_dir) == artifact == resolve_artifact(artifact / "manifest.json")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        resolve_artifact(tmp_path / "missing")
+    with pytest.raises(ArtifactError, match="not a run directory"):
+        resolve_artifact(tmp_path)
+
+
+def test_app_builder_takes_typed_arguments(run_dir: Path) -> None:
+    from pydantic import ValidationError
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    built = call_user_app_builder_with_args_if_necessary(app, {"artifact": str(run_dir), "mode": "best"})
+    assert isinstance(built, Application)
+    with pytest.raises(ValidationError, match="mode"):
+        call_user_app_builder_with_args_if_necessary(app, {"artifact": str(run_dir), "mode": "worst"})
+    with pytest.raises(ValidationError, match="min_replicas <= max_replicas"):
+        AppArgs(artifact="x", min_replicas=3, max_replicas=2)
+
+
+def test_emit_config_for_serve_deploy_and_kuberay(run_dir: Path, tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    path = emit_config(tmp_path / "serve.yaml", run_dir, mode="best", max_replicas=4, token_env="MY_TOKEN")
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    application = config["applications"][0]
+    assert application["import_path"] == "automl_tl.serve:app"
+    args = AppArgs.model_validate(application["args"])
+    assert args.artifact == str((run_dir / "artifact").resolve()) and args.mode == "best"
+    assert args.autoscaling_config()["max_replicas"] == 4 and args.token_env == "MY_TOKEN"
+    manifest = yaml.safe_load(emit_config(tmp_path / "rs.yaml", run_dir, kind="rayservice").read_text())
+    assert manifest["kind"] == "RayService"
+    ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    with pytest.raises(ConfigError, match="never holds the token"):
+        emit_config(tmp_path / "x.yaml", run_dir, token="secret")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        emit_config(tmp_path / "x.yaml", run_dir, max_batch_size=0)
+
+
+def test_cli_serve_emits_a_config_or_names_the_problem(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", str(run_dir), "--mode", "best", "--replicas", "2", "--emit-config", str(out)]) == 0
+    args = AppArgs.model_validate(yaml.safe_load(out.read_text())["applications"][0]["args"])
+    assert (args.mode, args.replicas) == ("best", 2)
+    assert main(["serve", str(tmp_path / "nowhere"), "--emit-config", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
