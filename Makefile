@@ -12,7 +12,7 @@ typecheck: venv
 
 test: venv
 	.venv/bin/python -m mypy
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=12
 
 clean-venv:
 	rm -rf .venv

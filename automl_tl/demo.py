@@ -43,7 +43,7 @@ def demo_config(data: str | None = None, budget_s: float = DEMO_BUDGET_S) -> Exp
                 "batch_sizes": [64],
                 "max_epochs": 3,
             },
-            "search": {"num_samples": 8, "time_budget_s": budget_s, "ensemble_size": 3, "grace_period_epochs": 1},
+            "search": {"num_samples": 12, "time_budget_s": budget_s, "ensemble_size": 3, "grace_period_epochs": 1},
         }
     )
 
@@ -115,6 +115,15 @@ def run_demo(
     return summary
 
 
+def _one_per_class(rows: list[int], labels: list[int], n_images: int) -> list[int]:
+    """Held-out rows of up to ``n_images`` different classes, picked with a fixed seed: a varied sample."""
+    first: dict[int, int] = {}
+    for row in rows:
+        first.setdefault(int(labels[int(row)]), int(row))
+    classes = np.random.default_rng(0).permutation(sorted(first))[:n_images]
+    return [first[int(c)] for c in classes]
+
+
 def _leaderboard(rows: list[dict[str, Any]], limit: int = 10) -> str:
     head = f"{'rank':>4}  {'trial':<9}{'backbone':<23}{'freeze':>6}  {'aug':<7}{'lr':>9}  {'val_acc':>7}  {'epochs':>6}  stop"
     lines = [head]
@@ -148,7 +157,7 @@ def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], 
 
     run = RunDir(out)
     data_info = run.read_json("data.json")
-    rows = (data_info["test"] or data_info["val"])[:n_images]
+    rows = _one_per_class(data_info["test"] or data_info["val"], data_info["labels"], n_images)
     images = Dataset.open(data_info["cache_path"])
     url = start_server(out, mode="ensemble", host="127.0.0.1", port=port)
     log(f"[demo] serving the ensemble at {url} (page: {url}/ , API docs: {url}/docs)")

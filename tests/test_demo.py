@@ -44,7 +44,8 @@ def test_demo_sweeps_reports_serves_and_compares_with_random_init(
     assert "[demo] leaderboard:" in text and ("tf_efficientnet_lite0" in text or "mobilenetv2_100" in text)
     assert "same backbone from random init" in text
     answers = [line for line in text.splitlines() if "POST /v1/predict ->" in line]
-    assert len(answers) == 5 and all(line.rsplit("true label: ", 1)[1] in {"ants", "bees"} for line in answers)
+    assert len(answers) == 2  # one held-out image per class
+    assert {line.rsplit("true label: ", 1)[1] for line in answers} == {"ants", "bees"}
     assert (out / "report.html").is_file() and (out / "artifact" / "manifest.json").is_file()
     assert "[demo] done in" in text
 

@@ -377,7 +377,8 @@ def test_hostile_bodies_are_request_errors(content_type: str, body: bytes, words
 
 def test_run_directory_resolves_to_its_artifact(run_dir: Path, tmp_path: Path) -> None:
     artifact = (run_dir / "artifact").resolve()
-    assert resolve_artifact(run_dir) == artifact == resolve_artifact(artifact / "manifest.json")
+    assert resolve_artifact(run_dir) == str(artifact) == resolve_artifact(artifact / "manifest.json")
+    assert resolve_artifact("s3://bucket/runs/x/") == "s3://bucket/runs/x"  # replicas read it from there
     with pytest.raises(ArtifactError, match="does not exist"):
         resolve_artifact(tmp_path / "missing")
     with pytest.raises(ArtifactError, match="not a run directory"):

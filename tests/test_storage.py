@@ -11,6 +11,9 @@ import csv
 import io
 import json
 import subprocess
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +38,7 @@ from automl_tl.storage import (
 from tests.scenarios._common import (
     VENV_BIN,
     create_bucket,
+    free_port,
     moto_server,
     ray_env,
     stop_process_group,
@@ -198,6 +202,17 @@ def test_sweep_into_s3_and_load_the_artifact_back(
 
     assert cli(["predict", f"{uri}/artifact", str(images[0]), "--top-k", "1"]) == 0
     assert storage_cli(["fetch", f"{uri}/artifact", str(tmp_path / "fetched")]) == 0  # what an init container runs
+
+    # `automl-tl serve s3://...`: every replica reads the artifact from the bucket.
+    port, log = free_port(), tmp_path / "serve.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen([str(VENV_BIN / "automl-tl"), "serve", uri, "--mode", "best", "--port", str(port)],
+                                  env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            answer = _predict_when_ready(f"http://127.0.0.1:{port}", images[0], server, log, deadline_s=180)
+        finally:
+            stop_process_group(server, grace_s=10)
+    assert answer["mode"] == "best" and answer["predictions"][0]["labels"][0] == predicted[0]
     assert load_artifact(tmp_path / "fetched").members[0].sha256 == predictor.artifact.members[0].sha256
     assert storage_cli(["fetch", f"{uri}/no-such-artifact", str(tmp_path / "none")]) == 2
 
@@ -213,3 +228,21 @@ def _read(uri: str, name: str) -> Any:
     fs, path = pafs.FileSystem.from_uri(join(uri, name))
     with fs.open_input_stream(path) as fh:
         return fh.read().decode("utf-8")
+
+
+def _predict_when_ready(url: str, image: Path, server: subprocess.Popen[bytes], log: Path, deadline_s: float) -> Any:
+    """POST one raw image once /v1/healthz answers 200; fail with the server's output if it never does."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/healthz", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1.0)
+    else:
+        raise AssertionError(f"the server did not become ready: {log.read_text(errors='replace')[-3000:]}")
+    request = urllib.request.Request(f"{url}/v1/predict?top_k=1", data=image.read_bytes(),
+                                     headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())

@@ -119,17 +119,24 @@ def config_error(exc: ValidationError) -> ConfigError:
     return ConfigError("serve: " + "; ".join(parts))
 
 
-def resolve_artifact(path: str | os.PathLike[str]) -> Path:
-    """The artifact folder of ``path``: an artifact folder, its manifest.json, or a run directory."""
-    from automl_tl.artifact import MANIFEST_NAME  # torch comes with it: not needed to parse a command line
+def resolve_artifact(path: str | os.PathLike[str]) -> str:
+    """The artifact folder of ``path``: an artifact folder, its manifest.json, or a run directory.
 
+    Local paths come back absolute (replicas do not share the caller's working directory); a URI on object
+    storage (``s3://bucket/run``) comes back as given, and every replica reads the artifact from there.
+    """
+    from automl_tl.artifact import MANIFEST_NAME  # torch comes with it: not needed to parse a command line
+    from automl_tl.storage import is_uri
+
+    if is_uri(path):
+        return os.fspath(path).rstrip("/")
     given = Path(path).expanduser()
     if given.name == MANIFEST_NAME and given.is_file():
-        return given.parent.resolve()
+        return str(given.parent.resolve())
     if (given / MANIFEST_NAME).is_file():
-        return given.resolve()
+        return str(given.resolve())
     if (given / "artifact" / MANIFEST_NAME).is_file():
-        return (given / "artifact").resolve()
+        return str((given / "artifact").resolve())
     if not given.exists():
         raise ArtifactError(f"{given} does not exist: expected a run directory or an artifact folder")
     raise ArtifactError(
