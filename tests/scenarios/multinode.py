@@ -194,7 +194,14 @@ def serve_with_replica_kill(run_dir: Path, address: str, args: argparse.Namespac
 
         racing = _client_loop(url, image, n, n // 4, racing_kill)
         racing["replacement_s"] = _wait_for_replicas(address, 2)
-        between = _client_loop(url, image, n, n // 4, lambda: _kill(_replicas(address)[0]))
+        def kill_and_wait() -> None:  # a replica that died while idle: the next request comes after its death
+            victim = _replicas(address)[0]
+            _kill(victim)  # ray.kill only asks; the actor may still take a request for a few ms
+            deadline = time.time() + 30
+            while time.time() < deadline and any(a.actor_id == victim.actor_id for a in _replicas(address)):
+                time.sleep(0.05)
+
+        between = _client_loop(url, image, n, n // 4, kill_and_wait)
         between["replacement_s"] = _wait_for_replicas(address, 2)
         result["serve"] = {"racing_kill": racing, "kill_between_requests": between,
                            "replicas_alive_after": len(_replicas(address))}  # fmt: skip
