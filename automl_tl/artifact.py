@@ -474,7 +474,9 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
 
     ``path`` may be a URI on object storage (``s3://bucket/run/artifact``, or the run directory above it).
     """
-    if store is None and "://" in os.fspath(path) and not os.fspath(path).startswith("file://"):
+    from automl_tl.storage import is_uri
+
+    if store is None and is_uri(path):
         store = _remote_store(os.fspath(path))
         path = store.describe("").rstrip("/")
     root = Path(path)

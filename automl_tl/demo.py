@@ -90,6 +90,7 @@ def run_demo(
     progress: bool = True,
     port: int = 8000,
 ) -> dict[str, Any]:
+    from automl_tl.report import write_report
     from automl_tl.results import build_results
     from automl_tl.serve import check_port
     from automl_tl.tuner import run_search
@@ -109,7 +110,7 @@ def run_demo(
             f"same backbone from random init {baseline:.4f}")  # fmt: skip
     summary = {"best_test_accuracy": best_test, "ensemble_test_accuracy": ens_test, "random_init_test_accuracy": baseline}
     RunDir(out).write_json("demo.json", {**summary, "wall_s": round(time.time() - started, 1)})
-    _maybe_report(out, log)
+    log(f"[demo] report: {write_report(out)}")
     _serve_and_query(out, keep_serving, log, port)
     log(f"[demo] done in {time.time() - started:.0f}s")
     return summary
@@ -136,22 +137,10 @@ def _leaderboard(rows: list[dict[str, Any]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _maybe_report(out: Path, log: Callable[[str], None]) -> None:
-    try:
-        from automl_tl.report import write_report
-    except ImportError:
-        return
-    path = write_report(out)
-    log(f"[demo] report: {path}")
-
-
 def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], port: int, n_images: int = 5) -> None:
-    try:
-        from automl_tl.serve import start_server, stop_server
-    except ImportError:
-        log("[demo] serving is not available in this build; skipping the HTTP step")
-        return
     import urllib.request
+
+    from automl_tl.serve import start_server, stop_server
 
     from automl_tl.data import Dataset
 

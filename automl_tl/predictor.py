@@ -38,6 +38,7 @@ __all__ = [
     "expand_image_paths",
     "load_image",
     "match_class_names",
+    "top_predictions",
 ]
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike[str]
@@ -65,6 +66,15 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": list(self.labels), "probabilities": list(self.probabilities)}
+
+
+def top_predictions(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[Prediction]:
+    """Per row of ``probs``: the ``k`` most probable classes (at most all of them; ties in class order)."""
+    k = min(k, len(class_names))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [
+        Prediction(tuple(class_names[j] for j in row), tuple(float(p[j]) for j in row)) for p, row in zip(probs, order)
+    ]
 
 
 # --- images -----------------------------------------------------------------------------------------------
@@ -274,10 +284,4 @@ class Predictor:
         """The ``top_k`` most probable classes of each image (at most the number of classes)."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        probs = self.predict_proba(images, batch_size, member)
-        k = min(top_k, len(self.class_names))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [
-            Prediction(tuple(self.class_names[j] for j in row), tuple(float(p[j]) for j in row))
-            for p, row in zip(probs, order)
-        ]
+        return top_predictions(self.predict_proba(images, batch_size, member), self.class_names, top_k)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ import torch
 from ray import tune
 
 from automl_tl.config import ResourcesConfig
-from automl_tl.storage import discard_staging, is_uri, join, localize_data, trial_output
-from automl_tl.training import TrialConfig, TrialData, select_device, train_trial
+from automl_tl.storage import discard_staging, join, localize_data, trial_output
+from automl_tl.training import Reporter, TrialConfig, TrialData, select_device, train_trial
 
 __all__ = ["TrialSetup", "run_trial", "trial_resources", "FAULT_ENV"]
 
@@ -73,12 +73,10 @@ def run_trial(params: dict[str, Any], data: TrialData, setup: TrialSetup) -> Non
             # (num_to_keep=1) as soon as this trial reports its next one.
             resumed_from = _resumed_epoch(resume_dir)
 
-            def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-                if metrics.get("best_epoch") == metrics.get("epoch"):
-                    publish()  # before Tune sees the result, so a finished trial's files are already shared
-                metrics = {**metrics, "resumed_from_epoch": resumed_from, "node_id": node_id}
+            def send(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
 
+            report = _reporter(send, publish, resumed_from, node_id, writes=True)
             train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device)
     finally:
         discard_staging(setup.run_dir, out_dir)  # a remote run's staging: published at every new best
@@ -135,7 +133,7 @@ def _run_with_ray_train(cfg: TrialConfig, data: TrialData, setup: TrialSetup, ou
         ),
         run_config=RunConfig(
             name=f"train-{trial_id}",
-            storage_path=join(setup.run_dir, "train") if is_uri(setup.run_dir) else str(Path(setup.run_dir) / "train"),
+            storage_path=join(setup.run_dir, "train"),  # run_dir is a URI or an absolute local path
             failure_config=FailureConfig(max_failures=res.max_failures),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
         ),
@@ -160,18 +158,32 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
     with _restored(ray.train.get_checkpoint()) as resume_dir:
         resumed_from = _resumed_epoch(resume_dir)  # once: the stored checkpoint may be deleted later
 
-        def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-            if rank == 0 and metrics.get("best_epoch") == metrics.get("epoch"):
-                publish()
-            metrics = {**metrics, "resumed_from_epoch": resumed_from, "node_id": node_id}
-            ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
-            ray.train.report(metrics, checkpoint=ckpt)
+        def send(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
 
+        report = _reporter(send, publish, resumed_from, node_id, writes=rank == 0)
         train_trial(
             cfg, data, report, out_dir, resume_dir=resume_dir, device=device,
             rank=rank, world_size=world,
         )  # fmt: skip
     discard_staging(config["run_dir"], out_dir)
+
+
+def _reporter(
+    send: Reporter, publish: Callable[[], None], resumed_from: int, node_id: str, writes: bool
+) -> Reporter:
+    """What both engines report per epoch: the epoch's metrics plus where the trial resumed and ran.
+
+    ``writes`` marks the worker that writes the trial's files; it publishes each new best epoch (a remote run
+    directory's staging upload) before the result is reported, so a finished trial's files are already shared.
+    """
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        if writes and metrics.get("best_epoch") == metrics.get("epoch"):
+            publish()
+        send({**metrics, "resumed_from_epoch": resumed_from, "node_id": node_id}, ckpt_dir)
+
+    return report
 
 
 def ray_is_local() -> bool:

@@ -217,18 +217,21 @@ def predictions(run: RunInputs) -> Predictions | None:
 
 def _test_predictions(run: RunInputs, labels: np.ndarray) -> Predictions:
     from automl_tl.data import Dataset
+    from automl_tl.ensemble import apply_temperature, combine
     from automl_tl.predictor import Predictor
 
     predictor = Predictor.load(run.path / "artifact")
+    art = predictor.artifact
     images = Dataset.open(Path(run.data["cache_path"]))
     rows = np.asarray(run.data["test"], dtype=np.int64)
     best_id = str(run.summary["best"]["trial_id"])
-    best_index = predictor.artifact.member_index(best_id)
+    best_index = art.member_index(best_id)
     ensemble, single = [], []
     for start in range(0, len(rows), 32):
         batches = predictor.preprocess([images.image(int(i)) for i in rows[start : start + 32]])
-        ensemble.append(predictor.proba_from_preprocessed(batches))
-        single.append(predictor.proba_from_preprocessed([batches[best_index]], member=best_id))
+        probs = predictor.member_probabilities(batches)  # each member once; the best is one of them
+        ensemble.append(apply_temperature(combine(probs, art.weights), art.temperature))
+        single.append(apply_temperature(probs[best_index], art.members[best_index].temperature))
     ens_probs, best_probs = np.concatenate(ensemble), np.concatenate(single)
     notes = []
     expected = run.summary["ensemble"]["test"]["confusion_matrix"]

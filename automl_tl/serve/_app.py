@@ -35,9 +35,10 @@ from ray.serve.handle import DeploymentHandle
 import automl_tl
 from automl_tl.artifact import Artifact, load_artifact
 from automl_tl.errors import AutoMLError
+from automl_tl.predictor import top_predictions
 from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
-from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for, top_k
+from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, device_for, torch_threads
 from automl_tl.transforms import Preprocessing
 
@@ -145,7 +146,7 @@ class MemberModel:
 
     def __init__(self, args: AppArgs, member_index: int) -> None:
         torch.set_num_threads(torch_threads(args))
-        artifact = load_artifact(resolve_artifact(args.artifact))
+        artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
         runner = MemberRunner.build(artifact, [member_index], device_for(args))
         runner.warm_up([Preprocessing.from_dict(artifact.members[member_index].preprocessing)], args.max_batch_size)
         self._forward = Forward(runner)
@@ -177,7 +178,7 @@ class Classifier:
     ) -> None:
         self._args = args
         self._token = token if token is not None else read_token(args)
-        artifact = load_artifact(resolve_artifact(args.artifact))
+        artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
         self._plan: ServingPlan = plan_for(artifact, args.mode)
         self._class_names = artifact.class_names
         self._max_side = artifact.decode_max_side
@@ -285,7 +286,7 @@ class Classifier:
         member_rows, batch_size, forward_ms = await self._infer(inputs)
         waited_ms = (time.perf_counter() - start) * 1000.0
         probs = self._plan.calibrate([row[None, :] for row in member_rows])
-        answer = top_k(probs, self._class_names, k)[0]
+        answer = top_predictions(probs, self._class_names, k)[0].to_dict()
         timing = {"decode_ms": round(decode_ms, 3), "queue_ms": round(max(waited_ms - forward_ms, 0.0), 3),
                   "forward_ms": round(forward_ms, 3), "batch_size": batch_size}  # fmt: skip
         return {"name": name, **answer, "timing": timing}

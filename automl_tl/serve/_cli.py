@@ -30,7 +30,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-ongoing-requests", type=float, dest="target_ongoing_requests",
                    help="autoscaling target per replica (default: the batch size)")
     p.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="dynamic batching size (default 8)")
-    p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms", help="longest wait to fill a batch (default 5)")
+    p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms",
+                   help="longest wait to fill a batch (default 0: a batch closes when the model is free)")  # fmt: skip
     p.add_argument("--layout", choices=("single", "composed"),
                    help="ensemble in one deployment, or one deployment per member")
     p.add_argument("--token-env", metavar="VAR", dest="token_env", help="require a bearer token read from $VAR")

@@ -23,7 +23,7 @@ from automl_tl.ensemble import apply_temperature, combine
 from automl_tl.errors import ArtifactError
 from automl_tl.transforms import Preprocessing, eval_transform
 
-__all__ = ["MemberRunner", "Preprocessor", "ServingPlan", "best_member_index", "plan_for", "top_k"]
+__all__ = ["MemberRunner", "Preprocessor", "ServingPlan", "best_member_index", "plan_for"]
 
 
 def best_member_index(artifact: Artifact) -> int:
@@ -138,13 +138,3 @@ class MemberRunner:
         """One forward at the largest batch size, so the first request does not pay for lazy initialisation."""
         inputs = [tuple(torch.zeros(3, p.input_size, p.input_size) for p in preprocessing)] * batch_size
         self.run(inputs)
-
-
-def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[str, Any]]:
-    """Per row: the ``k`` most probable labels (ties in class order) and their probabilities."""
-    k = min(k, len(class_names))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [
-        {"labels": [class_names[j] for j in row], "probabilities": [float(p[j]) for j in row]}
-        for p, row in zip(probs, order)
-    ]
