@@ -22,6 +22,7 @@ __all__ = [
     "expected_calibration_error",
     "format_metrics_table",
     "log_loss",
+    "lookup",
     "reliability_bins",
     "top_k_accuracy",
 ]
@@ -183,7 +184,8 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _lookup(metrics: Mapping[str, Any], dotted: str) -> Any:
+def lookup(metrics: Mapping[str, Any] | None, dotted: str) -> Any:
+    """``metrics["a"]["b"]`` for ``"a.b"``; None where any part is missing."""
     value: Any = metrics
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
@@ -197,14 +199,14 @@ def format_metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
     Columns that no row has (top-5 with fewer than six classes) are left out.
     """
-    columns = [(key, title) for key, title in _COLUMNS if any(_lookup(m, key) is not None for m in rows.values())]
+    columns = [(key, title) for key, title in _COLUMNS if any(lookup(m, key) is not None for m in rows.values())]
     name_width = max([len(name) for name in rows] + [4])
     widths = [max(len(title), 8) for _, title in columns]
     lines = [f"{'':<{name_width}}" + "".join(f"  {title:>{w}}" for (_, title), w in zip(columns, widths))]
     for name, metrics in rows.items():
         cells = []
         for (key, _), w in zip(columns, widths):
-            value = _lookup(metrics, key)
+            value = lookup(metrics, key)
             if value is None:
                 text = "-"
             elif isinstance(value, int) and not isinstance(value, bool):

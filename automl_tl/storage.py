@@ -152,7 +152,17 @@ def local_mirror(uri: str) -> Path:
     """The driver's local working copy of the remote run directory ``uri``."""
     root = Path(os.environ.get(RUNS_ENV) or "~/.cache/automl_tl/runs").expanduser()
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "run"
-    return root / f"{name}-{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()[:12]}"
+    return root / f"{name}-{_run_key(uri)}"
+
+
+def _run_key(uri: str) -> str:
+    """A short, stable name for the run directory ``uri`` in local folders (mirror, trial staging)."""
+    return hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
+
+
+def _node_copy(shared: str, data_id: str) -> Path:
+    """This node's copy of a run's shared data cache, fetched once."""
+    return fetch_once(shared, node_cache_dir() / f"{data_id}.arrow")
 
 
 def node_cache_dir() -> Path:
@@ -167,7 +177,7 @@ def localize_data(data: TrialData) -> TrialData:
     """The trial's data with ``cache_path`` on this node: fetched once from shared storage when it is there."""
     if data.shared_cache is None:
         return data
-    path = fetch_once(data.shared_cache, node_cache_dir() / f"{data.data_id}.arrow")
+    path = _node_copy(data.shared_cache, data.data_id)
     return dataclasses.replace(data, cache_path=str(path), feature_cache_dir=str(path.parent / "features"))
 
 
@@ -177,7 +187,7 @@ def local_data_cache(data_info: dict[str, Any]) -> str:
     shared = data_info.get("shared_cache")
     if Path(path).is_file() or not shared:
         return path
-    return str(fetch_once(str(shared), node_cache_dir() / f"{data_info['data_id']}.arrow"))
+    return str(_node_copy(str(shared), str(data_info["data_id"])))
 
 
 def trial_output(run_location: str, trial_id: str) -> tuple[Path, Callable[[], None]]:
@@ -188,8 +198,7 @@ def trial_output(run_location: str, trial_id: str) -> tuple[Path, Callable[[], N
     """
     if not is_uri(run_location):
         return Path(run_location) / "trials" / trial_id, lambda: None
-    key = hashlib.sha256(run_location.rstrip("/").encode()).hexdigest()[:12]
-    staging = Path(tempfile.gettempdir()) / "automl_tl_trials" / key / trial_id
+    staging = Path(tempfile.gettempdir()) / "automl_tl_trials" / _run_key(run_location) / trial_id
     staging.mkdir(parents=True, exist_ok=True)
     target = join(run_location, "trials", trial_id)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from automl_tl.errors import AutoMLError
-from automl_tl.metrics import reliability_bins
+from automl_tl.metrics import lookup, reliability_bins
 from automl_tl.report import _svg as svg
 from automl_tl.report._analysis import (
     Divergence,
@@ -197,13 +197,6 @@ _COMPARED = (
 )  # fmt: skip
 
 
-def _get(metrics: Mapping[str, Any] | None, dotted: str) -> Any:
-    value: Any = metrics
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return value
-
-
 def _ensemble(run: RunInputs) -> str:
     best, ens = run.summary["best"], run.summary["ensemble"]
     split, ens_m = _split_metrics(run, "ensemble")
@@ -220,7 +213,7 @@ def _ensemble(run: RunInputs) -> str:
         columns += [("best single, validation", best["val_calibrated"]), ("ensemble, validation", ens["val"])]
     rows = []
     for title, key, sign in _COMPARED:
-        values = [_get(m, key) for _, m in columns]
+        values = [lookup(m, key) for _, m in columns]
         if values[0] is None:
             continue
         cells = [_fmt(v) for v in values]
@@ -404,8 +397,8 @@ def _reliability(run: RunInputs, preds: Predictions | None) -> str:
     if preds.best is not None:
         curves.append(("best single trial", reliability_bins(preds.labels, preds.best, 10), svg.PALETTE[1]))
     key = "test" if preds.split == "test" else "val"
-    ens_ece = _get(run.summary["ensemble"], f"{key}.ece")
-    best_ece = _get(run.summary["best"], "test.ece" if key == "test" else "val_calibrated.ece")
+    ens_ece = lookup(run.summary["ensemble"], f"{key}.ece")
+    best_ece = lookup(run.summary["best"], "test.ece" if key == "test" else "val_calibrated.ece")
     return (svg.reliability_chart(curves)
             + _note(f"Calibrated probabilities on the {preds.split} split ({len(preds.labels)} images) in 10 confidence "
                     f"bins. Bars under the dashed diagonal mean over-confidence. Expected calibration error (15 bins, "

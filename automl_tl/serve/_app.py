@@ -182,7 +182,7 @@ class Classifier:
         self._plan: ServingPlan = plan_for(artifact, args.mode)
         self._class_names = artifact.class_names
         self._max_side = artifact.decode_max_side
-        self._limits = BodyLimits(args.max_body_bytes, args.max_images_per_request, args.max_pixels)
+        self._limits = BodyLimits(args.max_body_bytes, args.max_images_per_request)
         self._preprocess = Preprocessor(self._plan.preprocessing)
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self._members = members

@@ -46,7 +46,6 @@ class RequestError(AutoMLError):
 class BodyLimits:
     max_body_bytes: int
     max_images: int
-    max_pixels: int
 
 
 @dataclasses.dataclass(frozen=True)
