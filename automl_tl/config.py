@@ -170,6 +170,8 @@ class SearchConfig:
     ensemble_method: Literal["top_k", "greedy"] = "greedy"
     # Class imbalance: "auto" weights the loss when the largest class is over 3x the smallest.
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
+    # Start with one frozen-feature-extractor trial per backbone (cheap through the feature cache), then search.
+    frozen_first: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from automl_tl.augment import array_to_tensor, train_transform
-from automl_tl.backbones import TransferNet
+from automl_tl.backbones import TransferNet, memory_format_for
 from automl_tl.transforms import Preprocessing
 
 if TYPE_CHECKING:
@@ -66,10 +66,11 @@ def _compute(data: TrialData, rows: np.ndarray, pre: Preprocessing, model: Trans
 
     images = Dataset.open(Path(data.cache_path))
     transform = train_transform("none", pre)
-    model.eval()
+    fmt = memory_format_for(torch.device("cpu"))
+    model.eval().to(memory_format=fmt)
     out = []
     for start in range(0, len(rows), batch_size):
         batch = torch.stack([transform(array_to_tensor(images.image(int(i)))) for i in rows[start : start + batch_size]])
-        out.append(model.forward_features(batch).float())
+        out.append(model.forward_features(batch.contiguous(memory_format=fmt)).float())
     features: np.ndarray = torch.cat(out).numpy() if out else np.zeros((0, model.spec.feature_width), np.float32)
     return features

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from automl_tl.artifact import Artifact, load_artifact
+from automl_tl.backbones import memory_format_for
 from automl_tl.ensemble import apply_temperature, combine
 from automl_tl.errors import DatasetError
 from automl_tl.transforms import Preprocessing, eval_transform
@@ -213,7 +214,8 @@ class Predictor:
             raise ValueError(f"{len(models)} models for {len(artifact.members)} artifact members")
         self.artifact = artifact
         self.device = torch.device(device)
-        self.models = [m.to(self.device).eval() for m in models]
+        self._format = memory_format_for(self.device)
+        self.models = [m.to(self.device).to(memory_format=self._format).eval() for m in models]
         self.preprocessing = tuple(Preprocessing.from_dict(m.preprocessing) for m in artifact.members)
         # One transform (and one batch) per distinct preprocessing, shared by members that use it.
         self._transforms = {pre: eval_transform(pre) for pre in self.preprocessing}
@@ -252,7 +254,7 @@ class Predictor:
             raise ValueError(f"need {len(indices)} preprocessed batches (one per member), got {len(batches)}")
         out = []
         for i, batch in zip(indices, batches):
-            logits = self.models[i](batch.to(self.device)).double()
+            logits = self.models[i](batch.to(self.device, memory_format=self._format)).double()
             out.append(torch.softmax(logits, dim=1).cpu().numpy())
         return out
 

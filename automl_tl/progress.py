@@ -7,6 +7,7 @@ errored, the best score so far and the elapsed time, plus an estimate of the tim
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,9 +57,12 @@ class SweepProgress(Callback):
     def _status(self) -> str:
         elapsed = time.time() - self.started
         ended = self.finished + self.stopped + self.errored
-        eta = ""
+        left: float | None = None
         if 0 < ended < self.num_samples:
-            eta = f", ~{_clock(elapsed / ended * (self.num_samples - ended))} left"
+            left = elapsed / ended * (self.num_samples - ended)
+        if self.time_budget_s is not None:  # the budget ends the sweep first when the trial count would not
+            left = min(left if left is not None else math.inf, max(self.time_budget_s - elapsed, 0.0))
+        eta = f", ~{_clock(left)} left" if left is not None else ""
         best = f"{self.best:.4f} ({self.best_trial})" if self.best is not None else "-"
         return (
             f"running {len(self.running)}, finished {self.finished}, stopped {self.stopped}, errored {self.errored}"

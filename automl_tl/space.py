@@ -15,12 +15,30 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
+from ray.tune.search.sample import Categorical, Domain, Float
 
 from automl_tl.backbones import resolve_spec
 from automl_tl.config import ExperimentConfig, FloatRange
 from automl_tl.errors import ConfigError
 
-__all__ = ["build_param_space", "freeze_depth_choices"]
+__all__ = ["build_param_space", "freeze_depth_choices", "frozen_start_points"]
+
+# The trial each backbone starts with when ``search.frozen_first`` is on: a frozen feature extractor, no
+# augmentation and a linear head. Its pooled features are computed once and shared (``automl_tl.features``),
+# so it costs one pass over the images plus seconds of head training, and it gives TPE a strong baseline
+# before the random start-up spends the budget on slow fine-tuning trials. Values outside a narrowed space
+# are clipped into it.
+_FROZEN_START: dict[str, Any] = {
+    "learning_rate": 2e-3,
+    "backbone_lr_ratio": 0.1,
+    "augmentation": "none",
+    "optimizer": "adamw",
+    "weight_decay": 1e-4,
+    "label_smoothing": 0.1,
+    "batch_size": 32,
+    "head": "linear",
+    "head_dropout": 0.0,
+}
 
 
 def freeze_depth_choices(config: ExperimentConfig) -> tuple[int, ...]:
@@ -71,3 +89,41 @@ def build_param_space(config: ExperimentConfig) -> dict[str, Any]:
         "plateau_patience": config.search.plateau_patience_epochs,
         "metric": config.search.metric,
     }
+
+
+def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tune's ``points_to_evaluate``: one frozen-extractor trial per backbone, in the order configured.
+
+    Only the searched dimensions appear (the searcher never sees constants). Empty when the space has no
+    fully frozen depth or no ``none`` augmentation (such a start would not be cheap), and at most half of
+    ``num_samples`` (at least one) so the searcher keeps most trials to itself.
+    """
+    if not config.search.frozen_first:
+        return []
+    deepest = max(freeze_depth_choices(config))
+    if deepest < max(resolve_spec(name).max_freeze_depth for name in config.space.backbones):
+        return []
+    if "none" not in config.space.augmentations:
+        return []
+    searched = {key: dom for key, dom in param_space.items() if isinstance(dom, Domain)}
+    points = []
+    for name in config.space.backbones[: max(1, config.search.num_samples // 2)]:
+        wanted = {**_FROZEN_START, "backbone": name, "freeze_depth": deepest,
+                  "image_size": resolve_spec(name).input_size}  # fmt: skip
+        points.append({key: _nearest(dom, wanted[key]) for key, dom in searched.items()})
+    return points
+
+
+def _nearest(domain: Domain, value: Any) -> Any:
+    """``value`` if ``domain`` holds it, else the closest value it does hold."""
+    if isinstance(domain, Categorical):
+        options = list(domain.categories)
+        if value in options:
+            return value
+        numeric = [o for o in options if isinstance(o, (int, float)) and not isinstance(o, bool)]
+        if isinstance(value, (int, float)) and numeric:
+            return min(numeric, key=lambda o: abs(o - value))
+        return options[0]
+    if isinstance(domain, Float):
+        return min(max(float(value), domain.lower), domain.upper)
+    return value

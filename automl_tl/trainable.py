@@ -25,6 +25,7 @@ import ray
 import torch
 from ray import tune
 
+from automl_tl._memory import trim_heap
 from automl_tl.config import ResourcesConfig
 from automl_tl.storage import discard_staging, join, localize_data, trial_output
 from automl_tl.training import Reporter, TrialConfig, TrialData, select_device, train_trial
@@ -80,6 +81,7 @@ def run_trial(params: dict[str, Any], data: TrialData, setup: TrialSetup) -> Non
             train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device)
     finally:
         discard_staging(setup.run_dir, out_dir)  # a remote run's staging: published at every new best
+        trim_heap(collect=True)  # Tune reuses this actor: the next trial should not start at this one's peak
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from torch import nn
 
 from automl_tl._validate import build_dataclass
 from automl_tl.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
-from automl_tl.backbones import TransferNet, create_backbone, resolve_spec
+from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.metrics import classification_metrics
 from automl_tl.transforms import Preprocessing
 
@@ -109,11 +109,6 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def memory_format_for(device: torch.device) -> torch.memory_format:
-    """Channels-last on GPU (what its convolution kernels prefer under AMP); the default layout on CPU."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def select_device(use_gpu: bool, local_rank: int = 0) -> torch.device:
@@ -218,12 +213,14 @@ def train_trial(
         score = scores[cfg.metric]
         best = state["best_score"]
         improved = best is None or (score > best if mode == "max" else score < best)
-        if improved:
-            state.update(best_score=score, best_epoch=epoch, since_best=0)
+        # An epoch that only ties the best score still replaces it when its log loss is lower (the better
+        # calibrated model), but it does not reset the plateau count: the score did not move.
+        tie_better = not improved and score == best and scores["val_log_loss"] < state.get("best_log_loss", math.inf)
+        if improved or tie_better:
+            state.update(best_score=score, best_epoch=epoch, best_log_loss=scores["val_log_loss"])
             if rank == 0 and out_dir is not None:
                 _write_best(out_dir, model, val_probs, cfg, data, epoch, scores)
-        else:
-            state["since_best"] = int(state["since_best"]) + 1
+        state["since_best"] = 0 if improved else int(state["since_best"]) + 1
         state["epoch"] = epoch
         plateau = int(state["since_best"]) >= cfg.plateau_patience
         stop_reason = "plateau" if plateau and epoch < cfg.max_epochs else ("max_epochs" if epoch == cfg.max_epochs else "")
@@ -238,6 +235,7 @@ def train_trial(
             f"best_{cfg.metric}": state["best_score"],
             "epoch_s": time.perf_counter() - started,
             "feature_cache": cache_note,
+            "workers": world_size,
             "stop_reason": stop_reason,
         }
         with tempfile.TemporaryDirectory(prefix="automl_tl_ckpt_") as tmp:

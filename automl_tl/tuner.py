@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -164,7 +165,7 @@ def run_search(
     try:
         check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, param_space, log, restore=False)
-        grid = tuner.fit()
+        grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
     finally:
         if started_ray:
@@ -191,13 +192,34 @@ def resume_search(
     try:
         check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
-        grid = tuner.fit()
+        grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def fit(tuner: Any, run: RunDir) -> Any:
+    """``tuner.fit()``, with Ray's out-of-memory kill of a trial turned into a SearchError that says what to do.
+
+    Tune 2.60 does not treat a trial actor killed by Ray's memory monitor as a failed trial: the sweep stops.
+    Finished trials are saved, so the message says how to continue and how to need less memory next time.
+    """
+    from ray.exceptions import OutOfMemoryError
+
+    try:
+        return tuner.fit()
+    except RuntimeError as exc:
+        if not isinstance(exc.__cause__, OutOfMemoryError):
+            raise
+        first = str(exc.__cause__).strip().splitlines()[0]
+        raise SearchError(
+            f"Ray stopped a trial because the machine ran out of memory ({first}). Finished trials are kept and "
+            f"'automl-tl resume {run.location}' continues the sweep; for a new search lower "
+            "search.max_concurrent_trials or space.batch_sizes, or give each trial more memory"
+        ) from None
 
 
 def _build_tuner(
@@ -225,7 +247,7 @@ def _build_tuner(
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=mode,
-            search_alg=_search_alg(config, mode),
+            search_alg=_search_alg(config, param_space),
             scheduler=_scheduler(config, mode),
             num_samples=search.num_samples,
             max_concurrent_trials=search.max_concurrent_trials or _default_concurrency(res),
@@ -251,9 +273,11 @@ def _default_concurrency(res: Any) -> int:
     return max(1, int(cpus // (res.cpus_per_worker * res.workers_per_trial)))
 
 
-def _search_alg(config: ExperimentConfig, mode: str) -> Any:
+def _search_alg(config: ExperimentConfig, param_space: dict[str, Any]) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    from automl_tl.space import frozen_start_points
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = config.search.seed
@@ -261,7 +285,7 @@ def _search_alg(config: ExperimentConfig, mode: str) -> Any:
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, config.search.num_samples // 3)))
-    return OptunaSearch(sampler=sampler)
+    return OptunaSearch(sampler=sampler, points_to_evaluate=frozen_start_points(config, param_space) or None)
 
 
 def _scheduler(config: ExperimentConfig, mode: str) -> Any:
@@ -284,10 +308,28 @@ def _scheduler(config: ExperimentConfig, mode: str) -> Any:
     return FIFOScheduler()
 
 
+def rank_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Leaderboard rows best first, each given its ``rank``; trials without a finished epoch last.
+
+    Ties on the metric (common with small validation sets, where several trials score 36/36) go to the
+    lower validation log loss: the better calibrated of the equally accurate models.
+    """
+    sign = 1 if METRIC_MODES[metric] == "max" else -1
+
+    def key(row: dict[str, Any]) -> tuple[bool, float, float]:
+        score, loss = row.get(f"best_{metric}"), row.get("best_val_log_loss")
+        return score is None, -sign * (score or 0.0), loss if loss is not None else math.inf
+
+    ranked = sorted(rows, key=key)
+    for rank, row in enumerate(ranked, start=1):
+        row["rank"] = rank
+    return ranked
+
+
 def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log) -> SearchOutcome:
     from automl_tl.progress import read_stop_reasons
 
-    metric, mode = config.search.metric, METRIC_MODES[config.search.metric]
+    metric = config.search.metric
     run.pull("trials")  # a remote run: the trials' best epochs, uploaded from their nodes
     stopped = read_stop_reasons(run.path / STOP_REASONS)
     rows = []
@@ -297,10 +339,7 @@ def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, lo
     if not done:
         errors = "; ".join(sorted({str(r["stop_reason"]) for r in rows})) or "no trial ran"
         raise SearchError(f"no trial finished an epoch: {errors}")
-    sign = 1 if mode == "max" else -1
-    rows.sort(key=lambda r: (r.get(f"best_{metric}") is None, -sign * (r.get(f"best_{metric}") or 0.0)))
-    for rank, row in enumerate(rows, start=1):
-        row["rank"] = rank
+    rows = rank_rows(rows, metric)
     best = rows[0]
     wall_s = time.time() - started
     write_leaderboard(run, rows)
@@ -341,6 +380,7 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
         "stop_reason": reason,
         "wall_s": round(float(metrics.get("time_total_s") or 0.0), 2),
         "feature_cache": metrics.get("feature_cache"),
+        "workers": metrics.get("workers"),
         "has_model": (run.path / "trials" / trial_id / "model.safetensors").is_file(),
     }
     return row

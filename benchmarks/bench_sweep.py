@@ -190,6 +190,10 @@ ACCURACY_SPACE: dict[str, Any] = {
 }
 
 
+TOP_KEYS = ("backbone", "freeze_depth", "augmentation", "learning_rate", "best_val_accuracy", "epochs_run", "stop_reason",
+            "wall_s", "feature_cache")
+
+
 def _accuracy_config(data: str, budget_s: float, cache: Path, test_fraction: float) -> ExperimentConfig:
     return load_config({
         "data": {"source": data, "cache_dir": str(cache), "test_fraction": test_fraction},
@@ -224,7 +228,13 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
                 "n_test": results["best"]["test"]["n"],
                 "target_test_accuracy": target,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "top_trials": [{k: r.get(k) for k in TOP_KEYS} for r in outcome.rows[:6]],
             }
+    earlier = RESULTS / "sweep_accuracy.json"
+    if earlier.is_file():  # a run of some data sets keeps the others' last figures, each with its own date
+        previous = json.loads(earlier.read_text(encoding="utf-8"))
+        figures.update({k: previous[k] for k in cases if k not in figures and k in previous})
     _write("accuracy", figures)
 
 
@@ -240,7 +250,7 @@ def bench_efficiency(args: argparse.Namespace) -> None:
                     "data": {"source": str(SHARED / "hymenoptera"), "cache_dir": str(cache)},
                     "space": {"backbones": ["mobilenetv2_100"], "image_sizes": [96], "max_epochs": 4,
                               "batch_sizes": [32]},
-                    "search": {"num_samples": args.trials, "algorithm": algorithm, "scheduler": scheduler,
+                    "search": {"num_samples": args.trials, "algorithm": algorithm, "scheduler": scheduler, "frozen_first": False,
                                "time_budget_s": 3600, "seed": seed},
                 })  # fmt: skip
                 started = time.perf_counter()

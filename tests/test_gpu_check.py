@@ -46,7 +46,7 @@ def test_device_placement(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_amp_dtype_and_memory_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert amp_dtype(cpu) is None and memory_format_for(cpu) == torch.contiguous_format
+    assert amp_dtype(cpu) is None and memory_format_for(cpu) == torch.channels_last
     _fake_cuda(monkeypatch, bf16=True)
     assert amp_dtype(gpu) == torch.bfloat16  # Ampere and later: no grad scaler needed
     _fake_cuda(monkeypatch, bf16=False)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from automl_tl.artifact import load_artifact
+from automl_tl.backbones import memory_format_for
 from automl_tl.cli import main
 from automl_tl.config import DataConfig
 from automl_tl.ensemble import apply_temperature, combine
@@ -51,10 +52,12 @@ def _evaluation_loop(artifact_dir: Path, arrays: list[np.ndarray]) -> np.ndarray
     """What training's evaluation path computes: eval transform, forward, softmax, then the ensemble."""
     artifact = load_artifact(artifact_dir)
     probs = []
+    fmt = memory_format_for(torch.device("cpu"))  # training evaluates in the layout it trains in
     for member, model in zip(artifact.members, artifact.build_models()):
         batch = to_tensor_batch([a.copy() for a in arrays], Preprocessing.from_dict(member.preprocessing))
         with torch.inference_mode():
-            probs.append(torch.softmax(model(batch).double(), dim=1).numpy())
+            out = model.to(memory_format=fmt)(batch.contiguous(memory_format=fmt))
+            probs.append(torch.softmax(out.double(), dim=1).numpy())
     return apply_temperature(combine(probs, artifact.weights), artifact.temperature)
 
 

@@ -127,9 +127,30 @@ def test_every_request_form_agrees_with_the_predictor(
     assert body["model_id"].startswith("ensemble-") and body["members"] == ["a", "b"]
     assert [a["name"] for a in body["predictions"]] == [p.name for p in images]
     timing = body["predictions"][0]["timing"]
-    assert timing["batch_size"] >= 1 and timing["forward_ms"] > 0 and body["total_ms"] > 0
+    assert timing["forward_ms"] > 0 and body["total_ms"] > 0
+    # Sent alone to an idle replica, a request's images run as one batch with no queueing.
+    assert timing["batch_size"] == len(images) and timing["queue_ms"] == 0
     top1 = _post(url, params={"top_k": 1}, data=images[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
     assert len(top1.json()["predictions"][0]["labels"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_concurrent_requests_are_batched_and_agree_with_the_predictor(
+    server: dict[str, str], images: list[Path], predictor: Predictor
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = predictor.predict_proba(images)
+    jobs = [i % len(images) for i in range(24)]
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(
+            lambda i: _post(server["open"], data=images[i].read_bytes(), headers={"Content-Type": "image/jpeg"}), jobs
+        ))  # fmt: skip
+    assert [r.status_code for r in responses] == [200] * len(jobs)
+    answers = [r.json()["predictions"][0] for r in responses]
+    np.testing.assert_allclose([_probs(a) for a in answers], expected[jobs], atol=1e-5)
+    assert max(a["timing"]["batch_size"] for a in answers) > 1  # concurrent requests shared a forward pass
 
 
 def _png(width: int, height: int) -> bytes:

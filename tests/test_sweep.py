@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +19,9 @@ import pytest
 from automl_tl.config import ExperimentConfig, load_config
 from automl_tl.errors import BackboneError, ConfigError
 from automl_tl.results import build_results
-from automl_tl.space import build_param_space
+from automl_tl.space import build_param_space, frozen_start_points
 from automl_tl.trainable import FAULT_ENV
-from automl_tl.tuner import run_search
+from automl_tl.tuner import rank_rows, run_search
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,71 @@ def test_param_space_covers_every_dimension() -> None:
         assert key in space
 
 
+def test_frozen_start_points_lie_in_the_space() -> None:
+    config = load_config(None)
+    points = frozen_start_points(config, build_param_space(config))
+    assert [p["backbone"] for p in points] == list(config.space.backbones)
+    assert all(p["freeze_depth"] == 8 and p["augmentation"] == "none" and p["head"] == "linear" for p in points)
+    narrowed = load_config({"space": {"learning_rate": [0.01, 0.02], "batch_sizes": [48, 64], "backbones": ["mobilenetv2_100"]}})
+    (point,) = frozen_start_points(narrowed, build_param_space(narrowed))
+    assert point["learning_rate"] == 0.01 and point["batch_size"] == 48  # clipped into the narrowed space
+    assert "backbone" not in point  # a fixed dimension is not the searcher's to propose
+    for raw in ({"space": {"augmentations": ["light"]}}, {"space": {"freeze_depths": [0, 4]}},
+                {"search": {"frozen_first": False}}):  # fmt: skip
+        off = load_config(raw)
+        assert frozen_start_points(off, build_param_space(off)) == []
+    capped = load_config({"search": {"num_samples": 3}})
+    assert len(frozen_start_points(capped, build_param_space(capped))) == 1  # at most half the trials
+
+
+def test_progress_estimate_never_exceeds_the_time_budget() -> None:
+    from automl_tl.progress import SweepProgress
+
+    progress = SweepProgress(lambda line: None, "val_accuracy", "max", 1000, time_budget_s=900.0)
+    progress.started -= 100.0
+    progress.finished = 1  # 100 s per trial would mean ~1665 minutes for the other 999
+    assert re.search(r"1m40s, ~13m(19|20)s left$", progress._status())  # 900 s budget - 100 s elapsed
+    unbounded = SweepProgress(lambda line: None, "val_accuracy", "max", 4)
+    unbounded.started -= 100.0
+    unbounded.finished = 1
+    assert re.search(r"1m40s, ~5m0[01]s left$", unbounded._status())
+
+
+def test_ties_on_the_metric_go_to_the_lower_log_loss() -> None:
+    rows = [
+        {"trial_id": "a", "best_val_accuracy": 1.0, "best_val_log_loss": 0.30},
+        {"trial_id": "b", "best_val_accuracy": None, "best_val_log_loss": None},
+        {"trial_id": "c", "best_val_accuracy": 1.0, "best_val_log_loss": 0.05},
+        {"trial_id": "d", "best_val_accuracy": 0.9, "best_val_log_loss": 0.01},
+    ]
+    assert [r["trial_id"] for r in rank_rows(rows, "val_accuracy")] == ["c", "a", "d", "b"]
+    assert [r["trial_id"] for r in rank_rows(rows, "val_log_loss")][:3] == ["d", "c", "a"]
+    assert [r["rank"] for r in rank_rows(rows, "val_accuracy")] == [1, 2, 3, 4]
+
+
+def test_a_trial_killed_for_memory_stops_the_sweep_with_advice(tmp_path: Path) -> None:
+    from ray.exceptions import OutOfMemoryError
+
+    from automl_tl.errors import SearchError
+    from automl_tl.rundir import RunDir
+    from automl_tl.tuner import fit
+
+    class KilledTuner:  # what Tune 2.60 raises when Ray's memory monitor kills a trial actor
+        def fit(self) -> None:
+            raise RuntimeError("Caught unexpected exception") from OutOfMemoryError("1 worker(s) were killed\nmore")
+
+    run = RunDir.open(tmp_path / "run")
+    with pytest.raises(SearchError, match=r"ran out of memory \(1 worker\(s\) were killed\).*automl-tl resume"):
+        fit(KilledTuner(), run)
+
+    class BrokenTuner:
+        def fit(self) -> None:
+            raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        fit(BrokenTuner(), run)
+
+
 def test_bad_space_names_the_field() -> None:
     with pytest.raises(ConfigError, match="space.freeze_depths: 12 is deeper"):
         build_param_space(load_config({"space": {"freeze_depths": [0, 12]}}))
@@ -74,6 +140,7 @@ def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
     outcome = run_search(config, run_dir, test_source=test, log=lambda line: None, progress=False)
     rows = read_leaderboard(run_dir)
     assert len(rows) == 3 and len(outcome.rows) == 3
+    assert any(float(r["learning_rate"]) == 2e-3 for r in rows)  # the frozen start reached the searcher
     caches = sorted(r["feature_cache"] for r in rows)
     assert caches == ["hit", "hit", "miss"]  # computed once, then shared
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -134,6 +201,19 @@ def test_ray_train_engine_runs_a_torch_trainer(
     rows = read_leaderboard(run_dir)
     assert rows[0]["stop_reason"] == "max_epochs" and rows[0]["has_model"] == "True"
     assert any((run_dir / "train").iterdir())  # Ray Train's own run storage
+
+
+def test_two_worker_trial_trains_with_ddp_through_ray_train(
+    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(hymenoptera_dir, data_cache_dir, freeze_depths=[7], max_epochs=1)
+    config = config.replace("search", num_samples=1).replace("resources", workers_per_trial=2, cpus_per_worker=1)
+    assert config.resources.engine() == "train"  # more than one worker: always Ray Train
+    run_dir = tmp_path / "run"
+    run_search(config, run_dir, log=lambda line: None, progress=False)
+    (row,) = read_leaderboard(run_dir)
+    assert row["workers"] == "2" and row["stop_reason"] == "max_epochs" and row["has_model"] == "True"
+    assert float(row["best_val_accuracy"]) > 0.6
 
 
 def _experiment_terminated(run_dir: Path) -> int:

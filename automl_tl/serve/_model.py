@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from automl_tl.artifact import Artifact
+from automl_tl.backbones import memory_format_for
 from automl_tl.ensemble import apply_temperature, combine
 from automl_tl.errors import ArtifactError
 from automl_tl.transforms import Preprocessing, eval_transform
@@ -117,7 +118,8 @@ class MemberRunner:
 
     def __init__(self, models: Sequence[torch.nn.Module], device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self.models = [m.to(self.device).eval() for m in models]
+        self._format = memory_format_for(self.device)
+        self.models = [m.to(self.device).to(memory_format=self._format).eval() for m in models]
 
     @classmethod
     def build(cls, artifact: Artifact, indices: Sequence[int], device: str | torch.device = "cpu") -> MemberRunner:
@@ -129,7 +131,7 @@ class MemberRunner:
         out = []
         with torch.inference_mode():
             for m, model in enumerate(self.models):
-                batch = torch.stack([item[m] for item in inputs]).to(self.device, non_blocking=True)
+                batch = torch.stack([item[m] for item in inputs]).to(self.device, memory_format=self._format, non_blocking=True)
                 logits = model(batch).double()
                 out.append(torch.softmax(logits, dim=1).cpu().numpy())
         return BatchResult(tuple(out), (time.perf_counter() - start) * 1000.0)
