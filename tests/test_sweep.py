@@ -132,10 +132,11 @@ def test_bad_space_names_the_field() -> None:
 
 
 def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
-    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+    ray_session: Any, hymenoptera_dir: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    config = tiny_config(hymenoptera_dir / "train", data_cache_dir)
+    # Its own cache: earlier sweeps in this session may have cached these features (their frozen starts).
+    config = tiny_config(hymenoptera_dir / "train", tmp_path / "cache")
     test = str(hymenoptera_dir / "val")
     outcome = run_search(config, run_dir, test_source=test, log=lambda line: None, progress=False)
     rows = read_leaderboard(run_dir)
@@ -207,7 +208,7 @@ def test_two_worker_trial_trains_with_ddp_through_ray_train(
     ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
 ) -> None:
     config = tiny_config(hymenoptera_dir, data_cache_dir, freeze_depths=[7], max_epochs=1)
-    config = config.replace("search", num_samples=1).replace("resources", workers_per_trial=2, cpus_per_worker=1)
+    config = config.replace("search", num_samples=1).replace("resources", workers_per_trial=2, cpus_per_worker=0.5)
     assert config.resources.engine() == "train"  # more than one worker: always Ray Train
     run_dir = tmp_path / "run"
     run_search(config, run_dir, log=lambda line: None, progress=False)
