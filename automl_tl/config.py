@@ -186,6 +186,10 @@ class ResourcesConfig:
     # "auto": "train" when a trial wants several workers or a GPU, else "inline".
     trial_engine: Literal["auto", "train", "inline"] = "auto"
     max_failures: int = bounded(2, ge=0, le=100)
+    # Host memory each trial (each worker, with the train engine) asks Ray for, so that trials which would not
+    # fit side by side run one after the other. None: estimated per trial from its backbone, image size,
+    # batch size and freeze depth (automl_tl._memory); 0: ask for none.
+    memory_per_trial_gb: float | None = bounded(None, ge=0.0)
 
     def engine(self) -> str:
         """The trial engine this config resolves to."""

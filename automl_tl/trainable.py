@@ -25,12 +25,13 @@ import ray
 import torch
 from ray import tune
 
-from automl_tl._memory import trim_heap
+from automl_tl._memory import GIB, estimate_trial_bytes, trim_heap
+from automl_tl.backbones import resolve_spec
 from automl_tl.config import ResourcesConfig
 from automl_tl.storage import discard_staging, join, localize_data, trial_output
 from automl_tl.training import Reporter, TrialConfig, TrialData, select_device, train_trial
 
-__all__ = ["TrialSetup", "run_trial", "trial_resources", "FAULT_ENV"]
+__all__ = ["TrialSetup", "run_trial", "trial_memory_bytes", "trial_resources", "FAULT_ENV"]
 
 # Test hook: a path; the first trial that manages to create this file raises (exercises failure handling).
 FAULT_ENV = "AUTOML_TL_INJECT_TRIAL_FAILURE"
@@ -44,13 +45,43 @@ class TrialSetup:
     engine: str
     resources: ResourcesConfig
     fault_marker: str | None = None  # test hook, from $AUTOML_TL_INJECT_TRIAL_FAILURE on the driver
+    memory_cap_bytes: int | None = None  # the most memory one node offers Ray: no request may exceed it
 
 
-def trial_resources(resources: ResourcesConfig) -> dict[str, float]:
-    """Resources of the Tune trial itself (the train engine's workers reserve their own)."""
-    if resources.engine() == "train":
-        return {"CPU": 0.001}  # the TorchTrainer's workers reserve the real resources
-    return {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_trial}
+def trial_memory_bytes(cfg: TrialConfig, resources: ResourcesConfig, val_images: int, cap_bytes: int | None) -> int:
+    """Host memory one trial (one worker, with the train engine) asks Ray for: ``memory_per_trial_gb`` when it
+    is set, else the estimate for this trial, never more than ``cap_bytes`` (a request no node can grant would
+    leave the trial pending for ever)."""
+    if resources.memory_per_trial_gb is not None:
+        need = int(resources.memory_per_trial_gb * GIB)
+    else:
+        spec = resolve_spec(cfg.backbone)
+        need = estimate_trial_bytes(
+            spec.train_kb_per_pixel,
+            cfg.image_size or spec.input_size,
+            cfg.batch_size,
+            min(cfg.freeze_depth, spec.max_freeze_depth),
+            spec.max_freeze_depth,
+            val_images,
+            cfg.frozen_features,
+            on_gpu=resources.use_gpu,
+        )
+    return min(need, cap_bytes) if cap_bytes else need
+
+
+def trial_resources(setup: TrialSetup, val_images: int) -> Callable[[dict[str, Any]], Any]:
+    """Tune's per-trial resource request: CPU, GPU and the trial's memory estimate for an inline trial; a
+    token CPU for a train-engine trial, whose TorchTrainer workers reserve the real resources."""
+    res = setup.resources
+
+    def request(params: dict[str, Any]) -> Any:
+        if setup.engine == "train":
+            return tune.PlacementGroupFactory([{"CPU": 0.001}])
+        bundle = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_trial,
+                  "memory": trial_memory_bytes(TrialConfig.from_params(params), res, val_images, setup.memory_cap_bytes)}  # fmt: skip
+        return tune.PlacementGroupFactory([{k: v for k, v in bundle.items() if v}])
+
+    return request
 
 
 def run_trial(params: dict[str, Any], data: TrialData, setup: TrialSetup) -> None:
@@ -126,6 +157,9 @@ def _run_with_ray_train(cfg: TrialConfig, data: TrialData, setup: TrialSetup, ou
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_trial / res.workers_per_trial
+    memory = trial_memory_bytes(cfg, res, len(data.val_idx), setup.memory_cap_bytes)  # every rank: a full batch
+    if memory:
+        per_worker["memory"] = memory
     trainer = TorchTrainer(
         _train_worker_loop,
         train_loop_config={"trial": cfg.to_dict(), "data": data, "run_dir": setup.run_dir, "trial_id": trial_id,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from automl_tl._memory import peak_rss_bytes, reset_peak_rss
 from automl_tl._validate import build_dataclass
 from automl_tl.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
@@ -166,6 +167,7 @@ def train_trial(
     ``max_seconds`` ends training after the epoch that crosses it (a wall-clock budget).
     """
     started_at = time.perf_counter()
+    reset_peak_rss()  # a reused trial actor: report this trial's own peak, not an earlier one's
     device = device or torch.device("cpu")
     seed_everything(cfg.seed + 1000 * rank)
     spec = resolve_spec(cfg.backbone)
@@ -236,6 +238,7 @@ def train_trial(
             "epoch_s": time.perf_counter() - started,
             "feature_cache": cache_note,
             "workers": world_size,
+            "peak_rss_mb": _mib(peak_rss_bytes()),
             "stop_reason": stop_reason,
         }
         with tempfile.TemporaryDirectory(prefix="automl_tl_ckpt_") as tmp:
@@ -247,6 +250,10 @@ def train_trial(
         if stop_reason:
             break
     return last
+
+
+def _mib(size: int | None) -> int | None:
+    return None if size is None else round(size / 2**20)
 
 
 # --- the two ways a trial steps through an epoch ---------------------------------------------------------

@@ -231,9 +231,10 @@ def _build_tuner(
     from automl_tl.trainable import FAULT_ENV, TrialSetup, run_trial, trial_resources
 
     search, res = config.search, config.resources
-    setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV))
+    setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV),
+                       memory_cap_bytes=_largest_node_memory())  # fmt: skip
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(res)
+        tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(setup, len(data.val_idx))
     )
     if restore:
         return tune.Tuner.restore(
@@ -264,6 +265,14 @@ def _build_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def _largest_node_memory() -> int | None:
+    """The most ``memory`` resource one live node offers Ray (None when no node reports it)."""
+    import ray
+
+    offered = [int(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(offered, default=0) or None
 
 
 def _default_concurrency(res: Any) -> int:
@@ -381,6 +390,7 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
         "wall_s": round(float(metrics.get("time_total_s") or 0.0), 2),
         "feature_cache": metrics.get("feature_cache"),
         "workers": metrics.get("workers"),
+        "peak_rss_mb": metrics.get("peak_rss_mb"),
         "has_model": (run.path / "trials" / trial_id / "model.safetensors").is_file(),
     }
     return row

@@ -202,6 +202,28 @@ def _accuracy_config(data: str, budget_s: float, cache: Path, test_fraction: flo
     })  # fmt: skip
 
 
+def _memory_fit(rows: list[dict[str, Any]], config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Each trial's measured peak against the memory it asked Ray for: the estimate must cover the peak."""
+    from automl_tl.trainable import trial_memory_bytes
+    from automl_tl.training import TrialConfig
+
+    n_val = len(json.loads((run_dir / "data.json").read_text(encoding="utf-8"))["val"])
+    fits = []
+    for row in rows:
+        if row.get("peak_rss_mb") is None:
+            continue
+        cfg = TrialConfig.from_params({**{k: v for k, v in row.items() if v is not None}, "max_epochs": 1})
+        asked = trial_memory_bytes(cfg, config.resources, n_val, None) / 2**20
+        fits.append((row["peak_rss_mb"] / asked, row["peak_rss_mb"], asked, row["trial_id"]))
+    if not fits:
+        return {}
+    worst = max(fits)
+    return {"trials_measured": len(fits), "max_peak_rss_mb": max(f[1] for f in fits),
+            "trials_over_their_request": sum(f[0] > 1 for f in fits),
+            "worst_peak_over_request": {"ratio": round(worst[0], 3), "peak_mb": worst[1], "asked_mb": round(worst[2]),
+                                        "trial_id": worst[3]}}  # fmt: skip
+
+
 def bench_accuracy(args: argparse.Namespace) -> None:
     """``search --data hymenoptera/train --test hymenoptera/val`` and flowers5 with a held-out 20%."""
     from automl_tl.results import build_results
@@ -230,6 +252,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 "target_test_accuracy": target,
                 "date": time.strftime("%Y-%m-%d %H:%M"),
                 "top_trials": [{k: r.get(k) for k in TOP_KEYS} for r in outcome.rows[:6]],
+                "memory": _memory_fit(outcome.rows, config, run_dir),
             }
     earlier = RESULTS / "sweep_accuracy.json"
     if earlier.is_file():  # a run of some data sets keeps the others' last figures, each with its own date

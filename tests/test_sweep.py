@@ -124,6 +124,75 @@ def test_a_trial_killed_for_memory_stops_the_sweep_with_advice(tmp_path: Path) -
         fit(BrokenTuner(), run)
 
 
+def _trial(**change: Any) -> Any:
+    from automl_tl.training import TrialConfig
+
+    params = {"backbone": "tf_efficientnet_lite2", "freeze_depth": 0, "learning_rate": 1e-3, "backbone_lr_ratio": 0.1,
+              "augmentation": "light", "optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.1,
+              "batch_size": 32, "max_epochs": 3, "head": "linear", "head_dropout": 0.0, "image_size": 260}  # fmt: skip
+    return TrialConfig.from_params({**params, **change})
+
+
+def test_each_trial_asks_ray_for_the_memory_it_will_peak_at() -> None:
+    from automl_tl._memory import GIB
+    from automl_tl.trainable import TrialSetup, trial_memory_bytes, trial_resources
+
+    res = load_config(None).resources
+
+    def need(**change: Any) -> int:
+        return trial_memory_bytes(_trial(**change), res, 36, None)
+
+    full = need()  # lite2 fine-tuned at 260 px, batch 32: 0.77 GB process + 4.9 GB step peak measured
+    assert full == 7.5 * GIB
+    assert need(batch_size=64) > full > need(batch_size=16)
+    assert need(image_size=130) < full / 2
+    assert full > need(freeze_depth=4) > need(freeze_depth=7)
+    # A head on cached features: 2.3 GB measured when it had to compute lite2's features first, 0.9 GB on a hit.
+    assert need(freeze_depth=8, augmentation="none") == 4 * GIB
+    assert trial_memory_bytes(_trial(), res, 700, None) > full  # the validation tensor counts
+    # Ray offered 16.2 GiB on this 24 GiB machine, where two lite2 fine-tunes at batch 64 were killed for memory.
+    assert 2 * need(batch_size=64) > 16.2 * GIB
+    assert trial_memory_bytes(_trial(batch_size=64), res, 36, 10 * GIB) == 10 * GIB  # never more than a node has
+    fixed = res.__class__(memory_per_trial_gb=3.0)
+    assert trial_memory_bytes(_trial(), fixed, 36, None) == 3 * GIB
+
+    request = trial_resources(TrialSetup("/tmp/run", "inline", res), 36)
+    params = _trial().to_dict()
+    assert request(params).required_resources == {"CPU": 1.0, "memory": 7.5 * GIB}
+    unasked = trial_resources(TrialSetup("/tmp/run", "inline", res.__class__(memory_per_trial_gb=0.0)), 36)
+    assert unasked(params).required_resources == {"CPU": 1.0}
+    assert trial_resources(TrialSetup("/tmp/run", "train", res), 36)(params).required_resources == {"CPU": 0.001}
+
+
+_STEP_PEAK = """
+import json, sys, torch
+from automl_tl._memory import peak_rss_bytes
+from automl_tl.backbones import create_backbone
+torch.set_num_threads(1)
+net = create_backbone("mobilenetv2_100", num_classes=2, freeze_depth=0).to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+x = torch.randn(32, 3, 160, 160).contiguous(memory_format=torch.channels_last)
+before = peak_rss_bytes()
+net.train()
+for _ in range(2):
+    loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(32, dtype=torch.long))
+    opt.zero_grad(); loss.backward(); opt.step()
+print(json.dumps({"before": before, "peak": peak_rss_bytes()}))
+"""
+
+
+def test_the_memory_estimate_covers_a_real_training_step() -> None:
+    from automl_tl._memory import BASE_BYTES
+    from automl_tl.trainable import trial_memory_bytes
+
+    out = subprocess.run([sys.executable, "-c", _STEP_PEAK], capture_output=True, text=True, timeout=300, check=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    estimate = trial_memory_bytes(_trial(backbone="mobilenetv2_100", image_size=160), load_config(None).resources, 0, None)
+    assert measured["peak"] <= estimate  # the whole process, model and Python included, within the request
+    activations = measured["peak"] - measured["before"]
+    assert activations > 0.5 * (estimate - BASE_BYTES)  # and not a request several times too large
+
+
 def test_bad_space_names_the_field() -> None:
     with pytest.raises(ConfigError, match="space.freeze_depths: 12 is deeper"):
         build_param_space(load_config({"space": {"freeze_depths": [0, 12]}}))
@@ -144,6 +213,11 @@ def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
     assert any(float(r["learning_rate"]) == 2e-3 for r in rows)  # the frozen start reached the searcher
     caches = sorted(r["feature_cache"] for r in rows)
     assert caches == ["hit", "hit", "miss"]  # computed once, then shared
+    assert all(int(r["peak_rss_mb"]) > 100 for r in rows)  # each trial's own peak, reported
+    from ray.util import placement_group_table
+
+    asked = [b for pg in placement_group_table().values() for b in pg["bundles"].values()]
+    assert {"CPU": 1.0, "memory": 1.5 * 2**30} in asked  # a head on 64 px features asks Ray for 1.5 GiB
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["trial_id"] == rows[0]["trial_id"]
     n_val = summary["data"]["n_val"]

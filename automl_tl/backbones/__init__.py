@@ -55,7 +55,7 @@ _EFFNET_STAGES = tuple((f"blocks.{i}",) for i in range(7)) + (("conv_head", "bn2
 _TF_MEAN_STD = (0.5, 0.5, 0.5)  # TF-trained weights take pixels scaled to [-1, 1]
 
 
-def _lite(variant: int, sha256: str, input_size: int, crop_pct: float) -> BackboneSpec:
+def _lite(variant: int, sha256: str, input_size: int, crop_pct: float, train_kb_per_pixel: float) -> BackboneSpec:
     return BackboneSpec(
         name=f"tf_efficientnet_lite{variant}",
         architecture=f"tf_efficientnet_lite{variant}",
@@ -75,12 +75,13 @@ def _lite(variant: int, sha256: str, input_size: int, crop_pct: float) -> Backbo
         stem=_EFFNET_STEM,
         stages=_EFFNET_STAGES,
         pretrained_classes=1000,
+        train_kb_per_pixel=train_kb_per_pixel,
     )
 
 
-register_backbone(_lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224, 0.875))
-register_backbone(_lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240, 0.882))
-register_backbone(_lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260, 0.890))
+register_backbone(_lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224, 0.875, 1.75))
+register_backbone(_lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240, 0.882, 2.2))
+register_backbone(_lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260, 0.890, 2.35))
 register_backbone(
     BackboneSpec(
         name="mobilenetv2_100",
@@ -104,6 +105,7 @@ register_backbone(
         stages=_EFFNET_STAGES,
         pretrained_classes=None,  # the dog-breed head is not kept
         timm_kwargs=(("pad_type", "same"), ("bn_eps", 1e-3)),
+        train_kb_per_pixel=1.8,
     )
 )
 

@@ -93,6 +93,9 @@ class BackboneSpec:
     stages: tuple[tuple[str, ...], ...]  # freeze_depth=k freezes stem + stages[:k]
     pretrained_classes: int | None = None  # classes of the kept pretrained head, if any
     timm_kwargs: tuple[tuple[str, Any], ...] = ()
+    # Training activation memory in KiB per input pixel of one image when every layer trains (fp32, CPU):
+    # what a trial's memory request is estimated from. Measured for the registry; 2.5 for others.
+    train_kb_per_pixel: float = 2.5
 
     @property
     def max_freeze_depth(self) -> int:
