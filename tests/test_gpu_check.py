@@ -86,7 +86,9 @@ def test_a_gpu_trial_builds_ddp_over_every_gpu(monkeypatch: pytest.MonkeyPatch, 
     trainable._run_with_ray_train(cfg, data, setup, tmp_path / "trials" / "t1", "t1")
     scaling = built["scaling_config"]
     assert built["fitted"] and scaling.num_workers == 4 and scaling.use_gpu
-    assert scaling.resources_per_worker == {"CPU": 6.0, "GPU": 1.0}  # one GPU per DDP worker
+    # One GPU per DDP worker, and host memory for the process and the validation tensor only: on a GPU the
+    # activations live in device memory (1 GiB + 1.25 x 2 images at 160 px, rounded up to 1.5 GiB).
+    assert scaling.resources_per_worker == {"CPU": 6.0, "GPU": 1.0, "memory": 1.5 * 2**30}
     assert built["train_loop_config"]["use_gpu"] is True and built["train_loop_config"]["trial_id"] == "t1"
     assert built["run_config"].failure_config.max_failures == res.max_failures  # retries resume from checkpoints
 

