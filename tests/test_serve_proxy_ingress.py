@@ -21,9 +21,12 @@ from automl_tl.serve._server import resolve_ingress
 from .test_serve import CLASSES, _free_port, _probs, predictor, process_names, run_dir  # noqa: F401 (fixtures)
 
 
-def test_an_unknown_ingress_names_the_choices() -> None:
+def test_auto_ingress_keeps_the_python_proxy_where_replicas_come_and_go() -> None:
     with pytest.raises(ConfigError, match="ingress must be 'auto', 'haproxy' or 'proxy', got 'nginx'"):
         resolve_ingress("nginx")
+    assert resolve_ingress("auto", single_node=False) == "proxy"
+    assert resolve_ingress("auto", autoscaling=True) == "proxy"
+    assert resolve_ingress("proxy") == "proxy" and resolve_ingress("haproxy", single_node=False) == "haproxy"
 
 
 @pytest.mark.slow

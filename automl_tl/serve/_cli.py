@@ -33,8 +33,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms",
                    help="longest wait to fill a batch (default 0: a batch closes when the model is free)")  # fmt: skip
     p.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto",
-                   help="how HTTP reaches the replicas: HAProxy straight to them (auto's choice on one node, on "
-                        "Linux) or Serve's Python proxy (auto's choice on a cluster of several nodes)")  # fmt: skip
+                   help="how HTTP reaches the replicas: HAProxy straight to them (auto's choice on one node with "
+                        "fixed replicas, on Linux) or Serve's Python proxy (auto's choice otherwise)")  # fmt: skip
     p.add_argument("--layout", choices=("single", "composed"),
                    help="ensemble in one deployment, or one deployment per member")
     p.add_argument("--token-env", metavar="VAR", dest="token_env", help="require a bearer token read from $VAR")
