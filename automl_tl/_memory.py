@@ -76,11 +76,11 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def reset_peak_rss() -> None:
-    """Restart the high-water mark from the current resident size (Linux ``clear_refs`` 5; elsewhere a no-op),
-    so that a reused trial actor reports each trial's own peak."""
+def reset_peak_rss(pid: int | str = "self") -> None:
+    """Restart a process's high-water mark from its current resident size (Linux ``clear_refs`` 5; a no-op
+    elsewhere or for a process that ended), so that a reused trial actor reports each trial's own peak."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError:
         pass
 

@@ -38,6 +38,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
+from automl_tl._memory import reset_peak_rss  # noqa: E402
 from automl_tl.artifact import MemberRecord, write_artifact  # noqa: E402
 from automl_tl.backbones import create_backbone  # noqa: E402
 from automl_tl.predictor import Predictor  # noqa: E402
@@ -166,15 +167,6 @@ def _rss_by_pid(pids: dict[int, str], field: str = "VmRSS") -> dict[int, int]:
     return out
 
 
-def _reset_peaks(pids: dict[int, str]) -> None:
-    """Restart each process's VmHWM from its current resident size (Linux ``clear_refs`` 5)."""
-    for pid in pids:
-        try:
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
-        except OSError:
-            pass  # the process ended
-
-
 def _by_process_mb(pids: dict[int, str], rss: dict[int, int]) -> dict[str, float]:
     return {f"{pids[pid].split()[0]}[{pid}]": round(value / 2**20, 1) for pid, value in sorted(rss.items())}
 
@@ -221,13 +213,15 @@ async def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> 
         # Resident memory each second, and the exact peak of each sixth of the run: every process's VmHWM is
         # read at the end of a window and then reset (clear_refs), so no short-lived peak escapes the windows.
         window_s, next_window = seconds / WINDOWS, start + seconds / WINDOWS
-        _reset_peaks(pids)
+        for pid in pids:
+            reset_peak_rss(pid)
         while time.monotonic() < stop_at:
             snapshots.append(_rss_by_pid(pids))
             memory.append((round(time.monotonic() - start, 1), sum(snapshots[-1].values())))
             if time.monotonic() >= next_window:
                 windows.append(_rss_by_pid(pids, "VmHWM"))
-                _reset_peaks(pids)
+                for pid in pids:
+                    reset_peak_rss(pid)
                 next_window += window_s
             await asyncio.sleep(max(0.05, min(1.0, next_window - time.monotonic())))
         windows.append(_rss_by_pid(pids, "VmHWM"))

@@ -18,7 +18,7 @@ from automl_tl.predictor import Predictor
 from automl_tl.serve import start_server, stop_server
 from automl_tl.serve._server import resolve_ingress
 
-from .test_serve import CLASSES, _free_port, _probs, predictor, process_names, run_dir  # noqa: F401 (fixtures)
+from .test_serve import CLASSES, _free_port, _post, _probs, predictor, process_names, run_dir  # noqa: F401 (fixtures)
 
 
 def test_auto_ingress_keeps_the_python_proxy_where_replicas_come_and_go() -> None:
@@ -39,12 +39,11 @@ def test_the_python_proxy_ingress_answers_like_the_predictor(
     try:
         meta = requests.get(f"{url}/v1/metadata", timeout=10).json()
         assert meta["ingress"] == "proxy" and "haproxy" not in process_names()
-        answers = [requests.post(f"{url}/v1/predict", data=p.read_bytes(), headers={"Content-Type": "image/jpeg"},
-                                 timeout=60) for p in images]  # fmt: skip
+        answers = [_post(url, data=p.read_bytes(), headers={"Content-Type": "image/jpeg"}) for p in images]
         assert all(a.status_code == 200 for a in answers)
         got = [_probs(a.json()["predictions"][0]) for a in answers]
         np.testing.assert_allclose(got, predictor.predict_proba(images), atol=1e-5)
-        bad = requests.post(f"{url}/v1/predict", data=b"not an image", headers={"Content-Type": "image/jpeg"}, timeout=30)
+        bad = _post(url, data=b"not an image", headers={"Content-Type": "image/jpeg"})
         assert bad.status_code == 422 and "image" in bad.json()["detail"]
     finally:
         stop_server()

@@ -10,8 +10,8 @@ Two layouts of the same HTTP API (``AppArgs.layout``):
 Either way the request path is: read the body (bounded), parse and decode it in a worker thread (never on
 the event loop), queue each image into the batcher, answer with the top-k labels. In the single layout a
 request that finds the replica idle skips the decode pool and the batcher: it is decoded and forwarded as
-one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores. Every user error is a
-:class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
+one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores. Every
+user error is a :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
 """
 
 # No ``from __future__ import annotations`` here, on purpose: ``serve.ingress`` pickles the FastAPI app by
@@ -22,8 +22,8 @@ import hmac
 import importlib.resources
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import numpy as np
@@ -44,6 +44,7 @@ from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, device_for, torch_threads
+from automl_tl.serve._server import HAPROXY_FLAG
 from automl_tl.transforms import Preprocessing
 
 __all__ = ["Classifier", "MemberModel", "build_app"]
@@ -209,7 +210,7 @@ class Classifier:
             "mode": self._plan.mode,
             "layout": "single" if self._members is None else "composed",
             # How requests reach this replica: HAProxy straight to its own HTTP server, or Serve's proxy actor.
-            "ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy",
+            "ingress": "haproxy" if os.environ.get(HAPROXY_FLAG) == "1" else "proxy",
             "class_names": list(artifact.class_names),
             "members": [
                 {

@@ -112,7 +112,8 @@ class Forward:
     async def solo(self, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]) -> list[Row]:
         """Prepare and forward one request's images as one batch, in the forward thread, while nothing else
         runs: a lone request skips the decode pool and the batcher (two thread hand-offs and a queue: a lone
-        request's p50 fell from 34.8 to 32.1 ms on 2 cores). Requests arriving meanwhile wait at :meth:`admit` as they would for a batch."""
+        request's p50 fell from 34.8 to 32.1 ms on 2 cores). Requests arriving meanwhile wait at
+        :meth:`admit` as they would for a batch."""
         idle = self._event()
         self._running += 1
         idle.clear()

