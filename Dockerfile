@@ -22,6 +22,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_USAGE_STATS_ENABLED=0 \
+    MALLOC_ARENA_MAX=1 \
+    MALLOC_MMAP_THRESHOLD_=1073741824 \
+    MALLOC_TRIM_THRESHOLD_=1073741824 \
     AUTOML_TL_CACHE_DIR=/home/ray/.cache/automl_tl/datasets
 
 # Every dependency and its pin comes from pyproject.toml (ray, torch, timm, ... exactly as in the venv).

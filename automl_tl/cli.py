@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from automl_tl._memory import tune_malloc
 from automl_tl.errors import AutoMLError
 
 if TYPE_CHECKING:
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_malloc()  # before any thread or model: predict and evaluate run torch in this process
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -41,7 +41,7 @@ def feature_key(data_id: str, backbone: str, pre: Preprocessing, train_idx: np.n
     return digest.hexdigest()[:24]
 
 
-def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: TransferNet, batch_size: int = 64) -> FeatureSet:
+def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: TransferNet, batch_size: int = 32) -> FeatureSet:
     """Train and validation features of ``model``'s frozen extractor, from the cache when present."""
     key = feature_key(data.data_id, backbone, pre, data.train_idx, data.val_idx)
     folder = Path(data.feature_cache_dir)

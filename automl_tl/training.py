@@ -407,8 +407,9 @@ class _ImageSteps(_Steps):
             self._val = torch.stack([self.eval_tf(array_to_tensor(self.images.image(int(i)))) for i in self.data.val_idx])
         self.model.eval()
         out = []
-        for start in range(0, len(self._val), 64):
-            x = self._val[start : start + 64].to(self.device, memory_format=self.memory_format)
+        step = self.cfg.batch_size  # the training batch: the memory request covers it
+        for start in range(0, len(self._val), step):
+            x = self._val[start : start + step].to(self.device, memory_format=self.memory_format)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out.append(torch.softmax(self.model(x).float(), dim=1).cpu())
         probs: np.ndarray = torch.cat(out).numpy()

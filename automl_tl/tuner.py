@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from automl_tl._memory import tune_malloc
 from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
@@ -70,6 +71,7 @@ def ensure_ray(log: Log) -> bool:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our SweepProgress reports; no Tune tables
     if ray.is_initialized():
         return False
+    tune_malloc()  # this process, and an embedded Ray's workers, which inherit the environment
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log(f"[search] joining the Ray cluster at {address}")

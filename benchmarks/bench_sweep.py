@@ -29,6 +29,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from automl_tl._memory import tune_malloc  # noqa: E402
 from automl_tl.config import ExperimentConfig, load_config  # noqa: E402
 from automl_tl.tuner import run_search  # noqa: E402
 
@@ -318,4 +319,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tune_malloc()  # as the CLI does: the bare loops here and the Ray workers they are compared with alike
     main()

@@ -45,10 +45,13 @@ def ray_session() -> object:
     """One local Ray instance for every test of the session that needs one; stopped at the end."""
     import ray
 
+    from automl_tl._memory import tune_malloc
+
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     started = not ray.is_initialized()
     if started:
+        tune_malloc()  # as the CLI does: the workers run with the same allocator settings
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=None)
     yield ray
     if started:

@@ -209,6 +209,10 @@ def test_dockerfile_rules_of_our_own() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
     assert {".venv/", ".git/", "runs/", "**/__pycache__/", "**/auth_token"} <= ignored
     assert not ({"pyproject.toml", "README.md", "automl_tl/", "automl_tl"} & ignored)  # what the build copies
+    from automl_tl._memory import MALLOC_ENV
+
+    env = dict(re.findall(r"\b(MALLOC_\w+)=(\S+)", text))
+    assert env == MALLOC_ENV, "the image's processes (Ray workers included) start with the allocator settings"
 
 
 def _hadolint() -> str | None:

@@ -166,7 +166,8 @@ def test_each_trial_asks_ray_for_the_memory_it_will_peak_at() -> None:
 
 _STEP_PEAK = """
 import json, sys, torch
-from automl_tl._memory import peak_rss_bytes
+from automl_tl._memory import peak_rss_bytes, tune_malloc
+tune_malloc()  # as trials run: the heap keeps large blocks
 from automl_tl.backbones import create_backbone
 torch.set_num_threads(1)
 net = create_backbone("mobilenetv2_100", num_classes=2, freeze_depth=0).to(memory_format=torch.channels_last)
@@ -191,6 +192,46 @@ def test_the_memory_estimate_covers_a_real_training_step() -> None:
     assert measured["peak"] <= estimate  # the whole process, model and Python included, within the request
     activations = measured["peak"] - measured["before"]
     assert activations > 0.5 * (estimate - BASE_BYTES)  # and not a request several times too large
+
+
+_FAULTS_PER_STEP = """
+import json, resource, sys, threading, torch
+from automl_tl._memory import tune_malloc
+if sys.argv[1] == "tuned":
+    tune_malloc()
+def steps(out):
+    for _ in range(6):  # the heap settles after a few blocks
+        torch.ones(16, 2**20).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # a 64 MiB activation made, used and freed, as in every training or forward step
+        torch.ones(16, 2**20).sum()
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+steps(faults)
+worker = threading.Thread(target=steps, args=(faults,))  # Tune and Serve run model code in other threads
+worker.start(); worker.join()
+print(json.dumps(faults))
+"""
+
+
+def test_tuned_malloc_stops_page_faulting_every_large_activation(ray_session: Any) -> None:
+    from automl_tl._memory import MALLOC_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    counts = {}
+    for mode in ("default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                             timeout=120, check=True, env=env)  # fmt: skip
+        counts[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    pages = 10 * 64 * 2**20 // 4096
+    assert all(n > 0.5 * pages for n in counts["default"])  # glibc maps and faults in every block afresh
+    assert all(n < 0.2 * pages for n in counts["tuned"]), counts  # in the main thread and in another one
+
+    @ray_session.remote(num_cpus=0)
+    def worker_env() -> dict[str, str | None]:
+        return {key: os.environ.get(key) for key in MALLOC_ENV}
+
+    assert ray_session.get(worker_env.remote()) == MALLOC_ENV  # the embedded Ray's workers start with it
 
 
 def test_bad_space_names_the_field() -> None:

@@ -43,16 +43,26 @@ from automl_tl.predictor import top_predictions
 from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for
-from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, device_for, torch_threads
+from automl_tl._memory import MALLOC_ENV
+from automl_tl.serve._replica import (
+    Counters,
+    Forward,
+    Row,
+    configure_batching,
+    device_for,
+    single_threaded,
+    torch_threads,
+)
 from automl_tl.serve._server import HAPROXY_FLAG
 from automl_tl.transforms import Preprocessing
 
 __all__ = ["Classifier", "MemberModel", "build_app"]
 
 API_PREFIX = "/v1"
-# Two malloc arenas per replica instead of one per thread: decode threads then reuse memory, and a replica's
-# resident size levels off after warm-up instead of creeping up (benchmarks/bench_serve.py samples it).
-REPLICA_ENV = {"MALLOC_ARENA_MAX": "2"}
+# One malloc arena and no mmap per batch (see automl_tl._memory.MALLOC_ENV): decode threads reuse memory, a
+# replica's resident size levels off after warm-up instead of creeping up (benchmarks/bench_serve.py samples
+# it), and a forward does not fault its activations in page by page.
+REPLICA_ENV = dict(MALLOC_ENV)
 DECODE_THREADS = 2
 
 
@@ -150,11 +160,15 @@ class MemberModel:
     """One ensemble member: batches its preprocessed inputs and returns its (uncalibrated) softmax rows."""
 
     def __init__(self, args: AppArgs, member_index: int) -> None:
-        torch.set_num_threads(torch_threads(args))
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
-        runner = MemberRunner.build(artifact, [member_index], device_for(args))
-        runner.warm_up([Preprocessing.from_dict(artifact.members[member_index].preprocessing)], args.max_batch_size)
-        self._forward = Forward(runner)
+
+        def build() -> MemberRunner:
+            runner = MemberRunner.build(artifact, [member_index], device_for(args))
+            preprocessing = Preprocessing.from_dict(artifact.members[member_index].preprocessing)
+            runner.warm_up([preprocessing], args.max_batch_size)
+            return runner
+
+        self._forward = Forward(build, torch_threads(args))
         configure_batching(self._batched, args)
 
     async def infer(self, pixels: np.ndarray) -> Row:
@@ -189,18 +203,21 @@ class Classifier:
         self._max_side = artifact.decode_max_side
         self._limits = BodyLimits(args.max_body_bytes, args.max_images_per_request)
         self._preprocess = Preprocessor(self._plan.preprocessing)
-        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode", initializer=single_threaded)
         self._members = members
         self._forward: Forward | None = None
         self._in_flight = 0  # requests past reading their body: a lone one takes the direct path
         if members is None:
-            torch.set_num_threads(torch_threads(args))
-            runner = MemberRunner.build(artifact, self._plan.member_indices, device_for(args))
-            runner.warm_up(self._plan.preprocessing, args.max_batch_size)
-            self._forward = Forward(runner)
+
+            def build() -> MemberRunner:
+                runner = MemberRunner.build(artifact, self._plan.member_indices, device_for(args))
+                runner.warm_up(self._plan.preprocessing, args.max_batch_size)
+                return runner
+
+            self._forward = Forward(build, torch_threads(args))
             configure_batching(self._batched, args)
         else:
-            torch.set_num_threads(1)  # the ingress only preprocesses; the member replicas own the cores
+            single_threaded()  # the ingress only preprocesses; the member replicas own the cores
         self._metadata = self._describe(artifact)
 
     def _describe(self, artifact: Artifact) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from automl_tl.errors import ConfigError
 from automl_tl.serve._args import AppArgs
 from automl_tl.serve._model import BatchResult, MemberRunner
 
-__all__ = ["Counters", "Forward", "Row", "configure_batching", "device_for", "memory", "torch_threads"]
+__all__ = ["Counters", "Forward", "Row", "configure_batching", "device_for", "memory", "single_threaded", "torch_threads"]
 
 
 def memory() -> dict[str, int]:
@@ -65,6 +65,18 @@ def torch_threads(args: AppArgs) -> int:
     return args.torch_threads or max(1, round(args.cpus_per_replica))
 
 
+# libgomp (torch's OpenMP) lets a team's idle threads spin between parallel regions only while it manages no
+# more threads than there are cores; past that they sleep and wake on every region. A second thread that runs
+# multi-threaded torch ops (the replica's constructor, a decode thread) tips it over: a tf_efficientnet_lite0
+# forward at batch 1 with 2 threads on 2 cores took 22-25 ms instead of 12.4-12.8 ms. So a replica's models
+# are built, warmed up and run in its one forward thread, and every other thread runs torch single-threaded.
+
+
+def single_threaded() -> None:
+    """Thread initializer: this thread's torch ops run on it alone and never start an OpenMP team."""
+    torch.set_num_threads(1)
+
+
 def configure_batching(batched: Any, args: AppArgs) -> None:
     """Apply the configured batch size and wait to a ``@serve.batch`` method (its decorator has defaults)."""
     batched.set_max_batch_size(args.max_batch_size)
@@ -89,10 +101,13 @@ class Forward:
     wait.
     """
 
-    def __init__(self, runner: MemberRunner) -> None:
-        self.runner = runner
+    def __init__(self, build: Callable[[], MemberRunner], threads: int) -> None:
         self.counters = Counters()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="forward", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+        # Built and warmed up in the thread that will run it: its OpenMP team is the process's only one.
+        self.runner = self._executor.submit(build).result()
         self._running = 0
         self._idle: asyncio.Event | None = None  # made in the replica's event loop, on first use
 

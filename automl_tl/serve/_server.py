@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from automl_tl._memory import tune_malloc
 from automl_tl.errors import ConfigError
 from automl_tl.serve._args import AppArgs, Secret, config_error, read_token, resolve_artifact
 
@@ -169,6 +170,7 @@ def start_server(
     if not ray.is_initialized():
         if local:
             check_port(host, port)
+        tune_malloc()  # an embedded Ray's workers inherit the environment
         # "local": an embedded instance, never some other local cluster that `ray start` left running.
         ray.init(address=address, log_to_driver=False)
         _started["ray"] = True
