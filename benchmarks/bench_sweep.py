@@ -215,14 +215,15 @@ def _memory_fit(rows: list[dict[str, Any]], config: ExperimentConfig, run_dir: P
             continue
         cfg = TrialConfig.from_params({**{k: v for k, v in row.items() if v is not None}, "max_epochs": 1})
         asked = trial_memory_bytes(cfg, config.resources, n_val, None) / 2**20
-        fits.append((row["peak_rss_mb"] / asked, row["peak_rss_mb"], asked, row["trial_id"]))
+        trial = {k: row.get(k) for k in ("trial_id", "backbone", "freeze_depth", "image_size", "batch_size", "augmentation")}
+        fits.append((row["peak_rss_mb"] / asked, row["peak_rss_mb"], asked, trial))
     if not fits:
         return {}
-    worst = max(fits)
+    worst = max(fits, key=lambda f: f[0])
     return {"trials_measured": len(fits), "max_peak_rss_mb": max(f[1] for f in fits),
             "trials_over_their_request": sum(f[0] > 1 for f in fits),
             "worst_peak_over_request": {"ratio": round(worst[0], 3), "peak_mb": worst[1], "asked_mb": round(worst[2]),
-                                        "trial_id": worst[3]}}  # fmt: skip
+                                        "trial": worst[3]}}  # fmt: skip
 
 
 def bench_accuracy(args: argparse.Namespace) -> None:

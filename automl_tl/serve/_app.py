@@ -37,13 +37,13 @@ from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 import automl_tl
+from automl_tl._memory import MALLOC_ENV
 from automl_tl.artifact import Artifact, load_artifact
 from automl_tl.errors import AutoMLError
 from automl_tl.predictor import top_predictions
 from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for
-from automl_tl._memory import MALLOC_ENV
 from automl_tl.serve._replica import (
     Counters,
     Forward,

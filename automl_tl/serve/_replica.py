@@ -19,7 +19,16 @@ from automl_tl.errors import ConfigError
 from automl_tl.serve._args import AppArgs
 from automl_tl.serve._model import BatchResult, MemberRunner
 
-__all__ = ["Counters", "Forward", "Row", "configure_batching", "device_for", "memory", "single_threaded", "torch_threads"]
+__all__ = [
+    "Counters",
+    "Forward",
+    "Row",
+    "configure_batching",
+    "device_for",
+    "memory",
+    "single_threaded",
+    "torch_threads",
+]
 
 
 def memory() -> dict[str, int]:
