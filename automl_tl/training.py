@@ -206,6 +206,12 @@ def train_trial(
 
     mode = METRIC_MODES[cfg.metric]
     last: EpochResult | None = None
+    ended = dict(state.get("last_metrics") or {})
+    if ended.get("stop_reason"):
+        # The trial had ended when the driver was killed, before Tune recorded it: its checkpoint is the last
+        # one. Report that end again instead of training on past it (or reporting nothing).
+        report(ended, None)
+        return EpochResult(int(state["epoch"]), ended, False)
     for epoch in range(int(state["epoch"]) + 1, cfg.max_epochs + 1):
         started = time.perf_counter()
         train_loss, train_acc = steps.train_epoch(optimizer, schedule, epoch)
@@ -241,6 +247,7 @@ def train_trial(
             "peak_rss_mb": _mib(peak_rss_bytes()),
             "stop_reason": stop_reason,
         }
+        state["last_metrics"] = metrics  # a resume from this checkpoint knows whether the trial had ended
         with tempfile.TemporaryDirectory(prefix="automl_tl_ckpt_") as tmp:
             ckpt = Path(tmp) if rank == 0 else None
             if ckpt is not None:

@@ -234,6 +234,40 @@ def test_tuned_malloc_stops_page_faulting_every_large_activation(ray_session: An
     assert ray_session.get(worker_env.remote()) == MALLOC_ENV  # the embedded Ray's workers start with it
 
 
+def test_a_trial_resumed_from_its_last_checkpoint_reports_its_end_and_trains_no_more(
+    hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    # The driver can be killed after a trial's last report and checkpoint but before Tune records it as
+    # finished; the resume restores it from that checkpoint and must end it with its real stop reason.
+    import shutil
+
+    from automl_tl.rundir import RunDir
+    from automl_tl.training import TrialConfig, train_trial
+    from automl_tl.tuner import prepare_data
+
+    config = load_config({"data": {"source": str(hymenoptera_dir), "cache_dir": str(data_cache_dir)}})
+    (tmp_path / "run").mkdir()
+    data = prepare_data(config, RunDir(tmp_path / "run"), None, progress=False)
+    cfg = TrialConfig.from_params({**_trial(backbone="mobilenetv2_100", image_size=64, freeze_depth=6).to_dict(),
+                                   "max_epochs": 2, "augmentation": "none"})  # fmt: skip
+    kept = tmp_path / "last_checkpoint"
+    first: list[dict[str, Any]] = []
+
+    def keep(metrics: dict[str, Any], ckpt: Path | None) -> None:
+        first.append(metrics)
+        if ckpt is not None:
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(ckpt, kept)
+
+    train_trial(cfg, data, keep, tmp_path / "out")
+    assert [m["stop_reason"] for m in first] == ["", "max_epochs"]
+    again: list[tuple[dict[str, Any], Path | None]] = []
+    last = train_trial(cfg, data, lambda m, c: again.append((m, c)), tmp_path / "out", resume_dir=kept)
+    assert len(again) == 1 and again[0][1] is None  # one report, no new epoch and no new checkpoint
+    assert again[0][0]["stop_reason"] == "max_epochs" and again[0][0]["epoch"] == 2
+    assert last is not None and last.epoch == 2
+
+
 def test_bad_space_names_the_field() -> None:
     with pytest.raises(ConfigError, match="space.freeze_depths: 12 is deeper"):
         build_param_space(load_config({"space": {"freeze_depths": [0, 12]}}))
@@ -391,7 +425,7 @@ def test_killed_driver_resumes_without_repeating_finished_trials(
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_leaderboard(run_dir)
     assert len(rows) == 4
-    assert all(r["stop_reason"].startswith("max_epochs") for r in rows)
+    assert all(r["stop_reason"].startswith("max_epochs") for r in rows), [(r["trial_id"], r["stop_reason"], r.get("epochs_run")) for r in rows]
     for trial_id, mtime in finished_before.items():
         row = next(r for r in rows if r["trial_id"] == trial_id)
         model = run_dir / "trials" / trial_id / "model.safetensors"
