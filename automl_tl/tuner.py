@@ -18,13 +18,14 @@ On a multi-node cluster a local ``RUN_DIR`` is refused unless every node mounts 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,8 @@ def fit(tuner: Any, run: RunDir) -> Any:
     from ray.exceptions import OutOfMemoryError
 
     try:
-        return tuner.fit()
+        with _removing_leftover_worker_groups():
+            return tuner.fit()
     except RuntimeError as exc:
         if not isinstance(exc.__cause__, OutOfMemoryError):
             raise
@@ -222,6 +224,40 @@ def fit(tuner: Any, run: RunDir) -> Any:
             f"'automl-tl resume {run.location}' continues the sweep; for a new search lower "
             "search.max_concurrent_trials or space.batch_sizes, or give each trial more memory"
         ) from None
+
+
+def _live_placement_groups() -> dict[str, Any]:
+    """This job's placement groups that still hold or wait for resources.
+
+    A placement group id ends with the id of the job that created it (Ray's id layout), so a driver that shares
+    the cluster with other jobs only ever sees its own.
+    """
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    table = ray.util.placement_group_table()
+    return {pg_id: info for pg_id, info in table.items() if info["state"] != "REMOVED" and pg_id.endswith(job)}
+
+
+@contextlib.contextmanager
+def _removing_leftover_worker_groups() -> Iterator[None]:
+    """Remove the placement groups the sweep's Ray Train worker groups leave behind.
+
+    Tune stops a trial at its last report, before its ``TorchTrainer`` has shut its worker group down, so the
+    group's reservation outlives the trial by a few seconds (measured: still there when ``fit`` returns, gone 3 s
+    later). A sweep started right after in the same driver could then not place its own workers: the tests saw
+    two 0.5-CPU workers wait on 0.999 free CPUs until Ray Train gave up. Everything this job reserved during the
+    sweep is a leftover once ``fit`` has returned.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    before = set(_live_placement_groups())
+    try:
+        yield
+    finally:
+        for pg_id in set(_live_placement_groups()) - before:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
 
 
 def _build_tuner(

@@ -21,7 +21,7 @@ from automl_tl.errors import BackboneError, ConfigError
 from automl_tl.results import build_results
 from automl_tl.space import build_param_space, frozen_start_points
 from automl_tl.trainable import FAULT_ENV
-from automl_tl.tuner import rank_rows, run_search
+from automl_tl.tuner import _live_placement_groups, rank_rows, run_search
 
 pytestmark = pytest.mark.slow
 
@@ -351,6 +351,9 @@ def test_ray_train_engine_runs_a_torch_trainer(
     rows = read_leaderboard(run_dir)
     assert rows[0]["stop_reason"] == "max_epochs" and rows[0]["has_model"] == "True"
     assert any((run_dir / "train").iterdir())  # Ray Train's own run storage
+    # Tune ends the trial before its TorchTrainer has released its workers' reservation; a sweep started next in
+    # this driver (the two-worker test) must not find it still holding the CPU.
+    assert _live_placement_groups() == {}
 
 
 def test_two_worker_trial_trains_with_ddp_through_ray_train(

@@ -43,15 +43,13 @@ from automl_tl.errors import AutoMLError
 from automl_tl.predictor import top_predictions
 from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
-from automl_tl.serve._model import MemberRunner, Preprocessor, ServingPlan, plan_for
+from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import (
     Counters,
     Forward,
     Row,
     configure_batching,
-    device_for,
     single_threaded,
-    torch_threads,
 )
 from automl_tl.serve._server import HAPROXY_FLAG
 from automl_tl.transforms import Preprocessing
@@ -161,14 +159,8 @@ class MemberModel:
 
     def __init__(self, args: AppArgs, member_index: int) -> None:
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
-
-        def build() -> MemberRunner:
-            runner = MemberRunner.build(artifact, [member_index], device_for(args))
-            preprocessing = Preprocessing.from_dict(artifact.members[member_index].preprocessing)
-            runner.warm_up([preprocessing], args.max_batch_size)
-            return runner
-
-        self._forward = Forward(build, torch_threads(args))
+        preprocessing = Preprocessing.from_dict(artifact.members[member_index].preprocessing)
+        self._forward = Forward.serving(artifact, [member_index], [preprocessing], args)
         configure_batching(self._batched, args)
 
     async def infer(self, pixels: np.ndarray) -> Row:
@@ -208,13 +200,7 @@ class Classifier:
         self._forward: Forward | None = None
         self._in_flight = 0  # requests past reading their body: a lone one takes the direct path
         if members is None:
-
-            def build() -> MemberRunner:
-                runner = MemberRunner.build(artifact, self._plan.member_indices, device_for(args))
-                runner.warm_up(self._plan.preprocessing, args.max_batch_size)
-                return runner
-
-            self._forward = Forward(build, torch_threads(args))
+            self._forward = Forward.serving(artifact, self._plan.member_indices, self._plan.preprocessing, args)
             configure_batching(self._batched, args)
         else:
             single_threaded()  # the ingress only preprocesses; the member replicas own the cores

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from automl_tl._memory import trim_heap
+from automl_tl.artifact import Artifact
 from automl_tl.errors import ConfigError
 from automl_tl.serve._args import AppArgs
 from automl_tl.serve._model import BatchResult, MemberRunner
+from automl_tl.transforms import Preprocessing
 
 __all__ = [
     "Counters",
@@ -119,6 +121,19 @@ class Forward:
         self.runner = self._executor.submit(build).result()
         self._running = 0
         self._idle: asyncio.Event | None = None  # made in the replica's event loop, on first use
+
+    @classmethod
+    def serving(
+        cls, artifact: Artifact, member_indices: Sequence[int], preprocessing: Sequence[Preprocessing], args: AppArgs
+    ) -> Forward:
+        """The forward thread of a replica that serves these members of the artifact."""
+
+        def build() -> MemberRunner:
+            runner = MemberRunner.build(artifact, member_indices, device_for(args))
+            runner.warm_up(preprocessing, args.max_batch_size)
+            return runner
+
+        return cls(build, torch_threads(args))
 
     def _event(self) -> asyncio.Event:
         if self._idle is None:
