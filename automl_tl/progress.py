@@ -60,7 +60,7 @@ class SweepProgress(Callback):
         left: float | None = None
         if 0 < ended < self.num_samples:
             left = elapsed / ended * (self.num_samples - ended)
-        if self.time_budget_s is not None:  # the budget ends the sweep first when the trial count would not
+        if self.time_budget_s is not None and ended < self.num_samples:  # the budget may end the sweep first
             left = min(left if left is not None else math.inf, max(self.time_budget_s - elapsed, 0.0))
         eta = f", ~{_clock(left)} left" if left is not None else ""
         best = f"{self.best:.4f} ({self.best_trial})" if self.best is not None else "-"

@@ -87,6 +87,10 @@ def test_progress_estimate_never_exceeds_the_time_budget() -> None:
     unbounded.started -= 100.0
     unbounded.finished = 1
     assert re.search(r"1m40s, ~5m0[01]s left$", unbounded._status())
+    done = SweepProgress(lambda line: None, "val_accuracy", "max", 4, time_budget_s=900.0)
+    done.started -= 100.0
+    done.finished, done.stopped = 3, 1  # every trial has ended: nothing is left, whatever the budget
+    assert done._status().endswith("| 1m40s")
 
 
 def test_ties_on_the_metric_go_to_the_lower_log_loss() -> None:
