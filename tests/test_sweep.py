@@ -174,7 +174,7 @@ from automl_tl._memory import peak_rss_bytes, tune_malloc
 tune_malloc()  # as trials run: the heap keeps large blocks
 from automl_tl.backbones import create_backbone
 torch.set_num_threads(1)
-net = create_backbone("mobilenetv2_100", num_classes=2, freeze_depth=0).to(memory_format=torch.channels_last)
+net = create_backbone("mobilenetv2_100", num_classes=2, freeze_depth=int(sys.argv[1])).to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
 x = torch.randn(32, 3, 160, 160).contiguous(memory_format=torch.channels_last)
 before = peak_rss_bytes()
@@ -186,16 +186,25 @@ print(json.dumps({"before": before, "peak": peak_rss_bytes()}))
 """
 
 
+def _step_peak(freeze_depth: int) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", _STEP_PEAK, str(freeze_depth)], capture_output=True, text=True,
+                         timeout=300, check=True)  # fmt: skip
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def test_the_memory_estimate_covers_a_real_training_step() -> None:
-    from automl_tl._memory import BASE_BYTES
+    from automl_tl._memory import BASE_BYTES, activation_share
     from automl_tl.trainable import trial_memory_bytes
 
-    out = subprocess.run([sys.executable, "-c", _STEP_PEAK], capture_output=True, text=True, timeout=300, check=True)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = _step_peak(0)
     estimate = trial_memory_bytes(_trial(backbone="mobilenetv2_100", image_size=160), load_config(None).resources, 0, None)
     assert measured["peak"] <= estimate  # the whole process, model and Python included, within the request
     activations = measured["peak"] - measured["before"]
     assert activations > 0.5 * (estimate - BASE_BYTES)  # and not a request several times too large
+    # Freezing the stem and the first, shallow stage saves little: the estimate must not assume it saves more.
+    shallow = _step_peak(1)
+    measured_share = (shallow["peak"] - shallow["before"]) / activations
+    assert activation_share(1, 8) >= measured_share - 0.05, measured_share
 
 
 _FAULTS_PER_STEP = """
