@@ -246,8 +246,8 @@ def _removing_leftover_worker_groups() -> Iterator[None]:
     Tune stops a trial at its last report, before its ``TorchTrainer`` has shut its worker group down, so the
     group's reservation outlives the trial by a few seconds (measured: still there when ``fit`` returns, gone 3 s
     later). A sweep started right after in the same driver could then not place its own workers: the tests saw
-    two 0.5-CPU workers wait on 0.999 free CPUs until Ray Train gave up. Everything this job reserved during the
-    sweep is a leftover once ``fit`` has returned.
+    two 0.5-CPU workers wait on 0.999 free CPUs, and the test failed or hung. Everything this job reserved during
+    the sweep is a leftover once ``fit`` has returned.
     """
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group

@@ -44,15 +44,8 @@ from automl_tl.predictor import top_predictions
 from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
-from automl_tl.serve._replica import (
-    Counters,
-    Forward,
-    Row,
-    configure_batching,
-    single_threaded,
-)
+from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded
 from automl_tl.serve._server import HAPROXY_FLAG
-from automl_tl.transforms import Preprocessing
 
 __all__ = ["Classifier", "MemberModel", "build_app"]
 
@@ -159,8 +152,7 @@ class MemberModel:
 
     def __init__(self, args: AppArgs, member_index: int) -> None:
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
-        preprocessing = Preprocessing.from_dict(artifact.members[member_index].preprocessing)
-        self._forward = Forward.serving(artifact, [member_index], [preprocessing], args)
+        self._forward = Forward.serving(artifact, [member_index], args)
         configure_batching(self._batched, args)
 
     async def infer(self, pixels: np.ndarray) -> Row:
@@ -200,7 +192,7 @@ class Classifier:
         self._forward: Forward | None = None
         self._in_flight = 0  # requests past reading their body: a lone one takes the direct path
         if members is None:
-            self._forward = Forward.serving(artifact, self._plan.member_indices, self._plan.preprocessing, args)
+            self._forward = Forward.serving(artifact, self._plan.member_indices, args)
             configure_batching(self._batched, args)
         else:
             single_threaded()  # the ingress only preprocesses; the member replicas own the cores

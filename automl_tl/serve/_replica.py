@@ -123,10 +123,9 @@ class Forward:
         self._idle: asyncio.Event | None = None  # made in the replica's event loop, on first use
 
     @classmethod
-    def serving(
-        cls, artifact: Artifact, member_indices: Sequence[int], preprocessing: Sequence[Preprocessing], args: AppArgs
-    ) -> Forward:
+    def serving(cls, artifact: Artifact, member_indices: Sequence[int], args: AppArgs) -> Forward:
         """The forward thread of a replica that serves these members of the artifact."""
+        preprocessing = [Preprocessing.from_dict(artifact.members[i].preprocessing) for i in member_indices]
 
         def build() -> MemberRunner:
             runner = MemberRunner.build(artifact, member_indices, device_for(args))
