@@ -82,7 +82,8 @@ def _free_port() -> int:
 def server(ray_session: Any, run_dir: Path, hymenoptera_dir: Path) -> Iterator[dict[str, str]]:
     port = _free_port()
     try:
-        url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5, **LIMITS)
+        # Two forward lanes: the concurrent-requests test checks that batches ran side by side.
+        url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5, forward_lanes=2, **LIMITS)
         secure = start_server(
             run_dir / "artifact", port=port, token=TOKEN, name="secure", route_prefix="/secure",
             layout="composed", cpus_per_replica=0.5, **LIMITS,
@@ -166,6 +167,8 @@ def test_concurrent_requests_are_batched_and_agree_with_the_predictor(
     answers = [r.json()["predictions"][0] for r in responses]
     np.testing.assert_allclose([_probs(a) for a in answers], expected[jobs], atol=1e-5)
     assert max(a["timing"]["batch_size"] for a in answers) > 1  # concurrent requests shared a forward pass
+    stats = requests.get(f"{server['open']}/v1/stats", timeout=30).json()["ingress"]
+    assert stats["lanes"] == 2 and stats["peak_busy_lanes"] == 2  # and two batches ran at once
 
 
 def _png(width: int, height: int) -> bytes:
@@ -410,9 +413,65 @@ def test_a_replica_runs_multithreaded_torch_only_in_its_forward_thread() -> None
     try:
         with ThreadPoolExecutor(1, initializer=single_threaded) as decode:
             assert decode.submit(torch.get_num_threads).result() == 1
-        assert forward._executor.submit(torch.get_num_threads).result() == 2  # the forward thread keeps its cores
+        assert forward._lanes[0].submit(torch.get_num_threads).result() == 2  # the forward thread keeps its cores
     finally:
         torch.set_num_threads(before)  # threads that later tests start take torch's process-wide default
+
+
+def test_a_replica_of_two_lanes_runs_batches_side_by_side_and_a_lone_request_on_every_thread() -> None:
+    import asyncio
+    import threading
+
+    import torch
+
+    from automl_tl.serve._replica import Forward
+
+    class Probe(torch.nn.Module):
+        """Records which thread ran each forward, on how many torch threads, and when."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 8 * 8, 2)
+            self.seen: list[tuple[int, int, float, float]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            time.sleep(0.05)  # long enough for the two lanes' forwards to overlap
+            self.seen.append((threading.get_ident(), torch.get_num_threads(), start, time.perf_counter()))
+            return self.linear(x.flatten(1))
+
+    probe = Probe()
+    item = (torch.zeros(3, 8, 8),)
+    before = torch.get_num_threads()
+    try:
+        forward = Forward(lambda: MemberRunner([probe]), threads=2, lanes=2, warm_up=lambda r: r.run([item]))
+        probe.seen.clear()
+
+        async def scenario() -> dict[str, Any]:
+            got: dict[str, Any] = {"solo": await forward.solo(lambda: [item, item])}
+            got["wide"] = probe.seen[-1]
+            got["pair"] = await asyncio.gather(forward.run([item] * 3), forward.run([item] * 2))
+            got["narrow"] = probe.seen[-2:]
+            first, second = await forward.start([item]), await forward.start([item])
+            waiting = asyncio.ensure_future(forward.admit())
+            await asyncio.sleep(0.02)
+            got["admitted_while_both_busy"] = waiting.done()
+            with pytest.raises(RuntimeError, match="idle"):
+                await forward.solo(lambda: [item])
+            await asyncio.gather(*first, *second)
+            await asyncio.wait_for(waiting, timeout=5.0)
+            got["idle_after"] = forward.idle
+            return got
+
+        got = asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(before)
+    assert len(got["solo"]) == 2 and got["wide"][1] == 2  # a lone request: one batch on both threads
+    (one, two) = got["narrow"]
+    assert [len(rows) for rows in got["pair"]] == [3, 2]
+    assert one[0] != two[0] and one[1] == two[1] == 1  # two lanes, one torch thread each
+    assert max(one[2], two[2]) < min(one[3], two[3])  # and at the same time
+    assert not got["admitted_while_both_busy"] and got["idle_after"]
 
 
 def test_multipart_parsing_is_byte_exact() -> None:
@@ -467,6 +526,21 @@ def test_app_builder_takes_typed_arguments(run_dir: Path) -> None:
         call_user_app_builder_with_args_if_necessary(app, {"artifact": str(run_dir), "mode": "worst"})
     with pytest.raises(ValidationError, match="min_replicas <= max_replicas"):
         AppArgs(artifact="x", min_replicas=3, max_replicas=2)
+
+
+def test_a_cpu_replica_forwards_one_batch_per_core_and_a_gpu_replica_one() -> None:
+    one_core = AppArgs(artifact="x")
+    assert (one_core.threads_per_replica(), one_core.lanes_per_replica()) == (1, 1)
+    assert one_core.ongoing_requests_limit() == 16  # a batch of 8 running, one filling
+    four = AppArgs(artifact="x", cpus_per_replica=4)
+    assert (four.threads_per_replica(), four.lanes_per_replica(), four.ongoing_requests_limit()) == (4, 4, 40)
+    gpu = AppArgs(artifact="x", cpus_per_replica=4, gpus_per_replica=1)
+    assert gpu.lanes_per_replica() == 1 and gpu.ongoing_requests_limit() == 16
+    assert AppArgs(artifact="x", cpus_per_replica=2, forward_lanes=1).lanes_per_replica() == 1
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="forward_lanes"):
+        AppArgs(artifact="x", forward_lanes=0)
 
 
 def test_emit_config_for_serve_deploy_and_kuberay(run_dir: Path, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ Two layouts of the same HTTP API (``AppArgs.layout``):
 Either way the request path is: read the body (bounded), parse and decode it in a worker thread (never on
 the event loop), queue each image into the batcher, answer with the top-k labels. In the single layout a
 request that finds the replica idle skips the decode pool and the batcher: it is decoded and forwarded as
-one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores. Every
+one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores. A CPU
+replica of several cores forwards batches in several lanes at once (:class:`~automl_tl.serve._replica.Forward`). Every
 user error is a :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
 """
 
@@ -158,11 +159,12 @@ class MemberModel:
     async def infer(self, pixels: np.ndarray) -> Row:
         """This member's softmax row for one preprocessed CHW input."""
         await self._forward.admit()
-        return await self._batched((torch.from_numpy(pixels),))
+        return await (await self._batched((torch.from_numpy(pixels),)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[Row]:
-        return await self._forward.run(inputs)
+    async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[asyncio.Future[Row]]:
+        # Returns once the batch has a lane, so the batcher forms the next one for another lane meanwhile.
+        return await self._forward.start(inputs)
 
     async def ready(self) -> bool:
         return True
@@ -272,14 +274,14 @@ class Classifier:
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[Row]:
+    async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[asyncio.Future[Row]]:
         assert self._forward is not None  # the single layout
-        return await self._forward.run(inputs)
+        return await self._forward.start(inputs)  # as MemberModel._batched
 
     async def _infer(self, inputs: tuple[torch.Tensor, ...]) -> Row:
         if self._forward is not None:
             await self._forward.admit()
-            return await self._batched(inputs)
+            return await (await self._batched(inputs))
         assert self._members is not None
         rows = await asyncio.gather(*(h.infer.remote(x.numpy()) for h, x in zip(self._members, inputs)))
         return tuple(r[0][0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows)

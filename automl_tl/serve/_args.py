@@ -63,6 +63,8 @@ class AppArgs(BaseModel):
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1, le=256)
+    # Batches a replica forwards side by side, each on one torch thread (see serve._replica.Forward).
+    forward_lanes: int | None = Field(None, ge=1, le=256)
     max_batch_size: int = Field(8, ge=1, le=1024)
     # No wait by default: batches fill from the requests that queue while the previous batch runs (one
     # batch at a time), so a lone request is not held back; a positive wait fills batches at light load.
@@ -104,9 +106,20 @@ class AppArgs(BaseModel):
             "target_ongoing_requests": self.target_ongoing_requests or float(self.max_batch_size),
         }
 
+    def threads_per_replica(self) -> int:
+        """Torch threads a replica uses: ``torch_threads``, else one per reserved CPU."""
+        return self.torch_threads or max(1, round(self.cpus_per_replica))
+
+    def lanes_per_replica(self) -> int:
+        """Batches a replica forwards at once: ``forward_lanes``, else one per torch thread on a CPU replica
+        and one on a GPU (its kernels queue on one device anyway)."""
+        if self.forward_lanes is not None:
+            return self.forward_lanes
+        return 1 if self.gpus_per_replica > 0 else self.threads_per_replica()
+
     def ongoing_requests_limit(self) -> int:
-        """One batch running and one filling: enough to keep batches full without hoarding queued work."""
-        return self.max_ongoing_requests or max(2 * self.max_batch_size, 4)
+        """A batch running in each lane and one filling: enough to keep batches full without hoarding work."""
+        return self.max_ongoing_requests or max((self.lanes_per_replica() + 1) * self.max_batch_size, 4)
 
 
 def config_error(exc: ValidationError) -> ConfigError:

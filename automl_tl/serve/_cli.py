@@ -25,6 +25,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="model replicas (initial count when autoscaling)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, dest="gpus_per_replica")
     p.add_argument("--cpus-per-replica", type=float, dest="cpus_per_replica", help="default 1")
+    p.add_argument("--forward-lanes", type=int, dest="forward_lanes",
+                   help="batches a replica forwards side by side, one core each (default: one per CPU; 1 on a GPU)")
     p.add_argument("--min-replicas", type=int, dest="min_replicas", help="turns on autoscaling")
     p.add_argument("--max-replicas", type=int, dest="max_replicas", help="turns on autoscaling")
     p.add_argument("--target-ongoing-requests", type=float, dest="target_ongoing_requests",
@@ -51,7 +53,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         name: getattr(args, name)
         for name in ("cpus_per_replica", "min_replicas", "max_replicas", "target_ongoing_requests", "max_batch_size",
-                     "layout", "token_env", "token_file", "max_pixels")  # fmt: skip
+                     "layout", "token_env", "token_file", "max_pixels", "forward_lanes")  # fmt: skip
         if getattr(args, name) is not None
     }
     if args.batch_wait_ms is not None:
