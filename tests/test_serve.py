@@ -534,6 +534,8 @@ def test_a_cpu_replica_forwards_one_batch_per_core_and_a_gpu_replica_one() -> No
     assert one_core.ongoing_requests_limit() == 16  # a batch of 8 running, one filling
     four = AppArgs(artifact="x", cpus_per_replica=4)
     assert (four.threads_per_replica(), four.lanes_per_replica(), four.ongoing_requests_limit()) == (4, 4, 40)
+    scaled = AppArgs(artifact="x", cpus_per_replica=4, max_replicas=3).autoscaling_config()
+    assert scaled["target_ongoing_requests"] == 32.0  # a full batch for each of the 4 lanes
     gpu = AppArgs(artifact="x", cpus_per_replica=4, gpus_per_replica=1)
     assert gpu.lanes_per_replica() == 1 and gpu.ongoing_requests_limit() == 16
     assert AppArgs(artifact="x", cpus_per_replica=2, forward_lanes=1).lanes_per_replica() == 1

@@ -47,7 +47,7 @@ class AppArgs(BaseModel):
 
     ``replicas`` is the fixed replica count; setting ``min_replicas`` or ``max_replicas`` turns on
     autoscaling between them (starting at ``replicas``), aiming at ``target_ongoing_requests`` per replica
-    (default: one full batch). The bearer token is read inside each replica from the environment variable
+    (default: one full batch per forward lane). The bearer token is read inside each replica from the environment variable
     ``token_env`` or the file ``token_file``; it is never part of the arguments.
     """
 
@@ -103,7 +103,8 @@ class AppArgs(BaseModel):
             "min_replicas": low,
             "max_replicas": high,
             "initial_replicas": min(max(self.replicas, low), high),
-            "target_ongoing_requests": self.target_ongoing_requests or float(self.max_batch_size),
+            "target_ongoing_requests": self.target_ongoing_requests
+            or float(self.lanes_per_replica() * self.max_batch_size),
         }
 
     def threads_per_replica(self) -> int:

@@ -30,7 +30,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-replicas", type=int, dest="min_replicas", help="turns on autoscaling")
     p.add_argument("--max-replicas", type=int, dest="max_replicas", help="turns on autoscaling")
     p.add_argument("--target-ongoing-requests", type=float, dest="target_ongoing_requests",
-                   help="autoscaling target per replica (default: the batch size)")
+                   help="autoscaling target per replica (default: the batch size per forward lane)")
     p.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="dynamic batching size (default 8)")
     p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms",
                    help="longest wait to fill a batch (default 0: a batch closes when the model is free)")  # fmt: skip
