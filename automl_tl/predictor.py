@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from automl_tl.artifact import Artifact, load_artifact
-from automl_tl.backbones import memory_format_for
+from automl_tl.backbones import memory_format_for, ready_for_inference
 from automl_tl.ensemble import apply_temperature, combine
 from automl_tl.errors import DatasetError
 from automl_tl.transforms import Preprocessing, eval_transform
@@ -215,7 +215,7 @@ class Predictor:
         self.artifact = artifact
         self.device = torch.device(device)
         self._format = memory_format_for(self.device)
-        self.models = [m.to(self.device).to(memory_format=self._format).eval() for m in models]
+        self.models = [ready_for_inference(m, self.device) for m in models]  # batch norms folded
         self.preprocessing = tuple(Preprocessing.from_dict(m.preprocessing) for m in artifact.members)
         # One transform (and one batch) per distinct preprocessing, shared by members that use it.
         self._transforms = {pre: eval_transform(pre) for pre in self.preprocessing}

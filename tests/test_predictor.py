@@ -66,12 +66,13 @@ def test_same_answers_as_the_evaluation_loop(images: Path, artifact_dir: Path, p
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     expected = _evaluation_loop(artifact_dir, arrays)
     got = predictor.predict_proba(paths, batch_size=3)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # The Predictor folds batch norms into their convolutions, which reorders float arithmetic (2e-6 seen).
+    np.testing.assert_allclose(got, expected, atol=1e-5)
     assert got.shape == (8, 2) and np.allclose(got.sum(axis=1), 1.0)
     # every input form gives the same answer
-    np.testing.assert_allclose(predictor.predict_proba(arrays), expected, atol=1e-6)
-    np.testing.assert_allclose(predictor.predict_proba([Image.open(p) for p in paths]), expected, atol=1e-6)
-    np.testing.assert_allclose(predictor.predict_proba(str(p) for p in paths), expected, atol=1e-6)
+    np.testing.assert_allclose(predictor.predict_proba(arrays), got, atol=1e-6)
+    np.testing.assert_allclose(predictor.predict_proba([Image.open(p) for p in paths]), got, atol=1e-6)
+    np.testing.assert_allclose(predictor.predict_proba(str(p) for p in paths), got, atol=1e-6)
 
 
 def test_same_answers_as_the_data_sets_evaluation_loop(

@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 from automl_tl.backbones._builder import HUB_PREFIX, TransferNet, create_backbone, memory_format_for, resolve_spec
+from automl_tl.backbones._inference import fold_batch_norms, ready_for_inference
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -43,6 +44,8 @@ __all__ = [
     "resolve_spec",
     "create_backbone",
     "memory_format_for",
+    "fold_batch_norms",
+    "ready_for_inference",
     "fetch_weights",
     "fetched_sources",
     "source_status",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from automl_tl.artifact import Artifact
-from automl_tl.backbones import memory_format_for
+from automl_tl.backbones import memory_format_for, ready_for_inference
 from automl_tl.ensemble import apply_temperature, combine
 from automl_tl.errors import ArtifactError
 from automl_tl.transforms import Preprocessing, eval_transform
@@ -119,7 +119,7 @@ class MemberRunner:
     def __init__(self, models: Sequence[torch.nn.Module], device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self._format = memory_format_for(self.device)
-        self.models = [m.to(self.device).to(memory_format=self._format).eval() for m in models]
+        self.models = [ready_for_inference(m, self.device) for m in models]  # batch norms folded
 
     @classmethod
     def build(cls, artifact: Artifact, indices: Sequence[int], device: str | torch.device = "cpu") -> MemberRunner:
