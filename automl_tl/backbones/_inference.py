@@ -39,7 +39,8 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     or ``model`` itself when there is none or the folded copy does not answer as ``model`` does."""
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         return model
-    probe = torch.randn(2, 3, _PROBE_SIDE, _PROBE_SIDE, generator=torch.Generator().manual_seed(0))
+    where = next((p.device for p in model.parameters()), torch.device("cpu"))
+    probe = torch.randn(2, 3, _PROBE_SIDE, _PROBE_SIDE, generator=torch.Generator().manual_seed(0)).to(where)
     try:
         with torch.inference_mode():
             expected = model(probe)
