@@ -413,7 +413,8 @@ def main() -> None:
             deployments[key] = {"replicas": run["replicas"], "threads_per_replica": run["threads_per_replica"],
                                 "forward_lanes": lanes,
                                 "throughput_ratio": round(ratio, 3), "single_request_p50_ms": p50,
-                                "over_fastest_forward_ms": round(gap, 2), "over_same_threads_forward_ms": round(same, 2),
+                                "over_fastest_forward_ms": round(gap, 2),
+                                "over_same_threads_forward_ms": round(same, 2),
                                 "over_in_process_decode_and_forward_ms": round(whole, 2)}  # fmt: skip
             where = f"{mode}, {run['replicas']} replica(s) x {run['threads_per_replica']} thread(s) x {lanes} lane(s)"
             checks[f"{where}: serve / in-process throughput >= 0.8 (got {ratio:.2f}) and single-request p50 - "

@@ -115,7 +115,8 @@ def test_serving_folds_every_batch_norm_and_answers_as_before(name: str) -> None
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())
     x = torch.randn(4, 3, 96, 96)
     with torch.inference_mode():
-        want, got = torch.softmax(original(x), 1), torch.softmax(served(x.contiguous(memory_format=torch.channels_last)), 1)
+        want = torch.softmax(original(x), 1)
+        got = torch.softmax(served(x.contiguous(memory_format=torch.channels_last)), 1)
     assert (got - want).abs().max().item() < 1e-5
 
 

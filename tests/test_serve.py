@@ -450,7 +450,8 @@ def test_a_replica_of_two_lanes_runs_batches_side_by_side_and_a_lone_request_on_
         async def scenario() -> dict[str, Any]:
             got: dict[str, Any] = {"solo": await forward.solo(lambda: [item, item])}
             got["wide"] = probe.seen[-1]
-            got["pair"] = await asyncio.gather(forward.run([item] * 3), forward.run([item] * 2))
+            three, two = await forward.start([item] * 3), await forward.start([item] * 2)
+            got["pair"] = [await asyncio.gather(*three), await asyncio.gather(*two)]
             got["narrow"] = probe.seen[-2:]
             first, second = await forward.start([item]), await forward.start([item])
             waiting = asyncio.ensure_future(forward.admit())

@@ -42,10 +42,8 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     where = next((p.device for p in model.parameters()), torch.device("cpu"))
     probe = torch.randn(2, 3, _PROBE_SIDE, _PROBE_SIDE, generator=torch.Generator().manual_seed(0)).to(where)
     try:
-        with torch.inference_mode():
-            expected = model(probe)
         folded = copy.deepcopy(model)
-        pairs = _conv_then_norm(folded, probe)
+        pairs, expected = _conv_then_norm(folded, probe)  # the copy still answers as ``model`` does
         if not pairs:
             return model
         for conv, norm in pairs:
@@ -55,13 +53,18 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
             got = folded(probe)
     except Exception:  # noqa: BLE001 - a network the probe cannot trace is served as it is
         return model
-    if not isinstance(got, torch.Tensor) or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
+    if not isinstance(got, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return model
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
         return model
     return folded
 
 
-def _conv_then_norm(model: torch.nn.Module, probe: torch.Tensor) -> list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]]:
-    """(convolution, batch norm) pairs where the norm's input is the very tensor the convolution returned."""
+def _conv_then_norm(
+    model: torch.nn.Module, probe: torch.Tensor
+) -> tuple[list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]], object]:
+    """(convolution, batch norm) pairs where the norm's input is the very tensor the convolution returned,
+    and the model's output for ``probe``."""
     produced: dict[int, torch.nn.Conv2d] = {}
     pairs: list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]] = []
 
@@ -78,14 +81,14 @@ def _conv_then_norm(model: torch.nn.Module, probe: torch.Tensor) -> list[tuple[t
     ]
     try:
         with torch.inference_mode():
-            model(probe)
+            output = model(probe)
     finally:
         for hook in hooks:
             hook.remove()
     # A convolution that feeds two norms, or a norm fed twice, is left alone.
     convs = [id(c) for c, _ in pairs]
     norms = [id(n) for _, n in pairs]
-    return [(c, n) for c, n in pairs if convs.count(id(c)) == 1 and norms.count(id(n)) == 1]
+    return [(c, n) for c, n in pairs if convs.count(id(c)) == 1 and norms.count(id(n)) == 1], output
 
 
 def _foldable_norm(module: torch.nn.Module) -> bool:

@@ -47,8 +47,8 @@ class AppArgs(BaseModel):
 
     ``replicas`` is the fixed replica count; setting ``min_replicas`` or ``max_replicas`` turns on
     autoscaling between them (starting at ``replicas``), aiming at ``target_ongoing_requests`` per replica
-    (default: one full batch per forward lane). The bearer token is read inside each replica from the environment variable
-    ``token_env`` or the file ``token_file``; it is never part of the arguments.
+    (default: one full batch per forward lane). The bearer token is read inside each replica from the
+    environment variable ``token_env`` or the file ``token_file``; it is never part of the arguments.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -188,18 +188,17 @@ class Forward:
         :meth:`admit` as they would for a batch. Call it only while :attr:`idle`."""
         if not self.idle:
             raise RuntimeError("Forward.solo needs an idle replica")
-        self._free.remove(0)
-        self._wide = True
+        self._claim(0, wide=True)
         return await self._go(0, self.threads, prepare)
 
     async def start(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[asyncio.Future[Row]]:
         """Forward a batch the batcher formed (already prepared) on the next free lane; returns once it has
         started, with one future per image, so the batcher can form the next batch for another lane."""
         gate = self._gate()
-        while not (self._free and not self._wide):
+        while not gate.is_set():  # set exactly while a lane is free and no wide forward runs
             await gate.wait()
-        lane = self._free.pop()
-        self._update()
+        lane = self._free[-1]
+        self._claim(lane, wide=False)
         task = asyncio.ensure_future(self._go(lane, self.narrow_threads, lambda: inputs))
         futures: list[asyncio.Future[Row]] = [asyncio.get_running_loop().create_future() for _ in inputs]
 
@@ -217,23 +216,26 @@ class Forward:
         task.add_done_callback(settle)
         return futures
 
-    async def run(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[Row]:
-        """Forward a batch on the next free lane and wait for its rows."""
-        return list(await asyncio.gather(*await self.start(inputs)))
-
-    async def _go(self, lane: int, threads: int, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]) -> list[Row]:
+    def _claim(self, lane: int, wide: bool) -> None:
+        self._free.remove(lane)
+        self._wide = wide
         self._update()
         busy = len(self._lanes) - len(self._free)
         self.counters.peak_busy_lanes = max(self.counters.peak_busy_lanes, busy)
+
+    def _release(self, lane: int) -> None:
+        self._free.append(lane)
+        self._wide = False  # only a solo forward is wide, and nothing runs beside it
+        self._update()
+
+    async def _go(self, lane: int, threads: int, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]) -> list[Row]:
+        """Run ``prepare`` and the forward in a lane that :meth:`_claim` took, then give the lane back."""
         try:
             inputs, result = await asyncio.get_running_loop().run_in_executor(
                 self._lanes[lane], self._prepare_and_forward, threads, prepare
             )
         finally:
-            self._free.append(lane)
-            if lane == 0:
-                self._wide = False
-            self._update()
+            self._release(lane)
         self.counters.add(len(inputs), result.forward_ms)
         return _rows(result, len(inputs))
 
