@@ -6,7 +6,7 @@
     automl-tl inspect DATA [--json FILE] validate a data set and print its report
     automl-tl demo                       the main job on its embedded default (built-in data)
     automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json]   classify images with a saved artifact
-    automl-tl evaluate ARTIFACT --data DATA [--json FILE]            score an artifact on a labelled set
+    automl-tl evaluate ARTIFACT --data DATA [--split S] [--json FILE] score an artifact on a labelled set
     automl-tl export ARTIFACT --format onnx|torchscript --out FILE   one graph: tensor in, probabilities out
     automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--port P] [--emit-config FILE]   HTTP server
     automl-tl report RUN_DIR             write RUN_DIR/report.html, a self-contained page about the run
@@ -195,11 +195,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from automl_tl.data import load_dataset
     from automl_tl.metrics import classification_metrics, format_metrics_table
     from automl_tl.predictor import Predictor, match_class_names
+    from automl_tl.rundir import split_settings
 
     predictor = Predictor.load(args.artifact)
-    dataset = load_dataset(args.data, progress=not args.quiet)
+    if args.split == "all":
+        dataset = load_dataset(args.data, progress=not args.quiet)
+        rows = np.arange(len(dataset))
+    else:
+        settings = split_settings(args.artifact, args.data, args.config)
+        dataset = load_dataset(args.data, settings.data, progress=not args.quiet)
+        rows, origin = settings.rows(args.split, Path(dataset.cache_path).stem, dataset.indices(args.split))
+        print(f"[evaluate] the {args.split} split: {len(rows)} images, {origin}", file=sys.stderr)
     to_artifact = match_class_names(predictor.class_names, dataset.class_names, args.data)
-    rows = np.arange(len(dataset)) if args.split == "all" else dataset.indices(args.split)
     probs = predictor.predict_proba((dataset.image(int(i)) for i in rows), batch_size=args.batch_size)
     labels = to_artifact[np.asarray(dataset.labels)[rows]]
     metrics = classification_metrics(labels, probs, predictor.class_names)
@@ -317,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder (RUN_DIR/artifact) or its manifest.json")
     p.add_argument("--data", required=True, help="labelled data: folder, manifest (.csv/.parquet), s3://...")
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
-                   help="which images of the data to score (default: all)")
+                   help="which images of the data to score (default: all); train, val and test are split as the "
+                        "run that built the artifact split them")
+    p.add_argument("--config", metavar="FILE", help="draw --split with this config's data settings instead of "
+                                                    "the run's")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -10,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from automl_tl.config import ExperimentConfig, config_to_dict
+import numpy as np
 
-__all__ = ["RunDir", "write_leaderboard", "write_summary", "versions"]
+from automl_tl.config import DataConfig, ExperimentConfig, config_to_dict, load_config
+
+__all__ = ["RunDir", "SplitSettings", "split_settings", "write_leaderboard", "write_summary", "versions"]
 
 LEADERBOARD_COLUMNS = (
     "rank", "trial_id", "backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
@@ -152,3 +155,46 @@ def write_summary(run: RunDir, config: ExperimentConfig, rows: list[dict[str, An
         "versions": versions(),
     }
     return run.write_json("summary.json", summary)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSettings:
+    """How to find one split of a data set as a run drew it: the data settings that draw it, and the run's
+    own ``data.json`` (its exact rows) when there is one."""
+
+    data: DataConfig
+    origin: str  # where the settings came from, for the user
+    recorded: dict[str, Any] | None  # the run's data.json
+
+    def rows(self, split: str, data_id: str, drawn: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], str]:
+        """The rows of ``split``: the run's own when the loaded data (``data_id``) is the run's, else ``drawn``
+        (the split the settings draw on this data), with a line saying which."""
+        if self.recorded is not None and self.recorded.get("data_id") == data_id:
+            return np.asarray(self.recorded[split], dtype=np.int64), "the run's own (its data.json)"
+        if self.recorded is not None:
+            return drawn, f"drawn with {self.origin}; this data is not the data the run split"
+        return drawn, f"drawn with {self.origin}"
+
+
+def split_settings(artifact: str | os.PathLike[str], source: str, config_path: str | None = None) -> SplitSettings:
+    """The data settings that draw ``source``'s train/val/test split for scoring ``artifact``.
+
+    ``config_path``'s ``data`` section when given; else those of the run directory the artifact was built in
+    (``RUN_DIR/config.yaml`` above ``RUN_DIR/artifact``), whose ``data.json`` also names the run's exact rows;
+    else the defaults. Scoring ``test`` with settings other than the run's would mix training images into it.
+    """
+    root = Path(artifact)
+    root = root.parent if root.name == "manifest.json" else root
+    run = next((d for d in (root, root.parent) if (d / "config.yaml").is_file() and (d / "data.json").is_file()), None)
+    recorded = json.loads((run / "data.json").read_text(encoding="utf-8")) if run is not None else None
+    if config_path is not None:  # other settings than the run's: its rows are not theirs
+        data, origin, recorded = load_config(config_path).data, f"the data settings of {config_path}", None
+    elif run is not None:
+        data, origin = load_config(run / "config.yaml").data, f"the run's data settings ({run / 'config.yaml'})"
+    else:
+        data, origin = DataConfig(), "the default data settings (the artifact is not inside a run directory)"
+    same_source = recorded is not None and recorded.get("source") == source
+    test_source = recorded.get("test_source") if same_source and recorded is not None else None
+    # The run's cache folder may be another machine's; the cache is found by content wherever it lives.
+    data = dataclasses.replace(data, source=source, test_source=test_source, cache_dir=None)
+    return SplitSettings(data, origin, recorded)

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from automl_tl.artifact import load_artifact
 from automl_tl.backbones import memory_format_for
 from automl_tl.cli import main
 from automl_tl.config import DataConfig
+from automl_tl.data import load_dataset
 from automl_tl.ensemble import apply_temperature, combine
 from automl_tl.errors import DatasetError
 from automl_tl.predictor import Predictor, expand_image_paths, load_image, match_class_names
@@ -178,3 +180,42 @@ def test_cli_evaluate(
     assert main(["evaluate", str(artifact_dir), "--data", str(other), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "class names do not match" in err and "wasps" in err
+
+
+def test_cli_evaluate_scores_a_split_as_the_run_that_built_the_artifact_drew_it(
+    images: Path, artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Drawn with the default settings instead, "test" would hold other images, some of the run's training ones."""
+    monkeypatch.setenv("AUTOML_TL_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    shutil.copytree(artifact_dir, run / "artifact")
+    run_data = DataConfig(source=str(images), val_fraction=0.25, test_fraction=0.5, seed=3)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"source": str(images), "val_fraction": 0.25,
+                                                              "test_fraction": 0.5, "seed": 3}}))  # fmt: skip
+    drawn = load_dataset(str(images), run_data, progress=False)
+    default_test = load_dataset(str(images), DataConfig(source=str(images)), progress=False).indices("test")
+    assert len(drawn.indices("test")) != len(default_test)  # else this test could not tell them apart
+
+    def evaluate(*extra: str) -> int:
+        out = tmp_path / "metrics.json"
+        assert main(["evaluate", str(run / "artifact"), "--data", str(images), "--split", "test", "--quiet",
+                     "--json", str(out), *extra]) == 0  # fmt: skip
+        return int(json.loads(out.read_text())["n"])
+
+    # Data the run did not split (another data id): drawn afresh with the run's settings.
+    (run / "data.json").write_text(json.dumps({"source": str(images), "data_id": "another", "test": [0]}))
+    assert evaluate() == len(drawn.indices("test"))
+    assert "drawn with the run's data settings" in capsys.readouterr().err
+    # The run's own data: exactly the rows its data.json lists.
+    (run / "data.json").write_text(json.dumps({"source": str(images), "data_id": Path(drawn.cache_path).stem,
+                                               "test": [0, 5, 7]}))  # fmt: skip
+    assert evaluate() == 3
+    assert "the run's own" in capsys.readouterr().err
+    # --config names other settings; an artifact outside any run directory uses the defaults.
+    (tmp_path / "other.yaml").write_text("data: {val_fraction: 0.15, test_fraction: 0.15}\n")
+    assert evaluate("--config", str(tmp_path / "other.yaml")) == len(default_test)
+    out = tmp_path / "alone.json"
+    assert main(["evaluate", str(artifact_dir), "--data", str(images), "--split", "test", "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == len(default_test)
+    assert "default data settings" in capsys.readouterr().err
