@@ -195,6 +195,7 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
         data, origin = DataConfig(), "the default data settings (the artifact is not inside a run directory)"
     same_source = recorded is not None and recorded.get("source") == source
     test_source = recorded.get("test_source") if same_source and recorded is not None else None
-    # The run's cache folder may be another machine's; the cache is found by content wherever it lives.
+    # The run's cache folder may be another machine's: use this machine's. A cache file is named by its content,
+    # so the run's data keeps its data_id in any folder.
     data = dataclasses.replace(data, source=source, test_source=test_source, cache_dir=None)
     return SplitSettings(data, origin, recorded)
