@@ -14,7 +14,8 @@ The single layout runs as two replicas of one core and one torch thread, and (ru
 replica of two cores, which forwards two batches side by side on one thread each and a lone request on
 both threads; ``best_1x2_one_lane`` is that replica forwarding one batch at a time on both threads (what
 it did before it had lanes). Each deployment is judged on throughput and lone-request latency together. Lone requests
-are sent one at a time after the warm-up load, to a warmed-up replica.
+are sent one at a time after the warm-up load, to a warmed-up replica, over http.client (a thin client), then
+again with LONE_PAUSE_S before each, as the in-process ``*_spaced`` figures are timed.
 Memory is the resident set of every Serve process this run started (HAProxy, proxy, controller, replicas), sampled
 each second, and their summed high-water marks (VmHWM) in each sixth of the measured run (reset between
 sixths, so no short peak escapes), which is what "flat" is judged on.
@@ -49,7 +50,7 @@ from automl_tl.backbones import create_backbone  # noqa: E402
 from automl_tl.predictor import Predictor  # noqa: E402
 from automl_tl.serve import DEFAULT_LAYOUT, start_server, stop_server  # noqa: E402
 from automl_tl.serve._model import MemberRunner, plan_for  # noqa: E402
-from automl_tl.serve._server import resolve_ingress  # noqa: E402
+from automl_tl.serve._server import Ingress, resolve_ingress  # noqa: E402
 
 CLIENTS = 32
 BATCH = 8
@@ -57,6 +58,10 @@ CPUS = 2
 TWO_THREADS = "_1x2"  # runs with one replica of CPUS torch threads instead of CPUS replicas of one
 ONE_LANE = "_one_lane"  # a replica of several threads that forwards one batch at a time
 WINDOWS = 6  # the load run's memory is judged by its peak in each sixth
+# Lone requests are also timed with this pause before each, in-process and through Serve alike: this machine
+# runs slower after idling (a 30 ms pause made one in-process decode + forward 6-8.5 ms slower, and numpy
+# after it too), so a lone request that finds the server idle pays that whether or not Serve is in the way.
+LONE_PAUSE_S = 0.05
 
 
 def _build_artifact(out: Path) -> Path:
@@ -103,12 +108,19 @@ def in_process(artifact: Path, files: list[Path], mode: str, seconds: float) -> 
             times = [runner.run([item] * size).forward_ms for _ in range(30 if size == 1 else 6)]
             figures[f"forward_ms_batch{size}"] = round(statistics.median(times), 2)
         figures["forward_only_throughput_img_s"] = round(BATCH * 1000.0 / figures[f"forward_ms_batch{BATCH}"], 2)
-        single = []
-        for i in range(20):  # one file, decoded and predicted alone: what a lone request asks of the server
-            sent = time.perf_counter()
-            predictor.predict_proba([files[i]], batch_size=1, member=member)
-            single.append((time.perf_counter() - sent) * 1000.0)
-        figures["predict_one_file_ms"] = round(statistics.median(single), 2)
+        for pause_s, suffix in ((0.0, ""), (LONE_PAUSE_S, "_spaced")):
+            single, forwards = [], []
+            for i in range(20):  # one file, decoded and predicted alone: what a lone request asks of the server
+                time.sleep(pause_s)
+                sent = time.perf_counter()
+                predictor.predict_proba([files[i]], batch_size=1, member=member)
+                single.append((time.perf_counter() - sent) * 1000.0)
+            for _ in range(20 if pause_s else 0):
+                time.sleep(pause_s)
+                forwards.append(runner.run([item]).forward_ms)
+            figures[f"predict_one_file{suffix}_ms"] = round(statistics.median(single), 2)
+            if forwards:
+                figures[f"forward_ms_batch1{suffix}"] = round(statistics.median(forwards), 2)
         out[f"threads_{threads}"] = figures
     torch.set_num_threads(CPUS)
     runs = list(out.values())
@@ -116,6 +128,8 @@ def in_process(artifact: Path, files: list[Path], mode: str, seconds: float) -> 
         "throughput_img_s": max(r["throughput_img_s"] for r in runs),
         "forward_ms_batch1": min(r["forward_ms_batch1"] for r in runs),
         "predict_one_file_ms": min(r["predict_one_file_ms"] for r in runs),
+        "forward_ms_batch1_spaced": min(r["forward_ms_batch1_spaced"] for r in runs),
+        "predict_one_file_spaced_ms": min(r["predict_one_file_spaced_ms"] for r in runs),
     }
     return out
 
@@ -271,29 +285,46 @@ async def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> 
     }
 
 
-def _sequential(url: str, body: bytes, count: int) -> dict[str, float]:
-    """Lone requests one after another: client latency, where the server says its time went, and the HTTP
-    round trip of a request that does no work (``/v1/healthz``)."""
-    import requests
+def _sequential(url: str, body: bytes, count: int) -> dict[str, Any]:
+    """Lone requests one after another (and again with LONE_PAUSE_S between them): client latency, where the
+    server says its time went, and the HTTP round trip of a request that does no work (``/v1/healthz``).
 
-    with requests.Session() as session:
-        times, server = [], []
+    The client is http.client on one keep-alive connection: about as thin as curl here, so the figure is the
+    server's and not a client library's (``requests`` took 0.2 ms less to 1.6 ms more per request in three
+    interleaved rounds of 60 here: within this machine's noise)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port or 80, timeout=60)
+
+    def call(method: str, path: str, payload: bytes | None = None) -> tuple[float, bytes]:
+        sent = time.perf_counter()
+        conn.request(method, where.path + path, body=payload, headers={"Content-Type": "image/jpeg"} if payload else {})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {data[:200]!r}")
+        return (time.perf_counter() - sent) * 1000.0, data
+
+    try:
+        times, server, spaced = [], [], []
         for _ in range(count):
-            sent = time.perf_counter()
-            r = session.post(f"{url}/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}, timeout=60)
-            r.raise_for_status()
-            times.append((time.perf_counter() - sent) * 1000.0)
-            answer = r.json()
+            ms, data = call("POST", "/v1/predict", body)
+            times.append(ms)
+            answer = json.loads(data)
             server.append((answer["total_ms"], answer["predictions"][0]["timing"]["decode_ms"],
                            answer["predictions"][0]["timing"]["forward_ms"]))  # fmt: skip
-        empty = []
         for _ in range(count):
-            sent = time.perf_counter()
-            session.get(f"{url}/v1/healthz", timeout=60).raise_for_status()
-            empty.append((time.perf_counter() - sent) * 1000.0)
+            time.sleep(LONE_PAUSE_S)
+            spaced.append(call("POST", "/v1/predict", body)[0])
+        empty = [call("GET", "/v1/healthz")[0] for _ in range(count)]
+    finally:
+        conn.close()
     total, decode, forward = (round(statistics.median(column[2:]), 2) for column in zip(*server))
     return {**_percentiles(times[2:]), "server_total_p50_ms": total, "server_decode_p50_ms": decode,
-            "server_forward_p50_ms": forward, "healthz_p50_ms": round(statistics.median(empty[2:]), 2)}  # fmt: skip
+            "server_forward_p50_ms": forward, "spaced_p50_ms": _percentiles(spaced[2:])["p50_ms"],
+            "healthz_p50_ms": round(statistics.median(empty[2:]), 2)}  # fmt: skip
 
 
 def _batches(url: str) -> dict[int, tuple[int, int]]:
@@ -316,7 +347,7 @@ def _mean_batch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, 
 
 
 def serve_run(artifact: Path, bodies: list[bytes], mode: str, layout: str, seconds: float, port: int,
-              sequential: int, warm_up_s: float, ingress: str = "auto", threads: int = 1,
+              sequential: int, warm_up_s: float, ingress: Ingress = "auto", threads: int = 1,
               lanes: int | None = None) -> dict[str, Any]:  # fmt: skip
     # The single layout splits the cores into replicas of ``threads`` cores and torch threads each; the
     # composed layout runs one replica per member, one core each (its ingress reserves no core).
@@ -366,7 +397,7 @@ def main() -> None:
         port = 8765
         runs: dict[str, Any] = {}
         other = "composed" if DEFAULT_LAYOUT == "single" else "single"
-        for key, mode, layout, seconds, warm_s, ingress in (
+        plan: tuple[tuple[str, str, str, float, float, Ingress], ...] = (
             (f"ensemble_{other}", "ensemble", other, side_s, warm_side_s, "auto"),
             ("best_python_proxy", "best", "single", side_s, warm_side_s, "proxy"),  # the ingress before HAProxy
             ("best", "best", "single", side_s, warm_side_s, "auto"),
@@ -374,7 +405,8 @@ def main() -> None:
             (f"best{TWO_THREADS}{ONE_LANE}", "best", "single", side_s, warm_side_s, "auto"),
             (f"ensemble_single{TWO_THREADS}", "ensemble", "single", side_s, warm_side_s, "auto"),
             (f"ensemble_{DEFAULT_LAYOUT}", "ensemble", DEFAULT_LAYOUT, main_s, warm_main_s, "auto"),
-        ):
+        )
+        for key, mode, layout, seconds, warm_s, ingress in plan:
             threads = CPUS if TWO_THREADS in key else 1
             lanes = 1 if key.endswith(ONE_LANE) else None
             runs[key] = serve_run(artifact, bodies, mode, layout, seconds, port, seq, warm_s, ingress, threads, lanes)
@@ -409,17 +441,24 @@ def main() -> None:
             gap = p50 - baseline[mode]["best"]["forward_ms_batch1"]
             same = p50 - baseline[mode][f"threads_{run['threads_per_replica']}"]["forward_ms_batch1"]
             whole = p50 - baseline[mode]["best"]["predict_one_file_ms"]  # decoding included on both sides
+            # Both sides after the same pause: what Serve adds to a lone request that finds the machine idle.
+            spaced = run["single_request"]["spaced_p50_ms"] - baseline[mode]["best"]["forward_ms_batch1_spaced"]
+            spaced_whole = run["single_request"]["spaced_p50_ms"] - baseline[mode]["best"]["predict_one_file_spaced_ms"]
             lanes = run["forward_lanes"] or run["threads_per_replica"]
             deployments[key] = {"replicas": run["replicas"], "threads_per_replica": run["threads_per_replica"],
                                 "forward_lanes": lanes,
                                 "throughput_ratio": round(ratio, 3), "single_request_p50_ms": p50,
                                 "over_fastest_forward_ms": round(gap, 2),
                                 "over_same_threads_forward_ms": round(same, 2),
-                                "over_in_process_decode_and_forward_ms": round(whole, 2)}  # fmt: skip
+                                "over_in_process_decode_and_forward_ms": round(whole, 2),
+                                "spaced_single_request_p50_ms": run["single_request"]["spaced_p50_ms"],
+                                "spaced_over_in_process_spaced_forward_ms": round(spaced, 2),
+                                "spaced_over_in_process_spaced_decode_and_forward_ms": round(spaced_whole, 2)}  # fmt: skip
             where = f"{mode}, {run['replicas']} replica(s) x {run['threads_per_replica']} thread(s) x {lanes} lane(s)"
             checks[f"{where}: serve / in-process throughput >= 0.8 (got {ratio:.2f}) and single-request p50 - "
                    f"fastest in-process forward <= 10 ms (got {gap:.1f} ms; {same:.1f} ms over the forward with "
-                   f"the replica's threads, {whole:.1f} ms over in-process decode + forward of one file)"] = bool(
+                   f"the replica's threads, {whole:.1f} ms over in-process decode + forward of one file; after a "
+                   f"{LONE_PAUSE_S * 1000:.0f} ms pause on both sides, {spaced:.1f} ms over the in-process forward)"] = bool(
                 ratio >= 0.8 and gap <= 10.0
             )  # fmt: skip
     figures = {
@@ -435,6 +474,8 @@ def main() -> None:
                               "x 2 CPUs x 2 threads in 2 forward lanes (*_one_lane: 1 lane); composed: 1 per member",
                   "warm_up_s": {"main": warm_main_s, "others": warm_side_s},
                   "requests": "raw image/jpeg bodies over keep-alive connections",
+                  "lone_requests": f"http.client, one keep-alive connection; also with a {LONE_PAUSE_S} s pause "
+                                   "before each, as the in-process *_spaced figures",
                   "ingress": "auto (HAProxy on Linux) unless a run says otherwise"},  # fmt: skip
         "in_process": baseline,
         "in_process_runs": {"before_serve": first, "after_serve": last},
