@@ -107,7 +107,12 @@ def upload(local: Path, uri: str) -> None:
 
 
 def download(uri: str, local: Path) -> bool:
-    """Copy ``uri`` (a file or a folder) to ``local``; False when there is nothing at ``uri``."""
+    """Copy ``uri`` (a file or a folder) to ``local``; False when there is nothing at ``uri``.
+
+    A folder is synced: a file already in ``local`` with the remote size and a modification time no older
+    than the remote one (rsync's quick check) is not fetched again. A sweep into object storage pulls its
+    trials at the end and the results step pulls them again, each trial's checkpoint included.
+    """
     fs, path = _filesystem(uri)
     try:
         info = fs.get_file_info(path)
@@ -115,17 +120,34 @@ def download(uri: str, local: Path) -> bool:
             return False
         if info.type == pafs.FileType.Directory:
             local.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            root = path.rstrip("/") + "/"
+            for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+                target = local / item.path[len(root) :]
+                if item.type == pafs.FileType.File and not _up_to_date(target, item):
+                    _fetch_file(fs, item.path, target)
             return True
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
-        with fs.open_input_stream(path) as src, open(partial, "wb") as out:
-            while chunk := src.read(8 << 20):
-                out.write(chunk)
-        partial.replace(local)
+        _fetch_file(fs, path, local)
         return True
     except (OSError, pa.ArrowException) as exc:
         raise SearchError(f"cannot download {uri} to {local}: {exc}") from None
+
+
+def _up_to_date(local: Path, remote: pafs.FileInfo) -> bool:
+    try:
+        stat = local.stat()
+    except OSError:
+        return False
+    mtime_ns = remote.mtime_ns
+    return stat.st_size == remote.size and mtime_ns is not None and stat.st_mtime_ns >= mtime_ns
+
+
+def _fetch_file(fs: pafs.FileSystem, path: str, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    with fs.open_input_stream(path) as src, open(partial, "wb") as out:
+        while chunk := src.read(8 << 20):
+            out.write(chunk)
+    partial.replace(local)
 
 
 def share_file(local: Path, uri: str) -> None:

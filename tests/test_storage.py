@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -86,6 +87,16 @@ def test_upload_download_and_fetch_once(bucket: str, tmp_path: Path) -> None:
     assert download(join(bucket, "tree"), tmp_path / "copy")
     assert (tmp_path / "copy" / "sub" / "b.bin").read_bytes() == b"\0" * 1000
     assert not download(join(bucket, "nothing"), tmp_path / "none")
+    # A second download of the folder fetches only what is missing, resized or older than the remote copy.
+    copy = tmp_path / "copy"
+    (copy / "sub" / "b.bin").write_bytes(b"\1" * 1000)  # same size, newer: taken as current, so left alone
+    (copy / "a.txt").write_text("b")
+    os.utime(copy / "a.txt", (0, 0))  # same size, older than the remote copy
+    assert download(join(bucket, "tree"), copy)
+    assert (copy / "sub" / "b.bin").read_bytes() == b"\1" * 1000 and (copy / "a.txt").read_text() == "a"
+    (copy / "sub" / "b.bin").write_bytes(b"\1" * 10)  # another size
+    assert download(join(bucket, "tree"), copy)
+    assert (copy / "sub" / "b.bin").read_bytes() == b"\0" * 1000
 
     blob = tmp_path / "key123.arrow"
     blob.write_bytes(b"x" * 5000)
