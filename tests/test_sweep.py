@@ -180,10 +180,16 @@ opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
 x = torch.randn(32, 3, 160, 160).contiguous(memory_format=torch.channels_last)
 before = peak_rss_bytes()
 net.train()
+saved = {}  # storage -> bytes of every tensor autograd keeps for the backward pass: the step's activations
+def pack(t):
+    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
 for _ in range(2):
-    loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(32, dtype=torch.long))
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(32, dtype=torch.long))
     opt.zero_grad(); loss.backward(); opt.step()
-print(json.dumps({"before": before, "peak": peak_rss_bytes()}))
+print(json.dumps({"before": before, "peak": peak_rss_bytes(), "saved": sum(saved.values())}))
 """
 
 
@@ -204,8 +210,10 @@ def test_the_memory_estimate_covers_a_real_training_step() -> None:
     activations = measured["peak"] - measured["before"]
     assert activations > 0.5 * (estimate - BASE_BYTES)  # and not a request several times too large
     # Freezing the stem and the first, shallow stage saves little: the estimate must not assume it saves more.
+    # Compared on the bytes autograd saves for the backward pass, which are exact: the resident set's peak
+    # moved by up to 6 % between identical runs (allocator slack), as much as the difference measured here.
     shallow = _step_peak(1)
-    measured_share = (shallow["peak"] - shallow["before"]) / activations
+    measured_share = shallow["saved"] / measured["saved"]
     depths = resolve_spec("mobilenetv2_100").max_freeze_depth
     assert activation_share(1, depths) >= measured_share - 0.05, measured_share
 
