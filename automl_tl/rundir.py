@@ -183,18 +183,19 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
     (``RUN_DIR/config.yaml`` above ``RUN_DIR/artifact``), whose ``data.json`` also names the run's exact rows;
     else the defaults. Scoring ``test`` with settings other than the run's would mix training images into it.
     """
+    from automl_tl.artifact import MANIFEST_NAME
+
     root = Path(artifact)
-    root = root.parent if root.name == "manifest.json" else root
+    root = root.parent if root.name == MANIFEST_NAME else root
     run = next((d for d in (root, root.parent) if (d / "config.yaml").is_file() and (d / "data.json").is_file()), None)
-    recorded = json.loads((run / "data.json").read_text(encoding="utf-8")) if run is not None else None
+    recorded = RunDir(run).read_json("data.json") if run is not None else None
     if config_path is not None:  # other settings than the run's: its rows are not theirs
         data, origin, recorded = load_config(config_path).data, f"the data settings of {config_path}", None
     elif run is not None:
         data, origin = load_config(run / "config.yaml").data, f"the run's data settings ({run / 'config.yaml'})"
     else:
         data, origin = DataConfig(), "the default data settings (the artifact is not inside a run directory)"
-    same_source = recorded is not None and recorded.get("source") == source
-    test_source = recorded.get("test_source") if same_source and recorded is not None else None
+    test_source = recorded.get("test_source") if recorded is not None and recorded.get("source") == source else None
     # The run's cache folder may be another machine's: use this machine's. A cache file is named by its content,
     # so the run's data keeps its data_id in any folder.
     data = dataclasses.replace(data, source=source, test_source=test_source, cache_dir=None)
