@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,19 +109,15 @@ def in_process(artifact: Path, files: list[Path], mode: str, seconds: float) -> 
             times = [runner.run([item] * size).forward_ms for _ in range(30 if size == 1 else 6)]
             figures[f"forward_ms_batch{size}"] = round(statistics.median(times), 2)
         figures["forward_only_throughput_img_s"] = round(BATCH * 1000.0 / figures[f"forward_ms_batch{BATCH}"], 2)
-        for pause_s, suffix in ((0.0, ""), (LONE_PAUSE_S, "_spaced")):
-            single, forwards = [], []
-            for i in range(20):  # one file, decoded and predicted alone: what a lone request asks of the server
-                time.sleep(pause_s)
-                sent = time.perf_counter()
-                predictor.predict_proba([files[i]], batch_size=1, member=member)
-                single.append((time.perf_counter() - sent) * 1000.0)
-            for _ in range(20 if pause_s else 0):
-                time.sleep(pause_s)
-                forwards.append(runner.run([item]).forward_ms)
-            figures[f"predict_one_file{suffix}_ms"] = round(statistics.median(single), 2)
-            if forwards:
-                figures[f"forward_ms_batch1{suffix}"] = round(statistics.median(forwards), 2)
+
+        def predict_one(i: int) -> float:  # one file, decoded and predicted alone: what a lone request asks
+            sent = time.perf_counter()
+            predictor.predict_proba([files[i]], batch_size=1, member=member)
+            return (time.perf_counter() - sent) * 1000.0
+
+        figures["predict_one_file_ms"] = _lone_median(predict_one, 0.0)
+        figures["predict_one_file_spaced_ms"] = _lone_median(predict_one, LONE_PAUSE_S)
+        figures["forward_ms_batch1_spaced"] = _lone_median(lambda _: runner.run([item]).forward_ms, LONE_PAUSE_S)
         out[f"threads_{threads}"] = figures
     torch.set_num_threads(CPUS)
     runs = list(out.values())
@@ -132,6 +129,15 @@ def in_process(artifact: Path, files: list[Path], mode: str, seconds: float) -> 
         "predict_one_file_spaced_ms": min(r["predict_one_file_spaced_ms"] for r in runs),
     }
     return out
+
+
+def _lone_median(measure: Callable[[int], float], pause_s: float, count: int = 20) -> float:
+    """The median of ``measure(i)`` (ms) over ``count`` calls, each after ``pause_s`` of idling."""
+    values = []
+    for i in range(count):
+        time.sleep(pause_s)
+        values.append(measure(i))
+    return round(statistics.median(values), 2)
 
 
 def _faster(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
