@@ -45,6 +45,7 @@ __all__ = [
     "download",
     "exists",
     "fetch_once",
+    "filesystem",
     "is_uri",
     "join",
     "local_data_cache",
@@ -68,7 +69,8 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
-def _filesystem(uri: str, error: type[AutoMLError] = SearchError) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str, error: type[AutoMLError] = SearchError) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path behind a local path or URI; a bad one raises ``error``."""
     from automl_tl.data._storage import locate
     from automl_tl.errors import DatasetError
 
@@ -80,7 +82,7 @@ def _filesystem(uri: str, error: type[AutoMLError] = SearchError) -> tuple[pafs.
 
 
 def _info(uri: str) -> pafs.FileInfo:
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     try:
         info: pafs.FileInfo = fs.get_file_info(path)
     except (OSError, pa.ArrowException) as exc:
@@ -94,7 +96,7 @@ def exists(uri: str) -> bool:
 
 def upload(local: Path, uri: str) -> None:
     """Copy a local file or folder (recursively) to ``uri``."""
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     try:
         if local.is_dir():
             pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -113,7 +115,7 @@ def download(uri: str, local: Path) -> bool:
     than the remote one (rsync's quick check) is not fetched again. A sweep into object storage pulls its
     trials at the end and the results step pulls them again, each trial's checkpoint included.
     """
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -245,7 +247,7 @@ class FileSystemStore:
     uri: str
 
     def _path(self, name: str) -> tuple[pafs.FileSystem, str]:
-        fs, root = _filesystem(self.uri, ArtifactError)
+        fs, root = filesystem(self.uri, ArtifactError)
         return fs, f"{root.rstrip('/')}/{name}"
 
     def read_bytes(self, name: str) -> bytes:

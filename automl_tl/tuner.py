@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from automl_tl._experiment_state import mend_stale_checkpoints
 from automl_tl._memory import tune_malloc
 from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
@@ -194,6 +195,8 @@ def resume_search(
     started_ray = ensure_ray(log)
     try:
         check_storage(run, shared_fs)
+        for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
+            log(f"[resume] {note}")
         tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
@@ -403,7 +406,9 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
     trial_id = str(metrics.get("trial_id") or Path(str(result.path)).name)
     info_path = run.path / "trials" / trial_id / "trial.json"
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    epochs = int(metrics.get("training_iteration") or 0)
+    # The trial's own epoch count: Tune's iteration counts reports, and a trial that had ended when the driver
+    # was killed reports its last epoch once more on resume.
+    epochs = int(metrics.get("epoch") or metrics.get("training_iteration") or 0)
     if result.error is not None:
         first = str(result.error).strip().splitlines()
         reason = f"error: {type(result.error).__name__}: {first[-1] if first else ''}"[:300]
