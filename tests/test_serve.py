@@ -418,6 +418,30 @@ def test_a_replica_runs_multithreaded_torch_only_in_its_forward_thread() -> None
         torch.set_num_threads(before)  # threads that later tests start take torch's process-wide default
 
 
+def test_a_single_threaded_thread_stays_so_when_another_thread_widens_torch_later() -> None:
+    # torch gives a thread, at its first parallel op, the thread count the process last set from any thread.
+    # A decode thread set to 1 whose first resize came just after lane 0 set 2 for a lone request ran on 2
+    # threads, started a second OpenMP team, and every later 2-thread forward took twice as long.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from automl_tl.serve._replica import single_threaded
+
+    before = torch.get_num_threads()
+    started = threading.Event()
+    try:
+        with ThreadPoolExecutor(1, initializer=lambda: (single_threaded(), started.set())) as decode:
+            decode.submit(started.wait).result()  # its initializer has run, its first torch op has not
+            widen = threading.Thread(target=torch.set_num_threads, args=(2,))  # lane 0 before a lone request
+            widen.start()
+            widen.join()
+            assert decode.submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_replica_of_two_lanes_runs_batches_side_by_side_and_a_lone_request_on_every_thread() -> None:
     import asyncio
     import threading

@@ -29,6 +29,7 @@ __all__ = [
     "configure_batching",
     "device_for",
     "memory",
+    "pin_torch_threads",
     "single_threaded",
 ]
 
@@ -83,9 +84,23 @@ class Counters:
 # threads, other lanes) runs torch single-threaded.
 
 
+# torch sets a thread's OpenMP thread count lazily, at its first parallel op, to the count the process last set
+# from any thread (ATen's ``lazy_init_num_threads``), and that overrides an earlier ``set_num_threads`` of the
+# thread's own. A decode thread that set 1 but ran its first resize just after lane 0 set 2 for a lone request
+# thus ran on 2 threads and started a second OpenMP team: libgomp then manages more threads than cores and
+# stops spinning, and lane 0's forward took twice as long for the rest of the replica's life (lone requests to
+# a 1 x 2 replica: 24.2 instead of 12.8 ms server-side for the best member, 45.4 instead of 23 for the
+# ensemble; reproduced in-process, 38.4 against 14.8-19.2 ms). Reading the count first runs that lazy step,
+# so the count set next stays.
+def pin_torch_threads(threads: int) -> None:
+    """This thread's torch ops run on ``threads`` threads, whatever other threads set later."""
+    torch.get_num_threads()  # ATen's one-time, per-thread initialisation: now, not at the first op
+    torch.set_num_threads(threads)
+
+
 def single_threaded() -> None:
     """Thread initializer: this thread's torch ops run on it alone and never start an OpenMP team."""
-    torch.set_num_threads(1)
+    pin_torch_threads(1)
 
 
 def configure_batching(batched: Any, args: AppArgs) -> None:
@@ -133,7 +148,7 @@ class Forward:
         self.threads = threads
         self.narrow_threads = threads if lanes == 1 else 1
         self._lanes = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"forward{i}", initializer=torch.set_num_threads,
+            ThreadPoolExecutor(1, thread_name_prefix=f"forward{i}", initializer=pin_torch_threads,
                                initargs=(threads if i == 0 else self.narrow_threads,))  # fmt: skip
             for i in range(lanes)
         ]
