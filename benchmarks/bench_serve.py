@@ -1,5 +1,5 @@
 """Serving benchmark: Serve against the same models in-process, best against ensemble, and the two ensemble
-layouts, on 127.0.0.1 only. Writes ``benchmarks/results/serve.json``; about 4-5 minutes on 2 cores.
+layouts, on 127.0.0.1 only. Writes ``benchmarks/results/serve.json``; about 7-8 minutes on 2 cores.
 
     .venv/bin/python benchmarks/bench_serve.py              # the full run (60 s load test)
     .venv/bin/python benchmarks/bench_serve.py --smoke-test # a few seconds per stage, for CI

