@@ -102,7 +102,9 @@ def _newest_checkpoint(fs: pafs.FileSystem, trial_dir: str) -> tuple[str, dict[s
     for _, path in sorted(found, reverse=True):
         try:
             with fs.open_input_stream(f"{path}/state.json") as src:
-                return path, json.loads(src.read().decode("utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
+                saved = json.loads(src.read().decode("utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not one of ours, or cut short: an older one may do
+        if isinstance(saved, dict) and isinstance(saved.get("state"), dict) and "epoch" in saved["state"]:
+            return path, saved
     return None

@@ -101,6 +101,17 @@ def test_a_trial_whose_checkpoint_was_deleted_resumes_from_the_newer_one(tune_lo
     assert mend_stale_checkpoints(tune_location) == []  # nothing left to mend
 
 
+def test_a_newer_checkpoint_without_a_readable_state_is_passed_over(tune_location: str) -> None:
+    gone = _state_killed_between_delete_and_save(tune_location, newer=True)
+    fs, _ = filesystem(tune_location)
+    cut = gone.replace("checkpoint_000000", "checkpoint_000002")  # e.g. copied in part, by hand
+    fs.create_dir(cut)
+    _write(fs, f"{cut}/state.json", '{"state": {"ep')
+    (note,) = mend_stale_checkpoints(tune_location)
+    assert "checkpoint_000001" in note
+    assert _latest(tune_location).checkpoint.path == gone.replace("checkpoint_000000", "checkpoint_000001")
+
+
 def test_a_trial_with_no_checkpoint_left_restarts(tune_location: str) -> None:
     _state_killed_between_delete_and_save(tune_location, newer=False)
     (note,) = mend_stale_checkpoints(tune_location)
