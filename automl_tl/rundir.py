@@ -188,9 +188,10 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
     root = Path(artifact)
     root = root.parent if root.name == MANIFEST_NAME else root
     run = next((d for d in (root, root.parent) if (d / "config.yaml").is_file() and (d / "data.json").is_file()), None)
-    recorded = RunDir(run).read_json("data.json") if run is not None else None
-    if config_path is not None:  # other settings than the run's: its rows are not theirs
-        data, origin, recorded = load_config(config_path).data, f"the data settings of {config_path}", None
+    # The run's rows only go with the run's settings: other settings (config_path) draw their own.
+    recorded = RunDir(run).read_json("data.json") if run is not None and config_path is None else None
+    if config_path is not None:
+        data, origin = load_config(config_path).data, f"the data settings of {config_path}"
     elif run is not None:
         data, origin = load_config(run / "config.yaml").data, f"the run's data settings ({run / 'config.yaml'})"
     else:
