@@ -44,6 +44,7 @@ __all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "c
 
 Log = Callable[[str], None]
 STOP_REASONS = "stop_reasons.jsonl"
+LEFTOVER_WAIT_S = 10.0  # a finished trial's Ray Train worker group shuts itself down in about 3 s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +252,11 @@ def _removing_leftover_worker_groups() -> Iterator[None]:
     later). A sweep started right after in the same driver could then not place its own workers: the tests saw
     two 0.5-CPU workers wait on 0.999 free CPUs, and the test failed or hung. Everything this job reserved during
     the sweep is a leftover once ``fit`` has returned.
+
+    The groups get ``LEFTOVER_WAIT_S`` to go by themselves before they are removed: removing one whose
+    ``TorchTrainer`` is still finishing kills its workers, and its controller then starts a new group (a retry of
+    its ``FailureConfig``) that no one removes. A test saw exactly that: the next sweep's 2 workers waited
+    5 minutes on the new group's 1 CPU.
     """
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -259,7 +265,10 @@ def _removing_leftover_worker_groups() -> Iterator[None]:
     try:
         yield
     finally:
-        for pg_id in set(_live_placement_groups()) - before:
+        deadline = time.monotonic() + LEFTOVER_WAIT_S
+        while (leftover := set(_live_placement_groups()) - before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pg_id in leftover:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
 
 
