@@ -8,8 +8,10 @@ The artifact is the default search space's pair, built without training (timing 
 weights): mobilenetv2_100 at 160 px and tf_efficientnet_lite0 at 224 px, the latter named best member.
 Requests are real hymenoptera val JPEGs sent as raw ``image/jpeg`` bodies by 32 concurrent aiohttp
 clients in this process. The in-process baseline is the Predictor on the same files at the same batch size
-with the same two cores (decode, preprocess and forward, as the server does), plus forward-only figures,
-measured before and after the Serve runs; the faster of the two, figure by figure, is the reference.
+with the same two cores (decode, preprocess and forward, as the server does), plus forward-only figures
+(on one thread, on two, and for the ensemble its two members side by side on one thread each, as a replica
+of two lanes may answer a lone request), measured before and after the Serve runs; the fastest, figure by
+figure, is the reference.
 The single layout runs as two replicas of one core and one torch thread, and (runs named ``*_1x2``) as one
 replica of two cores, which forwards two batches side by side on one thread each and a lone request on
 both threads; ``best_1x2_one_lane`` is that replica forwarding one batch at a time on both threads (what
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from automl_tl.backbones import create_backbone  # noqa: E402
 from automl_tl.predictor import Predictor  # noqa: E402
 from automl_tl.serve import DEFAULT_LAYOUT, start_server, stop_server  # noqa: E402
 from automl_tl.serve._model import MemberRunner, plan_for  # noqa: E402
+from automl_tl.serve._replica import pin_torch_threads, spread  # noqa: E402
 from automl_tl.serve._server import Ingress, resolve_ingress  # noqa: E402
 
 CLIENTS = 32
@@ -121,14 +125,56 @@ def in_process(artifact: Path, files: list[Path], mode: str, seconds: float) -> 
         out[f"threads_{threads}"] = figures
     torch.set_num_threads(CPUS)
     runs = list(out.values())
+    if len(plan.member_indices) > 1 and CPUS > 1:
+        out["members_side_by_side"] = _side_by_side(runner, item)
+    forwards = list(out.values())
     out["best"] = {
         "throughput_img_s": max(r["throughput_img_s"] for r in runs),
-        "forward_ms_batch1": min(r["forward_ms_batch1"] for r in runs),
+        "forward_ms_batch1": min(r["forward_ms_batch1"] for r in forwards),
         "predict_one_file_ms": min(r["predict_one_file_ms"] for r in runs),
-        "forward_ms_batch1_spaced": min(r["forward_ms_batch1_spaced"] for r in runs),
+        "forward_ms_batch1_spaced": min(r["forward_ms_batch1_spaced"] for r in forwards),
         "predict_one_file_spaced_ms": min(r["predict_one_file_spaced_ms"] for r in runs),
     }
     return out
+
+
+def _side_by_side(runner: MemberRunner, item: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Batch-1 forward times with the members spread over one-thread lanes running at once: what a Serve
+    replica of several lanes does with a lone request when that is faster (``Forward._choose_member_lanes``),
+    so the in-process reference gets it too."""
+    lanes = [ThreadPoolExecutor(1, initializer=pin_torch_threads, initargs=(1,)) for _ in range(CPUS)]
+    try:
+
+        def member_ms(m: int) -> float:
+            def timed() -> float:
+                start = time.perf_counter()
+                runner.forward(m, [item])
+                return (time.perf_counter() - start) * 1000.0
+
+            return statistics.median(lanes[0].submit(timed).result() for _ in range(10))
+
+        groups = spread([member_ms(m) for m in range(len(runner.models))], CPUS)
+
+        def forward_group(group: list[int]) -> None:
+            for m in group:
+                runner.forward(m, [item])
+
+        def once(_: int = 0) -> float:
+            start = time.perf_counter()
+            running = [lanes[i].submit(forward_group, group) for i, group in enumerate(groups)]
+            for done in running:
+                done.result()
+            return (time.perf_counter() - start) * 1000.0
+
+        once()
+        return {
+            "member_lanes": groups,
+            "forward_ms_batch1": round(statistics.median(once() for _ in range(30)), 2),
+            "forward_ms_batch1_spaced": _lone_median(once, LONE_PAUSE_S),
+        }
+    finally:
+        for lane in lanes:
+            lane.shutdown()
 
 
 def _lone_median(measure: Callable[[int], float], pause_s: float, count: int = 20) -> float:
@@ -367,7 +413,11 @@ def serve_run(artifact: Path, bodies: list[bytes], mode: str, layout: str, secon
         before = _batches(url)
         load = asyncio.run(_load(url, bodies, CLIENTS, seconds))
         load["mean_batch_size"] = _mean_batch(before, _batches(url))
-        return {"mode": mode, "layout": layout, "replicas": replicas, "threads_per_replica": threads,
+        import requests
+
+        chosen = requests.get(f"{url}/v1/stats", timeout=30).json()["ingress"].get("lone_request")
+        return {"lone_request": chosen,  # how the replica answering stats runs a lone request, and why
+                "mode": mode, "layout": layout, "replicas": replicas, "threads_per_replica": threads,
                 "forward_lanes": lanes,
                 "ingress": resolve_ingress(ingress),
                 "single_request": single, "load": load}  # fmt: skip

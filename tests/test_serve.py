@@ -418,6 +418,35 @@ def test_a_replica_runs_multithreaded_torch_only_in_its_forward_thread() -> None
         torch.set_num_threads(before)  # threads that later tests start take torch's process-wide default
 
 
+def test_building_a_replica_runs_no_torch_op_on_the_calling_thread(run_dir: Path) -> None:
+    # A parallel op there (filling the warm-up image, say) starts a second OpenMP team beside lane 0's, and a
+    # 1 x 2 replica's lone forwards then took twice as long for its life (bench_serve.py, 2026-11-30 21:37).
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from automl_tl.artifact import load_artifact
+    from automl_tl.serve._replica import Forward
+
+    class Calls(TorchFunctionMode):  # torch's mode stack is per thread: the lanes' ops are not seen
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.seen.append(getattr(func, "__name__", repr(func)))
+            return func(*args, **(kwargs or {}))
+
+    artifact = load_artifact(run_dir / "artifact")
+    before = torch.get_num_threads()
+    try:
+        with Calls() as calls:
+            forward = Forward.serving(artifact, [0, 1], AppArgs(artifact=str(run_dir / "artifact"), cpus_per_replica=2))
+    finally:
+        torch.set_num_threads(before)
+    assert calls.seen == []
+    assert forward.counters.lone_request is not None  # the replica did warm up and time its lone forwards
+
+
 def test_a_single_threaded_thread_stays_so_when_another_thread_widens_torch_later() -> None:
     # torch gives a thread, at its first parallel op, the thread count the process last set from any thread.
     # A decode thread set to 1 whose first resize came just after lane 0 set 2 for a lone request ran on 2
@@ -468,7 +497,7 @@ def test_a_replica_of_two_lanes_runs_batches_side_by_side_and_a_lone_request_on_
     item = (torch.zeros(3, 8, 8),)
     before = torch.get_num_threads()
     try:
-        forward = Forward(lambda: MemberRunner([probe]), threads=2, lanes=2, warm_up=lambda r: r.run([item]))
+        forward = Forward(lambda: MemberRunner([probe]), threads=2, lanes=2, example=lambda: item)
         probe.seen.clear()
 
         async def scenario() -> dict[str, Any]:
@@ -497,6 +526,75 @@ def test_a_replica_of_two_lanes_runs_batches_side_by_side_and_a_lone_request_on_
     assert one[0] != two[0] and one[1] == two[1] == 1  # two lanes, one torch thread each
     assert max(one[2], two[2]) < min(one[3], two[3])  # and at the same time
     assert not got["admitted_while_both_busy"] and got["idle_after"]
+
+
+class _Sleeper:
+    """A stand-in member whose forward takes a set time on one torch thread and another on more, and records
+    the thread, thread count and span of each call."""
+
+    def __init__(self, one_thread_s: float, more_threads_s: float, label: float) -> None:
+        import torch
+
+        class Net(torch.nn.Module):
+            def forward(net, x: torch.Tensor) -> torch.Tensor:  # noqa: N805 - the outer self is the recorder
+                import threading
+
+                start = time.perf_counter()
+                time.sleep(one_thread_s if torch.get_num_threads() == 1 else more_threads_s)
+                self.seen.append((threading.get_ident(), torch.get_num_threads(), start, time.perf_counter()))
+                return torch.tensor([[label, 0.0]]).repeat(x.shape[0], 1)
+
+        self.seen: list[tuple[int, int, float, float]] = []
+        self.net = Net()
+
+
+def test_members_are_spread_over_lanes_costliest_first() -> None:
+    from automl_tl.serve._replica import spread
+
+    assert spread([5.0, 3.0, 3.0, 2.0], 2) == [[0, 3], [1, 2]]  # totals 7 and 6
+    assert spread([1.0, 9.0], 4) == [[1], [0]]  # no empty lane
+    assert spread([2.0, 2.0, 2.0], 1) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="lanes must be at least 1, got 0"):
+        spread([1.0], 0)
+
+
+@pytest.mark.parametrize("side_by_side_faster", [True, False])
+def test_a_lone_request_runs_the_members_side_by_side_only_where_that_was_measured_faster(
+    side_by_side_faster: bool,
+) -> None:
+    import asyncio
+
+    import torch
+
+    from automl_tl.serve._replica import Forward
+
+    # Side by side: each member on one thread (40 ms) at once, against both in turn on two threads (2 x 30 ms),
+    # or, when one thread is much slower (100 ms), against 2 x 20 ms.
+    one, two = (0.04, 0.03) if side_by_side_faster else (0.1, 0.02)
+    members = [_Sleeper(one, two, 1.0), _Sleeper(one, two, 2.0)]
+    item = (torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+    before = torch.get_num_threads()
+    try:
+        forward = Forward(lambda: MemberRunner([m.net for m in members]), threads=2, lanes=2, example=lambda: item)
+        for m in members:
+            m.seen.clear()
+        rows = asyncio.run(forward.solo(lambda: [item]))
+    finally:
+        torch.set_num_threads(before)
+    chosen = forward.counters.to_dict()["lone_request"]
+    assert (chosen["side_by_side_ms"] < chosen["wide_ms"]) is side_by_side_faster
+    (first,), (second,) = members[0].seen, members[1].seen
+    # The answer is the same either way: each member's softmax, in member order.
+    probs = [torch.softmax(torch.tensor([label, 0.0], dtype=torch.float64), 0).numpy() for label in (1.0, 2.0)]
+    assert all(np.allclose(got, want) for got, want in zip(rows[0][0], probs))
+    if side_by_side_faster:
+        assert forward.member_lanes == chosen["member_lanes"] and sorted(chosen["member_lanes"]) == [[0], [1]]
+        assert first[0] != second[0] and first[1] == second[1] == 1  # two threads, one torch thread each
+        assert max(first[2], second[2]) < min(first[3], second[3])  # at the same time
+    else:
+        assert forward.member_lanes is None and chosen["member_lanes"] is None
+        assert first[0] == second[0] and first[1] == second[1] == 2  # in turn, on both torch threads
+        assert first[3] <= second[2]
 
 
 def test_multipart_parsing_is_byte_exact() -> None:

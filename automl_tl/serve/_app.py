@@ -10,7 +10,8 @@ Two layouts of the same HTTP API (``AppArgs.layout``):
 Either way the request path is: read the body (bounded), parse and decode it in a worker thread (never on
 the event loop), queue each image into the batcher, answer with the top-k labels. In the single layout a
 request that finds the replica idle skips the decode pool and the batcher: it is decoded and forwarded as
-one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores. A CPU
+one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores (an
+ensemble's members may run side by side in the lanes instead, where the replica measured that faster). A CPU
 replica of several cores forwards batches in several lanes at once (:class:`~automl_tl.serve._replica.Forward`). Every
 user error is a :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
 """

@@ -128,15 +128,12 @@ class MemberRunner:
     def run(self, inputs: Sequence[Sequence[torch.Tensor]]) -> BatchResult:
         """``inputs[j][m]`` is image j's CHW input for member m; returns member m's (N, C) softmax."""
         start = time.perf_counter()
-        out = []
-        with torch.inference_mode():
-            for m, model in enumerate(self.models):
-                batch = torch.stack([item[m] for item in inputs]).to(self.device, memory_format=self._format, non_blocking=True)
-                logits = model(batch).double()
-                out.append(torch.softmax(logits, dim=1).cpu().numpy())
-        return BatchResult(tuple(out), (time.perf_counter() - start) * 1000.0)
+        out = tuple(self.forward(m, inputs) for m in range(len(self.models)))
+        return BatchResult(out, (time.perf_counter() - start) * 1000.0)
 
-    def warm_up(self, preprocessing: Sequence[Preprocessing], batch_size: int) -> None:
-        """One forward at the largest batch size, so the first request does not pay for lazy initialisation."""
-        inputs = [tuple(torch.zeros(3, p.input_size, p.input_size) for p in preprocessing)] * batch_size
-        self.run(inputs)
+    def forward(self, m: int, inputs: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
+        """Member ``m``'s (N, C) softmax for ``inputs[j][m]``."""
+        with torch.inference_mode():
+            batch = torch.stack([item[m] for item in inputs]).to(self.device, memory_format=self._format, non_blocking=True)
+            logits = self.models[m](batch).double()
+            return torch.softmax(logits, dim=1).cpu().numpy()

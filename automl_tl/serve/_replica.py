@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ __all__ = [
     "memory",
     "pin_torch_threads",
     "single_threaded",
+    "spread",
 ]
 
 
@@ -63,6 +65,7 @@ class Counters:
         self.forward_ms = 0.0
         self.lanes = lanes
         self.peak_busy_lanes = 0  # the most batches that were forwarded at once
+        self.lone_request: dict[str, Any] | None = None  # how lone requests run, and the times that chose it
 
     def add(self, batch_size: int, forward_ms: float) -> None:
         self.batches += 1
@@ -73,7 +76,7 @@ class Counters:
         mean = self.images / self.batches if self.batches else 0.0
         return {"batches": self.batches, "images": self.images, "mean_batch_size": mean,
                 "forward_ms": round(self.forward_ms, 3), "lanes": self.lanes,
-                "peak_busy_lanes": self.peak_busy_lanes, **memory()}  # fmt: skip
+                "peak_busy_lanes": self.peak_busy_lanes, "lone_request": self.lone_request, **memory()}  # fmt: skip
 
 
 # libgomp (torch's OpenMP) lets a team's idle threads spin between parallel regions only while it manages no
@@ -115,6 +118,9 @@ Row = tuple[tuple[np.ndarray, ...], int, float]  # member softmax rows, batch si
 # Batches of every size from 1 to max_batch_size leave the glibc heap fragmented, and a replica's resident
 # size would creep up under varied load; giving free pages back every few dozen batches keeps it level.
 TRIM_EVERY_BATCHES = 32
+# Lone forwards timed each way when a replica chooses how to run its members (about 0.5 s for an ensemble of
+# two small members on 2 cores).
+CHOICE_ROUNDS = 7
 
 T = TypeVar("T")
 
@@ -131,7 +137,9 @@ class Forward:
     With one lane (the default on a GPU, and on a one-core replica) every forward runs on ``threads`` torch
     threads. With several (a CPU replica of several cores), batches run side by side on one torch thread
     each, and a request that finds the replica idle (:meth:`solo`) runs on all ``threads`` in lane 0 while
-    nothing else is admitted. On 2 cores a batch-1 forward took 13.5 ms on 2 threads against 18.7 ms on 1,
+    nothing else is admitted; or, for several members, with the members spread over the lanes on one thread
+    each, where the replica measured that faster when it started (:attr:`member_lanes`). On 2 cores a
+    batch-1 forward took 13.5 ms on 2 threads against 18.7 ms on 1,
     while under load two one-thread batches side by side served more than one two-thread batch at a time
     (``benchmarks/bench_serve.py``). Our reading: an OpenMP team waits at every barrier for whichever of its
     threads decoding or HTTP work has preempted, while a one-thread lane only slows itself.
@@ -142,7 +150,8 @@ class Forward:
         build: Callable[[], MemberRunner],
         threads: int,
         lanes: int = 1,
-        warm_up: Callable[[MemberRunner], object] | None = None,
+        example: Callable[[], tuple[torch.Tensor, ...]] | None = None,
+        batch_size: int = 1,
     ) -> None:
         self.counters = Counters(lanes)
         self.threads = threads
@@ -155,11 +164,18 @@ class Forward:
         # Built and warmed up in lane 0: its OpenMP team is the process's only one (the other lanes never
         # start one), and the first request of either width does not pay for lazy initialisation.
         self.runner = self._lanes[0].submit(build).result()
-        if warm_up is not None:
-            self._lanes[0].submit(_on_threads, threads, warm_up, self.runner).result()
+        self.member_lanes: list[list[int]] | None = None  # see _choose_member_lanes
+        if example is not None:
+            # Made in lane 0 too: filling a 224 px image is a parallel op, and on the calling thread it would
+            # start a second OpenMP team (a 1 x 2 replica's lone forwards then took twice as long).
+            one = self._lanes[0].submit(example).result()
+            batch = [one] * batch_size
+            self._lanes[0].submit(_on_threads, threads, self.runner.run, batch).result()
             if lanes > 1:
                 for lane in self._lanes:
-                    lane.submit(_on_threads, self.narrow_threads, warm_up, self.runner).result()
+                    lane.submit(_on_threads, self.narrow_threads, self.runner.run, batch).result()
+                if len(self.runner.models) > 1 and self.runner.device.type == "cpu":
+                    self.member_lanes = self._choose_member_lanes(one)
         self._free = list(range(lanes))
         self._wide = False  # a forward on every thread is running: nothing else may start
         self._open: asyncio.Event | None = None  # made in the replica's event loop, on first use
@@ -173,8 +189,43 @@ class Forward:
             lambda: MemberRunner.build(artifact, member_indices, device),
             args.threads_per_replica(),
             args.lanes_per_replica(),
-            lambda runner: runner.warm_up(preprocessing, args.max_batch_size),
+            lambda: tuple(torch.zeros(3, p.input_size, p.input_size) for p in preprocessing),
+            args.max_batch_size,
         )
+
+    def _choose_member_lanes(self, example: tuple[torch.Tensor, ...]) -> list[list[int]] | None:
+        """Members spread over the lanes, if a lone request is answered sooner with each lane forwarding its
+        members on one thread, all lanes at once, than with every member in turn on all threads; else None.
+
+        Timed here, on the replica's own cores, since which is faster depends on the members: two members of
+        similar cost gain from running side by side (on 2 cores, mobilenetv2_100 at 160 px beside
+        tf_efficientnet_lite0 at 224 px: 20.6-21.2 against 23.8-23.9 ms in turn), while one large member and a
+        small one would wait on the large member's slower single-thread forward.
+        """
+        one = [example]
+
+        def member_ms(m: int) -> float:
+            return _median_ms(lambda: self._lanes[0].submit(_on_threads, 1, self.runner.forward, m, one).result())
+
+        groups = spread([member_ms(m) for m in range(len(self.runner.models))], len(self._lanes))
+
+        def wide() -> None:
+            self._lanes[0].submit(_on_threads, self.threads, self.runner.run, one).result()
+
+        def side_by_side() -> None:
+            running = [self._lanes[i].submit(self._forward_members, group, one) for i, group in enumerate(groups)]
+            for done in running:
+                done.result()
+
+        times: dict[str, list[float]] = {"wide": [], "side_by_side": []}
+        for _ in range(CHOICE_ROUNDS):  # in turn, so a drift in the machine's speed meets both alike
+            times["wide"].append(_elapsed_ms(wide))
+            times["side_by_side"].append(_elapsed_ms(side_by_side))
+        wide_ms, split_ms = (float(np.median(times[k])) for k in ("wide", "side_by_side"))
+        chosen = groups if split_ms < wide_ms else None
+        self.counters.lone_request = {"wide_ms": round(wide_ms, 3), "side_by_side_ms": round(split_ms, 3),
+                                      "member_lanes": chosen}  # fmt: skip
+        return chosen
 
     def _gate(self) -> asyncio.Event:
         if self._open is None:
@@ -197,14 +248,30 @@ class Forward:
         return len(self._free) == len(self._lanes)
 
     async def solo(self, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]) -> list[Row]:
-        """Prepare and forward one request's images as one batch on every thread, while nothing else runs:
-        a lone request skips the decode pool and the batcher (two thread hand-offs and a queue: a lone
+        """Prepare and forward one request's images as one batch while nothing else runs: on every thread in
+        lane 0, or with :attr:`member_lanes`, each lane forwarding its members on one thread, all at once.
+        A lone request skips the decode pool and the batcher (two thread hand-offs and a queue: a lone
         request's p50 fell from 34.8 to 32.1 ms on 2 cores). Requests arriving meanwhile wait at
         :meth:`admit` as they would for a batch. Call it only while :attr:`idle`."""
         if not self.idle:
             raise RuntimeError("Forward.solo needs an idle replica")
         self._claim(0, wide=True)
-        return await self._go(0, self.threads, prepare)
+        if self.member_lanes is None:
+            return await self._go(0, self.threads, prepare)
+        try:
+            loop = asyncio.get_running_loop()
+            inputs = await loop.run_in_executor(self._lanes[0], _on_threads, 1, prepare)
+            start = time.perf_counter()
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(self._lanes[i], self._forward_members, group, inputs)
+                for i, group in enumerate(self.member_lanes)
+            ))  # fmt: skip
+            probs = dict(pair for part in parts for pair in part)
+            result = BatchResult(tuple(probs[m] for m in sorted(probs)), (time.perf_counter() - start) * 1000.0)
+        finally:
+            self._release(0)
+        self._count(len(inputs), result.forward_ms)
+        return _rows(result, len(inputs))
 
     async def start(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[asyncio.Future[Row]]:
         """Forward a batch the batcher formed (already prepared) on the next free lane; returns once it has
@@ -251,20 +318,25 @@ class Forward:
             )
         finally:
             self._release(lane)
-        self.counters.add(len(inputs), result.forward_ms)
+        self._count(len(inputs), result.forward_ms)
         return _rows(result, len(inputs))
+
+    def _count(self, batch_size: int, forward_ms: float) -> None:
+        self.counters.add(batch_size, forward_ms)
+        if self.counters.batches % TRIM_EVERY_BATCHES == 0:
+            self._lanes[0].submit(trim_heap)  # off the event loop: before lane 0's next batch
 
     def _prepare_and_forward(
         self, threads: int, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]
     ) -> tuple[list[tuple[torch.Tensor, ...]], BatchResult]:
         inputs = prepare()
-        return inputs, _on_threads(threads, self._forward, inputs)
+        return inputs, _on_threads(threads, self.runner.run, inputs)
 
-    def _forward(self, inputs: list[tuple[torch.Tensor, ...]]) -> BatchResult:
-        result = self.runner.run(inputs)
-        if self.counters.batches % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
-            trim_heap()
-        return result
+    def _forward_members(
+        self, members: list[int], inputs: list[tuple[torch.Tensor, ...]]
+    ) -> list[tuple[int, np.ndarray]]:
+        """These members' softmax for a batch, on this thread alone (a lane of a lone request's forward)."""
+        return [(m, _on_threads(1, self.runner.forward, m, inputs)) for m in members]
 
 
 def _on_threads(threads: int, fn: Callable[..., T], *args: Any) -> T:
@@ -272,6 +344,30 @@ def _on_threads(threads: int, fn: Callable[..., T], *args: Any) -> T:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return fn(*args)
+
+
+def spread(costs: Sequence[float], lanes: int) -> list[list[int]]:
+    """Indices of ``costs`` in at most ``lanes`` groups of near-equal total cost: the costliest first, each
+    to the group that is cheapest so far (longest-processing-time-first scheduling)."""
+    if lanes < 1:
+        raise ValueError(f"lanes must be at least 1, got {lanes}")
+    groups: list[list[int]] = [[] for _ in range(min(lanes, len(costs)))]
+    totals = [0.0] * len(groups)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        g = totals.index(min(totals))
+        groups[g].append(i)
+        totals[g] += costs[i]
+    return groups
+
+
+def _elapsed_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _median_ms(fn: Callable[[], object], runs: int = 5) -> float:
+    return float(np.median([_elapsed_ms(fn) for _ in range(runs)]))
 
 
 def _rows(result: BatchResult, size: int) -> list[Row]:
