@@ -24,6 +24,7 @@ from PIL import Image
 from automl_tl.config import DataConfig, load_config
 from automl_tl.data import load_dataset, resolve_source
 from automl_tl.errors import DatasetError
+from tests.scenarios._common import free_port as _free_port
 
 
 def jpeg(seed: int) -> bytes:
@@ -169,13 +170,6 @@ def test_file_uri_follows_the_remote_rules(tmp_path: Path) -> None:
     assert "absolute path" in error_of(absolute.as_uri(), tmp_path)
     ok = write_csv(tmp_path / "data" / "ok.csv", rows)
     assert len(load_dataset(ok.as_uri(), config_for(tmp_path), progress=False)) == 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,10 @@ from pathlib import Path
 import pytest
 
 from automl_tl.data._cache import CACHE_ENV
+from tests.scenarios._common import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 EXE = str(Path(sys.executable).parent / "automl-tl")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env(cache: Path) -> dict[str, str]:

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from PIL import Image
 from automl_tl.artifact import write_artifact
 from automl_tl.cli import build_parser
 from automl_tl.serve import start_server, stop_server
+from tests.scenarios._common import free_port
 
 from .conftest import REPO_ROOT
 from .test_artifact import CLASSES, make_member
@@ -214,9 +214,7 @@ def server(ray_session: Any, run_dir: Path, tmp_path_factory: pytest.TempPathFac
     for seed, name in enumerate(("a.jpg", "b.jpg")):
         pixels = np.random.default_rng(seed).integers(0, 256, (90, 120, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / name, quality=90)
-    with socket.socket() as sock:  # a free port: the README's 8000 may be taken on this machine
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()  # the README's 8000 may be taken on this machine
     try:
         url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5)
         secure = start_server(run_dir, port=port, token=TOKEN, name="secure", route_prefix="/secure",

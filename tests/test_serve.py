@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_s
 from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
 from automl_tl.serve._server import resolve_ingress
+
+from tests.scenarios._common import free_port as _free_port
 
 from .test_artifact import CLASSES, make_member
 
@@ -70,12 +71,6 @@ def process_names() -> set[str]:
         except OSError:
             pass  # ended meanwhile
     return names
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,34 @@ VENV_BIN = Path(sys.executable).parent
 SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 
+# A port from bind(("127.0.0.1", 0)) comes from the kernel's ephemeral range, the one every outgoing socket
+# draws from too: one picked for a server that starts a minute later can be taken meanwhile. CI lost a demo
+# run that way (2026-11-30: "port 44601 on 127.0.0.1 is already in use" after its 45 s sweep, whose Ray
+# processes open sockets all the time). So servers in tests get a port below that range.
+_LOWEST_PORT = 10_000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    """A port free on 127.0.0.1 now and outside the ephemeral range, so no outgoing socket takes it later."""
+    top = max(_ephemeral_start(), _LOWEST_PORT + 1)
+    span = top - _LOWEST_PORT
+    start = secrets.randbelow(span)  # two tests picking at once rarely start at the same place
+    for step in range(span):
+        port = _LOWEST_PORT + (start + step) % span
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on 127.0.0.1 between {_LOWEST_PORT} and {top}")
 
 
 def tiny_config(data: Path, cache: Path, trials: int = 2, **space: Any) -> dict[str, Any]:
