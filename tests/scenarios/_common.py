@@ -27,8 +27,10 @@ SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 # A port from bind(("127.0.0.1", 0)) comes from the kernel's ephemeral range, the one every outgoing socket
 # draws from too: one picked for a server that starts a minute later can be taken meanwhile. CI lost a demo
 # run that way (2026-11-30: "port 44601 on 127.0.0.1 is already in use" after its 45 s sweep, whose Ray
-# processes open sockets all the time). So servers in tests get a port below that range.
-_LOWEST_PORT = 10_000
+# processes open sockets all the time). So servers in tests get a port below that range, and above Ray's
+# own: its workers bind 10002-19999 (`ray start` refuses a head port there) and Serve's replicas, behind
+# HAProxy, 30000-31000.
+_LOWEST_PORT, _HIGHEST_PORT = 20_000, 29_999
 
 
 def _ephemeral_start() -> int:
@@ -39,8 +41,9 @@ def _ephemeral_start() -> int:
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now and outside the ephemeral range, so no outgoing socket takes it later."""
-    top = max(_ephemeral_start(), _LOWEST_PORT + 1)
+    """A port free on 127.0.0.1 now, outside the ephemeral range (so no outgoing socket takes it later) and
+    the ranges Ray and Serve bind."""
+    top = max(min(_ephemeral_start(), _HIGHEST_PORT + 1), _LOWEST_PORT + 1)
     span = top - _LOWEST_PORT
     start = secrets.randbelow(span)  # two tests picking at once rarely start at the same place
     for step in range(span):
