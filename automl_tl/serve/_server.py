@@ -46,6 +46,16 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 }
 Ingress = Literal["auto", "haproxy", "proxy"]
 
+# Serve's own background work, made less frequent than Serve's defaults: the controller's loop every 0.5 s
+# instead of 0.1 s, and every Serve actor's metrics exported every 1 s instead of 0.1 s. On 2 cores an idle
+# app (ensemble, one replica of 2 CPUs, HAProxy) used 14.3-15.1 % of a core at the defaults, the controller
+# 3.8-4.0 % and the GCS it polls 2.0-2.1 %; with these 9.9 %, the controller 1.5 % and the GCS 0.9 %. That
+# is CPU the replicas get back under load. A lone request's latency did not move measurably: in alternated
+# runs of 60 lone ensemble requests its p50 was 31.2-38.5 ms with these and 31.7-34.0 ms without, within
+# this machine's drift. The cost: deploying an app took 6.6 instead of 5.2 s and deleting one 4.0 instead of
+# 3.0 s, since the controller moves a deployment on by one step per loop. Settings the environment names win.
+QUIET_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+
 # What start_server started, so stop_server stops exactly that.
 _started: dict[str, Any] = {"serve": False, "ray": False, "apps": [], "replica_env": {}}
 
@@ -69,6 +79,16 @@ def resolve_ingress(ingress: str, single_node: bool = True, autoscaling: bool = 
     if ingress == "auto":
         return "haproxy" if available and single_node and not autoscaling else "proxy"
     return ingress
+
+
+# What a cluster that `serve deploy` or KubeRay starts should run with: the Python proxy (HAProxy is for one
+# node with a fixed replica count, see resolve_ingress) and the quieter background.
+CLUSTER_ENV = {**INGRESS_ENV["proxy"], **QUIET_ENV}
+
+
+def _quiet_env() -> dict[str, str]:
+    """:data:`QUIET_ENV` less what this process's environment sets itself (the user's choice stands)."""
+    return {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
 
 
 def make_args(
@@ -178,7 +198,8 @@ def start_server(
         if local:
             check_port(host, port)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        env = INGRESS_ENV[resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)]
+        ingress_env = INGRESS_ENV[resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)]
+        env = {**_quiet_env(), **ingress_env}
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         _started.update(serve=True, replica_env=env)  # the replicas must run the ingress their controller runs
     client = serve.context._get_global_client()
@@ -255,8 +276,8 @@ def emit_config(
         }
         header = (
             f"# Serve config for {args.artifact}\n# deploy: serve deploy {path}\n"
-            f"# start the cluster with {' '.join(f'{k}={v}' for k, v in INGRESS_ENV['proxy'].items())} for faster "
-            "proxies\n"
+            f"# start the cluster with {' '.join(f'{k}={v}' for k, v in CLUSTER_ENV.items())} for faster "
+            "proxies and less background work\n"
         )
     else:
         document = _rayservice(application, args, image)
@@ -269,7 +290,7 @@ def emit_config(
 
 def _rayservice(application: dict[str, Any], args: AppArgs, image: str) -> dict[str, Any]:
     """A minimal RayService: one head group whose image has automl_tl installed and the artifact mounted."""
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in INGRESS_ENV["proxy"].items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in CLUSTER_ENV.items()]
     if args.token_env:
         env.append({"name": args.token_env,
                     "valueFrom": {"secretKeyRef": {"name": "automl-tl-token", "key": "token"}}})  # fmt: skip
