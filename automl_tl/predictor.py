@@ -215,8 +215,9 @@ class Predictor:
         self.artifact = artifact
         self.device = torch.device(device)
         self._format = memory_format_for(self.device)
-        self.models = [ready_for_inference(m, self.device) for m in models]  # batch norms folded
         self.preprocessing = tuple(Preprocessing.from_dict(m.preprocessing) for m in artifact.members)
+        # batch norms folded; on CPU a frozen graph, as each Serve replica runs it
+        self.models = [ready_for_inference(m, self.device, p.input_size) for m, p in zip(models, self.preprocessing)]
         # One transform (and one batch) per distinct preprocessing, shared by members that use it.
         self._transforms = {pre: eval_transform(pre) for pre in self.preprocessing}
 

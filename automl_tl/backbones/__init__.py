@@ -15,7 +15,7 @@ True
 from __future__ import annotations
 
 from automl_tl.backbones._builder import HUB_PREFIX, TransferNet, create_backbone, memory_format_for, resolve_spec
-from automl_tl.backbones._inference import fold_batch_norms, ready_for_inference
+from automl_tl.backbones._inference import fold_batch_norms, graph_of, ready_for_inference
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -43,6 +43,7 @@ __all__ = [
     "get_backbone_spec",
     "resolve_spec",
     "create_backbone",
+    "graph_of",
     "memory_format_for",
     "fold_batch_norms",
     "ready_for_inference",

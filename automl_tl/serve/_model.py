@@ -114,16 +114,29 @@ class BatchResult:
 
 
 class MemberRunner:
-    """Built members in eval mode on one device; ``run`` forwards a batch through each under inference mode."""
+    """Built members in eval mode on one device; ``run`` forwards a batch through each under inference mode.
 
-    def __init__(self, models: Sequence[torch.nn.Module], device: str | torch.device = "cpu") -> None:
+    Given each member's input size, a CPU member runs as a frozen TorchScript graph
+    (:func:`~automl_tl.backbones.graph_of`)."""
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        device: str | torch.device = "cpu",
+        input_sizes: Sequence[int] | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self._format = memory_format_for(self.device)
-        self.models = [ready_for_inference(m, self.device) for m in models]  # batch norms folded
+        sizes = list(input_sizes) if input_sizes is not None else [None] * len(models)
+        if len(sizes) != len(models):
+            raise ValueError(f"{len(sizes)} input sizes for {len(models)} models")
+        # batch norms folded; on CPU, given the input size, a frozen graph
+        self.models = [ready_for_inference(m, self.device, size) for m, size in zip(models, sizes)]
 
     @classmethod
     def build(cls, artifact: Artifact, indices: Sequence[int], device: str | torch.device = "cpu") -> MemberRunner:
-        return cls([artifact.build_model(i) for i in indices], device)
+        sizes = [Preprocessing.from_dict(artifact.members[i].preprocessing).input_size for i in indices]
+        return cls([artifact.build_model(i) for i in indices], device, sizes)
 
     def run(self, inputs: Sequence[Sequence[torch.Tensor]]) -> BatchResult:
         """``inputs[j][m]`` is image j's CHW input for member m; returns member m's (N, C) softmax."""
@@ -137,3 +150,4 @@ class MemberRunner:
             batch = torch.stack([item[m] for item in inputs]).to(self.device, memory_format=self._format, non_blocking=True)
             logits = self.models[m](batch).double()
             return torch.softmax(logits, dim=1).cpu().numpy()
+
