@@ -30,6 +30,7 @@ from automl_tl.cli import main
 from automl_tl.errors import ArtifactError, ConfigError
 from automl_tl.predictor import Predictor
 from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_server, stop_server
+from automl_tl.serve._app import DECODE_THREADS
 from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
 from automl_tl.serve._server import QUIET_ENV, _quiet_env, resolve_ingress
@@ -81,7 +82,7 @@ def server(ray_session: Any, run_dir: Path, hymenoptera_dir: Path) -> Iterator[d
         url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5, forward_lanes=2, **LIMITS)
         secure = start_server(
             run_dir / "artifact", port=port, token=TOKEN, name="secure", route_prefix="/secure",
-            layout="composed", cpus_per_replica=0.5, **LIMITS,
+            layout="composed", cpus_per_replica=0.5, access_log=True, **LIMITS,
         )  # fmt: skip
         yield {"open": url, "secure": secure}
     finally:
@@ -134,6 +135,10 @@ def test_health_metadata_and_schema(server: dict[str, str]) -> None:
     for actor in ("ServeController", "ProxyActor", "ServeReplica:automl_tl:Classifier"):
         env = _actor_env(actor)
         assert {k: env.get(k) for k in QUIET_ENV} == QUIET_ENV, actor
+    # ... and the replicas run our handlers on Serve's own event loop, with a malloc arena per allocating thread
+    replica = _actor_env("ServeReplica:automl_tl:Classifier")
+    assert replica["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert replica["MALLOC_ARENA_MAX"] == str(2 + DECODE_THREADS)  # 2 forward lanes (the fixture's)
     schema = requests.get(f"{server['open']}/openapi.json", timeout=10).json()
     assert set(schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]) >= {
         "image/*", "multipart/form-data", "application/json"}  # fmt: skip
@@ -273,6 +278,26 @@ def test_bearer_token_auth_and_the_composed_layout(
     for log in (session / "logs").rglob("*"):
         if log.is_file() and log.stat().st_size < 50_000_000:
             assert TOKEN.encode() not in log.read_bytes(), f"the token was logged in {log}"
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_serves_access_log_is_written_only_when_asked_for(
+    server: dict[str, str], images: list[Path], ray_session: Any
+) -> None:
+    jpeg, headers = images[0].read_bytes(), {"Content-Type": "image/jpeg"}
+    assert _post(server["open"], data=jpeg, headers=headers).status_code == 200
+    secure = _post(server["secure"], data=jpeg, headers={**headers, "Authorization": f"Bearer {TOKEN}"})
+    assert secure.status_code == 200
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+
+    def access_lines(app: str) -> int:
+        files = list(logs.glob(f"replica_{app}_Classifier_*.log"))
+        assert files, f"no replica log of {app} in {logs}"
+        return sum(f.read_text(errors="replace").count("/v1/predict 200") for f in files)
+
+    assert access_lines("automl_tl") == 0  # the default
+    assert access_lines("secure") >= 1  # access_log=True
 
 
 # --- the page in headless Chromium ------------------------------------------------------------------------
@@ -682,6 +707,18 @@ def test_a_cpu_replica_forwards_one_batch_per_core_and_a_gpu_replica_one() -> No
 
     with pytest.raises(ValidationError, match="forward_lanes"):
         AppArgs(artifact="x", forward_lanes=0)
+
+
+def test_on_an_embedded_ray_a_cpu_app_shares_the_machine_among_its_replicas() -> None:
+    from automl_tl.serve._server import _machine_split
+
+    def cpus(**fields: Any) -> float:
+        return _machine_split(AppArgs(artifact="x", **fields), 8).cpus_per_replica
+
+    assert cpus() == 8.0 and cpus(replicas=3) == 2.0 and cpus(replicas=16) == 1.0
+    assert _machine_split(AppArgs(artifact="x"), 8).lanes_per_replica() == 8
+    # Serve's 1 CPU each where the machine is not ours to split, or replicas come and go.
+    assert cpus(gpus_per_replica=1) == cpus(max_replicas=4) == cpus(layout="composed") == 1.0
 
 
 def test_emit_config_for_serve_deploy_and_kuberay(run_dir: Path, tmp_path: Path) -> None:

@@ -221,9 +221,15 @@ def test_sweep_into_s3_and_load_the_artifact_back(
                                   env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             answer = _predict_when_ready(f"http://127.0.0.1:{port}", images[0], server, log, deadline_s=180)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=30) as reply:
+                lanes = json.loads(reply.read())["ingress"]["lanes"]
         finally:
             stop_process_group(server, grace_s=10)
     assert answer["mode"] == "best" and answer["predictions"][0]["labels"][0] == predicted[0]
+    # The embedded Ray's one replica took every CPU Ray counts here: one forward lane per core.
+    from ray._private.utils import get_num_cpus
+
+    assert lanes == get_num_cpus()
     assert load_artifact(tmp_path / "fetched").members[0].sha256 == predictor.artifact.members[0].sha256
     assert storage_cli(["fetch", f"{uri}/no-such-artifact", str(tmp_path / "none")]) == 2
 

@@ -73,6 +73,10 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
+    # Serve's access log, a line per request in each replica's log file: off unless asked for, a saving per
+    # request (see REPLICA_ENV in serve._app for what it and the handlers' event loop gained together).
+    # Errors and warnings are logged either way.
+    access_log: bool = False
     token_env: str | None = Field(None, min_length=1)
     token_file: str | None = Field(None, min_length=1)
 

@@ -24,7 +24,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (initial count when autoscaling)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, dest="gpus_per_replica")
-    p.add_argument("--cpus-per-replica", type=float, dest="cpus_per_replica", help="default 1")
+    p.add_argument("--cpus-per-replica", type=float, dest="cpus_per_replica",
+                   help="default: on an embedded Ray, the machine's CPUs shared among the replicas (CPU, fixed "
+                        "replica count, single layout); else 1")  # fmt: skip
     p.add_argument("--forward-lanes", type=int, dest="forward_lanes",
                    help="batches a replica forwards side by side, one core each (default: one per CPU; 1 on a GPU)")
     p.add_argument("--min-replicas", type=int, dest="min_replicas", help="turns on autoscaling")
@@ -39,6 +41,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "fixed replicas, on Linux) or Serve's Python proxy (auto's choice otherwise)")  # fmt: skip
     p.add_argument("--layout", choices=("single", "composed"),
                    help="ensemble in one deployment, or one deployment per member")
+    p.add_argument("--access-log", action="store_true", default=None, dest="access_log",
+                   help="log a line per request in each replica's Serve log (off by default: it costs throughput)")
     p.add_argument("--token-env", metavar="VAR", dest="token_env", help="require a bearer token read from $VAR")
     p.add_argument("--token-file", metavar="FILE", dest="token_file", help="require a bearer token read from FILE")
     p.add_argument("--max-body-mb", type=float, dest="max_body_mb", help="largest request body (default 16)")
@@ -53,7 +57,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         name: getattr(args, name)
         for name in ("cpus_per_replica", "min_replicas", "max_replicas", "target_ongoing_requests", "max_batch_size",
-                     "layout", "token_env", "token_file", "max_pixels", "forward_lanes")  # fmt: skip
+                     "layout", "token_env", "token_file", "max_pixels", "forward_lanes", "access_log")  # fmt: skip
         if getattr(args, name) is not None
     }
     if args.batch_wait_ms is not None:
