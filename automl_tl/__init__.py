@@ -36,7 +36,7 @@ from automl_tl.errors import (
 if TYPE_CHECKING:
     from automl_tl.api import SearchResult, search
     from automl_tl.backbones import create_backbone, list_backbones
-    from automl_tl.predictor import Predictor
+    from automl_tl.inference.predictor import Predictor
 
 __version__ = "0.1.0"
 
@@ -65,7 +65,7 @@ __all__ = [
 _LAZY = {
     "search": "automl_tl.api",
     "SearchResult": "automl_tl.api",
-    "Predictor": "automl_tl.predictor",
+    "Predictor": "automl_tl.inference.predictor",
     "list_backbones": "automl_tl.backbones",
     "create_backbone": "automl_tl.backbones",
 }

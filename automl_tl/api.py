@@ -52,8 +52,8 @@ def search(
     >>> result = search("my_images/", "runs/first", time_budget_s=300)  # doctest: +SKIP
     >>> print(result.best["backbone"], result.ensemble["test"]["accuracy"])  # doctest: +SKIP
     """
-    from automl_tl.results import build_results
-    from automl_tl.tuner import run_search
+    from automl_tl.evaluate.results import build_results
+    from automl_tl.sweep.driver import run_search
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = cfg.replace("data", source=data)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from automl_tl._memory import tune_malloc
+from automl_tl.train.memory import tune_malloc
 from automl_tl.errors import AutoMLError
 
 if TYPE_CHECKING:
@@ -113,9 +113,9 @@ def _load_search_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from automl_tl.tuner import run_search
+    from automl_tl.sweep.driver import run_search
 
-    from automl_tl.results import build_results
+    from automl_tl.evaluate.results import build_results
 
     config = _load_search_config(args)
     log = _logger(args)
@@ -126,9 +126,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from automl_tl.tuner import resume_search
+    from automl_tl.sweep.driver import resume_search
 
-    from automl_tl.results import build_results
+    from automl_tl.evaluate.results import build_results
 
     log = _logger(args)
     resume_search(args.run_dir, log=log, progress=not args.quiet, shared_fs=args.shared_fs)
@@ -175,7 +175,7 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from automl_tl.predictor import Predictor, expand_image_paths
+    from automl_tl.inference.predictor import Predictor, expand_image_paths
 
     predictor = Predictor.load(args.artifact)
     paths = expand_image_paths(args.images)
@@ -193,9 +193,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from automl_tl.data import load_dataset
-    from automl_tl.metrics import classification_metrics, format_metrics_table
-    from automl_tl.predictor import Predictor, match_class_names
-    from automl_tl.rundir import split_settings
+    from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
+    from automl_tl.inference.predictor import Predictor, match_class_names
+    from automl_tl.runs.rundir import split_settings
 
     predictor = Predictor.load(args.artifact)
     if args.split == "all":
@@ -218,8 +218,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from automl_tl.artifact import load_artifact
-    from automl_tl.export import export_input, export_model
+    from automl_tl.inference.artifact import load_artifact
+    from automl_tl.inference.export import export_input, export_model
 
     out = export_model(args.artifact, args.format, Path(args.out), member=args.member)
     pre, _ = export_input(load_artifact(args.artifact), args.member)

@@ -188,7 +188,7 @@ class ResourcesConfig:
     max_failures: int = bounded(2, ge=0, le=100)
     # Host memory each trial (each worker, with the train engine) asks Ray for, so that trials which would not
     # fit side by side run one after the other. None: estimated per trial from its backbone, image size,
-    # batch size and freeze depth (automl_tl._memory); 0: ask for none.
+    # batch size and freeze depth (automl_tl.train.memory); 0: ask for none.
     memory_per_trial_gb: float | None = bounded(None, ge=0.0)
 
     def engine(self) -> str:

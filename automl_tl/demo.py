@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from automl_tl.config import ExperimentConfig, load_config
-from automl_tl.rundir import RunDir
+from automl_tl.runs.rundir import RunDir
 
 __all__ = ["demo_config", "run_demo", "random_init_baseline"]
 
@@ -53,7 +53,8 @@ def random_init_baseline(run_dir: Path, best: dict[str, Any], log: Callable[[str
 
     The budget is the best trial's own: its epochs, and no more wall-clock time than it took.
     """
-    from automl_tl.training import TrialConfig, TrialData, train_trial
+    from automl_tl.train.loop import TrialConfig, train_trial
+    from automl_tl.train.trial_data import TrialData
 
     run = RunDir(run_dir)
     data_info = run.read_json("data.json")
@@ -91,9 +92,9 @@ def run_demo(
     port: int = 8000,
 ) -> dict[str, Any]:
     from automl_tl.report import write_report
-    from automl_tl.results import build_results
+    from automl_tl.evaluate.results import build_results
     from automl_tl.serve import check_port
-    from automl_tl.tuner import run_search
+    from automl_tl.sweep.driver import run_search
 
     check_port("127.0.0.1", port)  # now, not after the sweep
     started = time.time()

@@ -50,10 +50,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from automl_tl._memory import MALLOC_ENV, reset_peak_rss, tune_malloc  # noqa: E402
-from automl_tl.artifact import MemberRecord, write_artifact  # noqa: E402
+from automl_tl.train.memory import MALLOC_ENV, reset_peak_rss, tune_malloc  # noqa: E402
+from automl_tl.inference.artifact import MemberRecord, write_artifact  # noqa: E402
 from automl_tl.backbones import create_backbone  # noqa: E402
-from automl_tl.predictor import Predictor  # noqa: E402
+from automl_tl.inference.predictor import Predictor  # noqa: E402
 from automl_tl.serve import DEFAULT_LAYOUT, AppArgs, start_server, stop_server  # noqa: E402
 from automl_tl.serve._app import replica_env  # noqa: E402
 from automl_tl.serve._model import MemberRunner, plan_for  # noqa: E402

@@ -29,9 +29,9 @@ SHARED = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from automl_tl._memory import tune_malloc  # noqa: E402
+from automl_tl.train.memory import tune_malloc  # noqa: E402
 from automl_tl.config import ExperimentConfig, load_config  # noqa: E402
-from automl_tl.tuner import run_search  # noqa: E402
+from automl_tl.sweep.driver import run_search  # noqa: E402
 
 
 def _write(name: str, figures: dict[str, Any]) -> None:
@@ -93,10 +93,10 @@ def bench_train_vs_bare(args: argparse.Namespace) -> None:
     """Training throughput in a Ray Train worker vs the same loop in a bare process, same data and epochs."""
     import ray
 
-    from automl_tl.trainable import TrialSetup, _run_with_ray_train
-    from automl_tl.training import TrialConfig, train_trial
-    from automl_tl.tuner import prepare_data
-    from automl_tl.rundir import RunDir
+    from automl_tl.sweep.trial import TrialSetup, _run_with_ray_train
+    from automl_tl.train.loop import TrialConfig, train_trial
+    from automl_tl.sweep.driver import prepare_data
+    from automl_tl.runs.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         config = _tiny(Path(tmp) / "cache", "train", 1, max_epochs=args.epochs, image_sizes=[96], freeze_depths=[4])
@@ -149,9 +149,9 @@ def bench_train_vs_bare(args: argparse.Namespace) -> None:
 
 def bench_feature_cache(args: argparse.Namespace) -> None:
     """A frozen-backbone trial training its head on cached features vs on images through the frozen net."""
-    from automl_tl.rundir import RunDir
-    from automl_tl.training import TrialConfig, train_trial
-    from automl_tl.tuner import prepare_data
+    from automl_tl.runs.rundir import RunDir
+    from automl_tl.train.loop import TrialConfig, train_trial
+    from automl_tl.sweep.driver import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         config = _tiny(Path(tmp) / "cache", "inline", 1, max_epochs=args.epochs, image_sizes=[160])
@@ -205,8 +205,8 @@ def _accuracy_config(data: str, budget_s: float, cache: Path, test_fraction: flo
 
 def _memory_fit(rows: list[dict[str, Any]], config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """Each trial's measured peak against the memory it asked Ray for: the estimate must cover the peak."""
-    from automl_tl.trainable import trial_memory_bytes
-    from automl_tl.training import TrialConfig
+    from automl_tl.sweep.trial import trial_memory_bytes
+    from automl_tl.train.loop import TrialConfig
 
     n_val = len(json.loads((run_dir / "data.json").read_text(encoding="utf-8"))["val"])
     fits = []
@@ -228,7 +228,7 @@ def _memory_fit(rows: list[dict[str, Any]], config: ExperimentConfig, run_dir: P
 
 def bench_accuracy(args: argparse.Namespace) -> None:
     """``search --data hymenoptera/train --test hymenoptera/val`` and flowers5 with a held-out 20%."""
-    from automl_tl.results import build_results
+    from automl_tl.evaluate.results import build_results
 
     figures: dict[str, Any] = {"budget_s": args.budget_s, "space": ACCURACY_SPACE, "other_settings": "defaults"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,7 +91,7 @@ def _epoch_seconds(run_dir: Path) -> list[float]:
 
 
 def run_check(plan: CheckPlan, work: Path) -> dict[str, Any]:
-    from automl_tl.tuner import run_search
+    from automl_tl.sweep.driver import run_search
 
     run_dir = work / plan.backbone.replace(":", "_")
     started = time.time()
@@ -118,7 +118,7 @@ def describe_devices() -> dict[str, Any]:
     """The GPUs, and the precision and memory layout the training loop picks for them."""
     import torch
 
-    from automl_tl.training import amp_dtype, memory_format_for
+    from automl_tl.train.loop import amp_dtype, memory_format_for
 
     if not torch.cuda.is_available():
         return {"cuda": False, "gpus": 0}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_tl.artifact import load_artifact
-from automl_tl.export import export_input, export_model
-from automl_tl.predictor import Predictor
+from automl_tl.inference.artifact import load_artifact
+from automl_tl.inference.export import export_input, export_model
+from automl_tl.inference.predictor import Predictor
 
 
 def main() -> None:

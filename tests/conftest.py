@@ -45,7 +45,7 @@ def ray_session() -> object:
     """One local Ray instance for every test of the session that needs one; stopped at the end."""
     import ray
 
-    from automl_tl._memory import tune_malloc
+    from automl_tl.train.memory import tune_malloc
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from automl_tl.artifact import (
+from automl_tl.inference.artifact import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MemberRecord,

@@ -25,7 +25,7 @@ from automl_tl.backbones import (
 )
 from automl_tl.backbones._weights import convert_keras_mobilenetv2
 from automl_tl.errors import BackboneError
-from automl_tl.transforms import Preprocessing, to_tensor_batch
+from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
 from .conftest import DATA_DIR
 

@@ -157,7 +157,7 @@ def test_rayservice_serves_an_artifact_from_object_storage() -> None:
     pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
     for pod in pods:  # every pod that may hold a replica fetches the artifact from S3 first
         (fetch,) = pod["initContainers"]
-        assert fetch["command"][:4] == ["python", "-m", "automl_tl.storage", "fetch"]
+        assert fetch["command"][:4] == ["python", "-m", "automl_tl.runs.storage", "fetch"]
         source, target = fetch["command"][4:]
         assert source.startswith("s3://") and source.endswith("/artifact") and target == args.artifact
         mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
@@ -209,7 +209,7 @@ def test_dockerfile_rules_of_our_own() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
     assert {".venv/", ".git/", "runs/", "**/__pycache__/", "**/auth_token"} <= ignored
     assert not ({"pyproject.toml", "README.md", "automl_tl/", "automl_tl"} & ignored)  # what the build copies
-    from automl_tl._memory import MALLOC_ENV
+    from automl_tl.train.memory import MALLOC_ENV
 
     env = dict(re.findall(r"\b(MALLOC_\w+)=(\S+)", text))
     assert env == MALLOC_ENV, "the image's processes (Ray workers included) start with the allocator settings"

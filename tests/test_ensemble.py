@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from automl_tl.ensemble import (
+from automl_tl.evaluate.ensemble import (
     T_MAX,
     T_MIN,
     EnsembleSelection,
@@ -19,7 +19,7 @@ from automl_tl.ensemble import (
     select_top_k,
 )
 from automl_tl.errors import ConfigError, SearchError
-from automl_tl.metrics import log_loss
+from automl_tl.evaluate.metrics import log_loss
 
 
 def _binary(p_true: list[float], labels: np.ndarray) -> np.ndarray:

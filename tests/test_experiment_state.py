@@ -12,9 +12,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 
-from automl_tl._experiment_state import mend_stale_checkpoints
+from automl_tl.sweep.state_mend import mend_stale_checkpoints
 from automl_tl.config import load_config
-from automl_tl.storage import filesystem
+from automl_tl.runs.storage import filesystem
 from tests.scenarios._common import create_bucket, moto_server
 
 
@@ -129,7 +129,7 @@ def test_resume_after_the_kill_window_finishes_every_trial(
     from ray.tune import CheckpointConfig
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
-    from automl_tl.tuner import resume_search, run_search
+    from automl_tl.sweep.driver import resume_search, run_search
 
     config = load_config({
         "data": {"source": str(hymenoptera_dir), "cache_dir": str(data_cache_dir)},

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from automl_tl.artifact import load_artifact
+from automl_tl.inference.artifact import load_artifact
 from automl_tl.cli import main
 from automl_tl.errors import ArtifactError, ConfigError
-from automl_tl.export import METADATA_KEY, export_input, export_model
-from automl_tl.predictor import Predictor, load_image
-from automl_tl.transforms import Preprocessing, to_tensor_batch
+from automl_tl.inference.export import METADATA_KEY, export_input, export_model
+from automl_tl.inference.predictor import Predictor, load_image
+from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
 from .test_artifact import CLASSES, make_artifact, make_member
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from automl_tl.config import load_config
-from automl_tl.training import TrialConfig, TrialData, amp_dtype, memory_format_for, select_device
+from automl_tl.train.loop import TrialConfig, amp_dtype, memory_format_for, select_device
+from automl_tl.train.trial_data import TrialData
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_a_gpu_trial_builds_ddp_over_every_gpu(monkeypatch: pytest.MonkeyPatch, 
     import ray.train.torch
     import ray.tune.integration.ray_train
 
-    from automl_tl import trainable
+    from automl_tl.sweep import trial as trainable
 
     built: dict[str, Any] = {}
 

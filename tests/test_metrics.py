@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from automl_tl.metrics import (
+from automl_tl.evaluate.metrics import (
     classification_metrics,
     expected_calibration_error,
     format_metrics_table,

@@ -12,15 +12,15 @@ import torch
 import yaml
 from PIL import Image
 
-from automl_tl.artifact import load_artifact
+from automl_tl.inference.artifact import load_artifact
 from automl_tl.backbones import memory_format_for
 from automl_tl.cli import main
 from automl_tl.config import DataConfig
 from automl_tl.data import load_dataset
-from automl_tl.ensemble import apply_temperature, combine
+from automl_tl.evaluate.ensemble import apply_temperature, combine
 from automl_tl.errors import DatasetError
-from automl_tl.predictor import Predictor, expand_image_paths, load_image, match_class_names
-from automl_tl.transforms import Preprocessing, to_tensor_batch
+from automl_tl.inference.predictor import Predictor, expand_image_paths, load_image, match_class_names
+from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
 from .test_artifact import CLASSES, make_artifact, make_member
 

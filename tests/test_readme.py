@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from automl_tl.artifact import write_artifact
+from automl_tl.inference.artifact import write_artifact
 from automl_tl.cli import build_parser
 from automl_tl.serve import start_server, stop_server
 from tests.scenarios._common import free_port

@@ -80,8 +80,8 @@ def run_dir(
     tmp_path_factory: pytest.TempPathFactory, ray_session: object, hymenoptera_dir: Path, data_cache_dir: Path
 ) -> Path:
     from automl_tl.config import load_config
-    from automl_tl.results import build_results
-    from automl_tl.tuner import run_search
+    from automl_tl.evaluate.results import build_results
+    from automl_tl.sweep.driver import run_search
 
     config = load_config({
         "data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)},

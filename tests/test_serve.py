@@ -25,10 +25,10 @@ import requests
 import yaml
 from PIL import Image
 
-from automl_tl.artifact import write_artifact
+from automl_tl.inference.artifact import write_artifact
 from automl_tl.cli import main
 from automl_tl.errors import ArtifactError, ConfigError
-from automl_tl.predictor import Predictor
+from automl_tl.inference.predictor import Predictor
 from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_server, stop_server
 from automl_tl.serve._app import DECODE_THREADS
 from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
@@ -465,7 +465,7 @@ def test_building_a_replica_runs_no_torch_op_on_the_calling_thread(run_dir: Path
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from automl_tl.artifact import load_artifact
+    from automl_tl.inference.artifact import load_artifact
     from automl_tl.serve._replica import Forward
 
     class Calls(TorchFunctionMode):  # torch's mode stack is per thread: the lanes' ops are not seen

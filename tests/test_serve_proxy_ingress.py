@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from automl_tl.errors import ConfigError
-from automl_tl.predictor import Predictor
+from automl_tl.inference.predictor import Predictor
 from automl_tl.serve import start_server, stop_server
 from automl_tl.serve._server import resolve_ingress
 

@@ -1,4 +1,4 @@
-"""Run directories on shared storage (automl_tl.storage): a real sweep into S3 on a local moto server.
+"""Run directories on shared storage (automl_tl.runs.storage): a real sweep into S3 on a local moto server.
 
 The S3 server is moto, started on 127.0.0.1 by the fixture and stopped by its pid; pyarrow reaches it
 through ``AWS_ENDPOINT_URL``. The sweep runs as ``automl-tl search --out s3://...`` in a subprocess so its
@@ -24,8 +24,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from automl_tl.errors import ArtifactError, SearchError
-from automl_tl.rundir import RunDir
-from automl_tl.storage import (
+from automl_tl.runs.rundir import RunDir
+from automl_tl.runs.storage import (
     discard_staging,
     download,
     fetch_once,
@@ -143,7 +143,7 @@ def test_remote_run_dir_mirrors_and_pushes(bucket: str, tmp_path: Path, monkeypa
 def test_local_run_dir_on_a_multi_node_cluster_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from automl_tl.tuner import check_storage
+    from automl_tl.sweep.driver import check_storage
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     with pytest.raises(SearchError, match=r"local path, but the Ray cluster has 2 nodes.*s3://.*--shared-fs"):
@@ -194,8 +194,8 @@ def test_sweep_into_s3_and_load_the_artifact_back(
             n.rsplit("/", 1)[-1] for n in files if n.startswith(f"trials/{row['trial_id']}/")
         }
 
-    from automl_tl.artifact import load_artifact
-    from automl_tl.predictor import Predictor
+    from automl_tl.inference.artifact import load_artifact
+    from automl_tl.inference.predictor import Predictor
 
     predictor = Predictor.load(f"{uri}/artifact")
     assert predictor.class_names == ("ants", "bees")
@@ -209,7 +209,7 @@ def test_sweep_into_s3_and_load_the_artifact_back(
     assert summary["artifact"] == f"{uri}/artifact" and summary["ensemble"]["test"]["n"] == 153
     assert load_artifact(uri).members  # the run directory's URI finds artifact/ too
     from automl_tl.cli import main as cli
-    from automl_tl.storage import main as storage_cli
+    from automl_tl.runs.storage import main as storage_cli
 
     assert cli(["predict", f"{uri}/artifact", str(images[0]), "--top-k", "1"]) == 0
     assert storage_cli(["fetch", f"{uri}/artifact", str(tmp_path / "fetched")]) == 0  # what an init container runs

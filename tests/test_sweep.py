@@ -18,10 +18,10 @@ import pytest
 
 from automl_tl.config import ExperimentConfig, load_config
 from automl_tl.errors import BackboneError, ConfigError
-from automl_tl.results import build_results
-from automl_tl.space import build_param_space, frozen_start_points
-from automl_tl.trainable import FAULT_ENV
-from automl_tl.tuner import _live_placement_groups, rank_rows, run_search
+from automl_tl.evaluate.results import build_results
+from automl_tl.sweep.space import build_param_space, frozen_start_points
+from automl_tl.sweep.trial import FAULT_ENV
+from automl_tl.sweep.driver import _live_placement_groups, rank_rows, run_search
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_frozen_start_points_lie_in_the_space() -> None:
 
 
 def test_progress_estimate_never_exceeds_the_time_budget() -> None:
-    from automl_tl.progress import SweepProgress
+    from automl_tl.sweep.progress import SweepProgress
 
     progress = SweepProgress(lambda line: None, "val_accuracy", "max", 1000, time_budget_s=900.0)
     progress.started -= 100.0
@@ -109,8 +109,8 @@ def test_a_trial_killed_for_memory_stops_the_sweep_with_advice(tmp_path: Path) -
     from ray.exceptions import OutOfMemoryError
 
     from automl_tl.errors import SearchError
-    from automl_tl.rundir import RunDir
-    from automl_tl.tuner import fit
+    from automl_tl.runs.rundir import RunDir
+    from automl_tl.sweep.driver import fit
 
     class KilledTuner:  # what Tune 2.60 raises when Ray's memory monitor kills a trial actor
         def fit(self) -> None:
@@ -129,7 +129,7 @@ def test_a_trial_killed_for_memory_stops_the_sweep_with_advice(tmp_path: Path) -
 
 
 def _trial(**change: Any) -> Any:
-    from automl_tl.training import TrialConfig
+    from automl_tl.train.loop import TrialConfig
 
     params = {"backbone": "tf_efficientnet_lite2", "freeze_depth": 0, "learning_rate": 1e-3, "backbone_lr_ratio": 0.1,
               "augmentation": "light", "optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.1,
@@ -138,8 +138,8 @@ def _trial(**change: Any) -> Any:
 
 
 def test_each_trial_asks_ray_for_the_memory_it_will_peak_at() -> None:
-    from automl_tl._memory import GIB
-    from automl_tl.trainable import TrialSetup, trial_memory_bytes, trial_resources
+    from automl_tl.train.memory import GIB
+    from automl_tl.sweep.trial import TrialSetup, trial_memory_bytes, trial_resources
 
     res = load_config(None).resources
 
@@ -170,7 +170,7 @@ def test_each_trial_asks_ray_for_the_memory_it_will_peak_at() -> None:
 
 _STEP_PEAK = """
 import json, sys, torch
-from automl_tl._memory import peak_rss_bytes, tune_malloc
+from automl_tl.train.memory import peak_rss_bytes, tune_malloc
 tune_malloc()  # as trials run: the heap keeps large blocks
 from automl_tl.backbones import create_backbone
 torch.set_num_threads(1)
@@ -200,9 +200,9 @@ def _step_peak(freeze_depth: int) -> dict[str, int]:
 
 
 def test_the_memory_estimate_covers_a_real_training_step() -> None:
-    from automl_tl._memory import BASE_BYTES, activation_share
+    from automl_tl.train.memory import BASE_BYTES, activation_share
     from automl_tl.backbones import resolve_spec
-    from automl_tl.trainable import trial_memory_bytes
+    from automl_tl.sweep.trial import trial_memory_bytes
 
     measured = _step_peak(0)
     estimate = trial_memory_bytes(_trial(backbone="mobilenetv2_100", image_size=160), load_config(None).resources, 0, None)
@@ -220,7 +220,7 @@ def test_the_memory_estimate_covers_a_real_training_step() -> None:
 
 _FAULTS_PER_STEP = """
 import json, resource, sys, threading, torch
-from automl_tl._memory import tune_malloc
+from automl_tl.train.memory import tune_malloc
 if sys.argv[1] == "tuned":
     tune_malloc()
 def steps(out):
@@ -239,7 +239,7 @@ print(json.dumps(faults))
 
 
 def test_tuned_malloc_stops_page_faulting_every_large_activation(ray_session: Any) -> None:
-    from automl_tl._memory import MALLOC_ENV
+    from automl_tl.train.memory import MALLOC_ENV
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     counts = {}
@@ -265,9 +265,9 @@ def test_a_trial_resumed_from_its_last_checkpoint_reports_its_end_and_trains_no_
     # finished; the resume restores it from that checkpoint and must end it with its real stop reason.
     import shutil
 
-    from automl_tl.rundir import RunDir
-    from automl_tl.training import TrialConfig, train_trial
-    from automl_tl.tuner import prepare_data
+    from automl_tl.runs.rundir import RunDir
+    from automl_tl.train.loop import TrialConfig, train_trial
+    from automl_tl.sweep.driver import prepare_data
 
     config = load_config({"data": {"source": str(hymenoptera_dir), "cache_dir": str(data_cache_dir)}})
     (tmp_path / "run").mkdir()
@@ -337,7 +337,7 @@ def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
     assert summary["ensemble"]["members"] and abs(sum(summary["ensemble"]["weights"]) - 1.0) < 1e-9
     # The artifact's Predictor gives the same test answers as the evaluation in build_results.
     from automl_tl.data import Dataset
-    from automl_tl.predictor import Predictor
+    from automl_tl.inference.predictor import Predictor
 
     predictor = Predictor.load(results["artifact"])
     data = json.loads((run_dir / "data.json").read_text())

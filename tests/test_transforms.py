@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from automl_tl.transforms import Preprocessing, eval_transform
+from automl_tl.inference.transforms import Preprocessing, eval_transform
 
 SETTINGS = [
     Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875),

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from automl_tl.data.sources import DataSource, Fetch, Record
+from automl_tl.data._records import DataSource, Fetch, Record
 from automl_tl.errors import DatasetError
 
 _PACKAGE = "animal_shape_mnist"

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from automl_tl.data._storage import (
+from automl_tl.data._files import (
     IMAGE_EXTENSIONS,
     Location,
     label_text,
@@ -39,13 +39,11 @@ from automl_tl.data._storage import (
     read_bytes,
     resolve_member,
 )
+from automl_tl.data._records import DataSource, Fetch, Payload, Record, digest
 from automl_tl.data.report import REASON_OUTSIDE, SkippedFile
 from automl_tl.errors import DatasetError
 
 __all__ = ["DataSource", "Record", "resolve_source", "SPLIT_NAMES"]
-
-Payload = bytes | np.ndarray
-Fetch = Callable[[], Payload]
 
 # Accepted split names (folder names and manifest values, case-insensitive) and what they mean.
 SPLIT_NAMES: dict[str, str] = {
@@ -58,38 +56,6 @@ SPLIT_NAMES: dict[str, str] = {
     "testing": "test",
 }
 _ALLOWED_SPLITS = "train, val, test (also training, valid, validation, testing)"
-
-
-class Record(NamedTuple):
-    """One image to be: where it is shown as in reports, its class and the split the source gave ("" if none)."""
-
-    path: str
-    label: str
-    split: str
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSource:
-    """A listed source. ``fetchers()`` yields one zero-argument reader per record, in record order."""
-
-    text: str
-    kind: str
-    records: tuple[Record, ...]
-    classes: tuple[str, ...]  # sorted; includes class folders that hold no image (they fail the checks)
-    skipped: tuple[SkippedFile, ...]
-    ignored: int
-    identity: str  # changes whenever any file, label or split changes (paths, sizes, modification times)
-    fetchers: Callable[[], Iterator[Fetch]] = dataclasses.field(repr=False, compare=False)
-    remote: bool = False  # on object storage: reading waits on the network more than on the CPU
-
-    @property
-    def given_splits(self) -> frozenset[str]:
-        return frozenset(r.split for r in self.records if r.split)
-
-    def as_split(self, split: str) -> DataSource:
-        """The same source with every record in ``split`` (a separate test set)."""
-        records = tuple(r._replace(split=split) for r in self.records)
-        return dataclasses.replace(self, records=records, identity=_digest([self.identity, f"as:{split}"]))
 
 
 def resolve_source(text: str) -> DataSource:
@@ -162,7 +128,7 @@ def _folder_source(loc: Location) -> DataSource:
     lines.append("classes:" + "\t".join(sorted(classes)))  # an added empty class folder changes the data
     return DataSource(
         loc.text, kind, tuple(records), tuple(sorted(classes)), tuple(skipped), ignored,
-        _digest(lines), functools.partial(_file_fetchers, loc.fs, tuple(paths)), loc.is_remote,
+        digest(lines), functools.partial(_file_fetchers, loc.fs, tuple(paths)), loc.is_remote,
     )
 
 
@@ -253,7 +219,7 @@ def _manifest_source(
     lines += [f"{m}\t{fi.size}\t{fi.mtime_ns}" for m, fi in zip(members, infos)]
     classes = tuple(sorted({r.label for r in records}))
     return DataSource(
-        loc.text, kind, tuple(records), classes, (), 0, _digest(lines),
+        loc.text, kind, tuple(records), classes, (), 0, digest(lines),
         functools.partial(_file_fetchers, loc.fs, tuple(members)), loc.is_remote,
     )
 
@@ -267,7 +233,7 @@ def _parquet_images_source(loc: Location, info: pafs.FileInfo, table: pa.Table) 
         for i, (lab, s) in enumerate(zip(labels, splits))
     )
     lines = [f"parquet-images:{loc.path}\t{info.size}\t{info.mtime_ns}"]
-    identity = _digest(lines + [f"{r.label}\t{r.split}" for r in records])
+    identity = digest(lines + [f"{r.label}\t{r.split}" for r in records])
     classes = tuple(sorted({r.label for r in records}))
     return DataSource(
         loc.text, "parquet-images", records, classes, (), 0, identity,
@@ -315,11 +281,3 @@ def _row_split(where: str, split: str) -> str:
     if text not in SPLIT_NAMES:
         raise DatasetError(f"{where}: unknown split name {split.strip()!r}; allowed: {_ALLOWED_SPLITS}")
     return SPLIT_NAMES[text]
-
-
-def _digest(lines: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode("utf-8", "surrogateescape"))
-        h.update(b"\n")
-    return h.hexdigest()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from automl_tl.errors import AutoMLError
-from automl_tl.metrics import confusion_matrix
+from automl_tl.evaluate.metrics import confusion_matrix
 from automl_tl.report._inputs import Curve, RunInputs
 
 __all__ = [
@@ -201,7 +201,7 @@ def predictions(run: RunInputs) -> Predictions | None:
             return _test_predictions(run, labels)
         except (AutoMLError, OSError, ValueError, KeyError) as exc:
             notes.append(f"Test predictions could not be recomputed from the artifact ({exc}); showing validation instead.")
-    from automl_tl.ensemble import apply_temperature, combine
+    from automl_tl.evaluate.ensemble import apply_temperature, combine
 
     ens, best = run.summary["ensemble"], run.summary["best"]
     try:
@@ -217,8 +217,8 @@ def predictions(run: RunInputs) -> Predictions | None:
 
 def _test_predictions(run: RunInputs, labels: np.ndarray) -> Predictions:
     from automl_tl.data import Dataset
-    from automl_tl.ensemble import apply_temperature, combine
-    from automl_tl.predictor import Predictor
+    from automl_tl.evaluate.ensemble import apply_temperature, combine
+    from automl_tl.inference.predictor import Predictor
 
     predictor = Predictor.load(run.path / "artifact")
     art = predictor.artifact

@@ -1,6 +1,6 @@
 """Reading a finished run directory into typed values: summary, leaderboard, per-epoch curves, splits.
 
-Only files are read here (no Ray): ``summary.json`` after :func:`automl_tl.results.build_results`,
+Only files are read here (no Ray): ``summary.json`` after :func:`automl_tl.evaluate.results.build_results`,
 ``data.json``, and each Tune trial's ``result.json`` (JSON lines) or ``progress.csv``.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from automl_tl.errors import AutoMLError
-from automl_tl.metrics import lookup, reliability_bins
+from automl_tl.evaluate.metrics import lookup, reliability_bins
 from automl_tl.report import _svg as svg
 from automl_tl.report._analysis import (
     Divergence,
@@ -71,7 +71,7 @@ def write_report(run_dir: str | Path) -> Path:
     A run on object storage (``s3://...``) is read into its local mirror, and the page is uploaded beside it;
     the returned path is then the local copy.
     """
-    from automl_tl.rundir import RunDir
+    from automl_tl.runs.rundir import RunDir
 
     where = RunDir.open(run_dir)
     where.pull("summary.json", "data.json", "tune")

@@ -39,20 +39,19 @@ from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 import automl_tl
-from automl_tl._memory import MALLOC_ENV
-from automl_tl.artifact import Artifact, load_artifact
+from automl_tl.train.memory import MALLOC_ENV
+from automl_tl.inference.artifact import Artifact, load_artifact
 from automl_tl.errors import AutoMLError
-from automl_tl.predictor import top_predictions
-from automl_tl.serve._args import AppArgs, Secret, read_token, resolve_artifact
+from automl_tl.inference.predictor import top_predictions
+from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, read_token, resolve_artifact
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded
-from automl_tl.serve._server import HAPROXY_FLAG
 
 __all__ = ["Classifier", "MemberModel", "build_app"]
 
 API_PREFIX = "/v1"
-# No mmap per batch and no trimming (see automl_tl._memory.MALLOC_ENV): a replica's resident size levels off
+# No mmap per batch and no trimming (see automl_tl.train.memory.MALLOC_ENV): a replica's resident size levels off
 # after warm-up instead of creeping up (benchmarks/bench_serve.py samples it), and a forward does not fault
 # its activations in page by page. MALLOC_ENV's single arena is widened for a replica: see replica_env.
 REPLICA_ENV = dict(MALLOC_ENV)

@@ -24,6 +24,9 @@ Layout = Literal["single", "composed"]
 # less than half its latency under load; a lone request took about as long either way.
 DEFAULT_LAYOUT: Layout = "single"
 
+# The environment flag that makes Ray Serve put HAProxy in front of its proxies.
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+
 
 class Secret:
     """A bearer token that never shows itself in a repr, a log line or a traceback."""
@@ -143,8 +146,8 @@ def resolve_artifact(path: str | os.PathLike[str]) -> str:
     Local paths come back absolute (replicas do not share the caller's working directory); a URI on object
     storage (``s3://bucket/run``) comes back as given, and every replica reads the artifact from there.
     """
-    from automl_tl.artifact import MANIFEST_NAME  # torch comes with it: not needed to parse a command line
-    from automl_tl.storage import is_uri
+    from automl_tl.inference.artifact import MANIFEST_NAME  # torch comes with it: not needed to parse a command line
+    from automl_tl.runs.storage import is_uri
 
     if is_uri(path):
         return os.fspath(path).rstrip("/")

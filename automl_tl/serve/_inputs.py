@@ -8,7 +8,7 @@ Three body forms carry images to ``POST /v1/predict``:
 
 Images are decoded exactly as the data set decodes files (``automl_tl.data._decode``: upright per EXIF,
 transparency onto white, shrunk to the artifact's ``decode.max_side``), so the server answers what the
-:class:`~automl_tl.predictor.Predictor` answers for the same file. The pixel count is checked from the
+:class:`~automl_tl.inference.predictor.Predictor` answers for the same file. The pixel count is checked from the
 header, before any pixel is decoded. No Ray and no web framework here.
 """
 

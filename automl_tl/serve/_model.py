@@ -1,7 +1,7 @@
 """What a replica computes, in plain torch: which members answer, how images become their inputs, and how
 their softmax outputs become one calibrated answer. No Ray here, so all of it is testable on its own.
 
-The arithmetic is the :class:`~automl_tl.predictor.Predictor`'s: each member gets the evaluation transform
+The arithmetic is the :class:`~automl_tl.inference.predictor.Predictor`'s: each member gets the evaluation transform
 stored in the manifest, member probabilities are averaged with the ensemble weights (``combine``) and
 calibrated with the ensemble temperature; ``best`` mode uses one member and that member's own temperature.
 """
@@ -18,11 +18,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from automl_tl.artifact import Artifact
+from automl_tl.inference.artifact import Artifact
 from automl_tl.backbones import memory_format_for, ready_for_inference
-from automl_tl.ensemble import apply_temperature, combine
+from automl_tl.evaluate.ensemble import apply_temperature, combine
 from automl_tl.errors import ArtifactError
-from automl_tl.transforms import Preprocessing, eval_transform
+from automl_tl.inference.transforms import Preprocessing, eval_transform
 
 __all__ = ["MemberRunner", "Preprocessor", "ServingPlan", "best_member_index", "plan_for"]
 

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from automl_tl._memory import trim_heap
-from automl_tl.artifact import Artifact
+from automl_tl.train.memory import trim_heap
+from automl_tl.inference.artifact import Artifact
 from automl_tl.errors import ConfigError
 from automl_tl.serve._args import AppArgs
 from automl_tl.serve._model import BatchResult, MemberRunner
-from automl_tl.transforms import Preprocessing
+from automl_tl.inference.transforms import Preprocessing
 
 __all__ = [
     "Counters",

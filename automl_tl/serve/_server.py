@@ -22,9 +22,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from automl_tl._memory import tune_malloc
+from automl_tl.train.memory import tune_malloc
 from automl_tl.errors import ConfigError
-from automl_tl.serve._args import AppArgs, Secret, config_error, read_token, resolve_artifact
+from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token, resolve_artifact
 
 __all__ = ["APP_NAME", "emit_config", "make_args", "start_server", "stop_server"]
 
@@ -39,7 +39,6 @@ IMPORT_PATH = "automl_tl.serve:app"
 #   before stopping instead of 30: long enough for HAProxy to stop sending them requests on one machine.
 # * "proxy": Serve's Python proxy actor, forwarding to replicas over gRPC instead of through Ray object
 #   references (about half the per-request proxy time on 2 cores).
-HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "haproxy": {HAPROXY_FLAG: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
     "proxy": {"RAY_SERVE_PROXY_USE_GRPC": "1"},

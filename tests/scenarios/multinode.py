@@ -93,7 +93,7 @@ class NodeKiller(threading.Thread):
 def sweep_with_node_loss(cluster: Any, workers: list[Any], args: argparse.Namespace, result: dict[str, Any]) -> Path:
     from automl_tl.config import load_config
     from automl_tl.errors import SearchError
-    from automl_tl.tuner import run_search
+    from automl_tl.sweep.driver import run_search
 
     raw = tiny_config(Path(args.data), Path(args.cache), trials=5, freeze_depths=[6], augmentations=["light"],
                       max_epochs=MAX_EPOCHS)  # fmt: skip
@@ -177,7 +177,7 @@ def _wait_for_replicas(address: str, count: int, timeout_s: float = 60) -> float
 
 def serve_with_replica_kill(run_dir: Path, address: str, args: argparse.Namespace, result: dict[str, Any]) -> None:
     """Two replicas; one is killed twice over: racing an in-flight request, then between two requests."""
-    from automl_tl.results import build_results
+    from automl_tl.evaluate.results import build_results
     from automl_tl.serve import start_server, stop_server
 
     build_results(run_dir, log=lambda line: None)

@@ -1,11 +1,11 @@
 """Predicting with a saved artifact: plain torch, no Ray.
 
-    from automl_tl.predictor import Predictor
+    from automl_tl.inference.predictor import Predictor
     predictor = Predictor.load("runs/my_run/artifact")
     predictor.predict(["ant.jpg", pil_image, uint8_array], top_k=2)   # -> [Prediction(labels, probabilities)]
 
 Each member gets its images preprocessed exactly as in training's evaluation path (``eval_transform`` from
-the :class:`~automl_tl.transforms.Preprocessing` stored in the manifest), so members with different input
+the :class:`~automl_tl.inference.transforms.Preprocessing` stored in the manifest), so members with different input
 sizes are each fed their own batch. Member probabilities are averaged with the ensemble weights and then
 calibrated with the ensemble temperature. Files are decoded like the data set decodes them (upright per EXIF,
 transparency onto white, shrunk to the manifest's ``decode.max_side`` when it has one).
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from automl_tl.artifact import Artifact, load_artifact
+from automl_tl.inference.artifact import Artifact, load_artifact
 from automl_tl.backbones import memory_format_for, ready_for_inference
-from automl_tl.ensemble import apply_temperature, combine
+from automl_tl.evaluate.ensemble import apply_temperature, combine
 from automl_tl.errors import DatasetError
-from automl_tl.transforms import Preprocessing, eval_transform
+from automl_tl.inference.transforms import Preprocessing, eval_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from automl_tl.errors import SearchError
-from automl_tl.storage import filesystem
+from automl_tl.runs.storage import filesystem
 
 __all__ = ["mend_stale_checkpoints"]
 

@@ -44,7 +44,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_FORMAT_TAG = "automl_tl.artifact"
+_FORMAT_TAG = "automl_tl.inference.artifact"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -125,7 +125,7 @@ class MemberRecord:
     ) -> MemberRecord:
         """A record whose spec comes from the registry and whose preprocessing defaults to the spec's."""
         from automl_tl.backbones import resolve_spec
-        from automl_tl.transforms import Preprocessing
+        from automl_tl.inference.transforms import Preprocessing
 
         spec = resolve_spec(backbone)
         pre = dict(preprocessing) if preprocessing is not None else Preprocessing.from_spec(spec, image_size).to_dict()
@@ -458,7 +458,7 @@ def _member(data: Any, where: str, num_classes: int) -> MemberRecord:
 
 def _remote_store(uri: str) -> ArtifactStore:
     """The artifact folder at ``uri`` (or its manifest, or the ``artifact/`` folder of a run directory)."""
-    from automl_tl.storage import FileSystemStore
+    from automl_tl.runs.storage import FileSystemStore
 
     uri = uri.rstrip("/")
     if uri.endswith("/" + MANIFEST_NAME):
@@ -474,7 +474,7 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
 
     ``path`` may be a URI on object storage (``s3://bucket/run/artifact``, or the run directory above it).
     """
-    from automl_tl.storage import is_uri
+    from automl_tl.runs.storage import is_uri
 
     if store is None and is_uri(path):
         store = _remote_store(os.fspath(path))

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automl_tl.artifact import FORMAT_VERSION, Artifact, load_artifact
+from automl_tl.inference.artifact import FORMAT_VERSION, Artifact, load_artifact
 from automl_tl.errors import AutoMLError, ConfigError
-from automl_tl.metrics import PROB_EPS
-from automl_tl.transforms import Preprocessing
+from automl_tl.evaluate.metrics import PROB_EPS
+from automl_tl.inference.transforms import Preprocessing
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from automl_tl.augment import array_to_tensor, train_transform
+from automl_tl.train.augment import array_to_tensor, train_transform
 from automl_tl.backbones import TransferNet, memory_format_for
-from automl_tl.transforms import Preprocessing
+from automl_tl.inference.transforms import Preprocessing
 
 if TYPE_CHECKING:
-    from automl_tl.training import TrialData
+    from automl_tl.train.trial_data import TrialData
 
 __all__ = ["FeatureSet", "cached_features", "feature_key"]
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from automl_tl.errors import ConfigError, SearchError
-from automl_tl.metrics import PROB_EPS, classification_metrics, log_loss
+from automl_tl.evaluate.metrics import PROB_EPS, classification_metrics, log_loss
 
 __all__ = [
     "ENSEMBLE_METRICS",

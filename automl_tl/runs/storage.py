@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 from automl_tl.errors import ArtifactError, AutoMLError, SearchError
 
 if TYPE_CHECKING:
-    from automl_tl.training import TrialData
+    from automl_tl.train.trial_data import TrialData
 
 __all__ = [
     "FileSystemStore",
@@ -71,7 +71,7 @@ def join(uri: str, *parts: str) -> str:
 
 def filesystem(uri: str, error: type[AutoMLError] = SearchError) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path behind a local path or URI; a bad one raises ``error``."""
-    from automl_tl.data._storage import locate
+    from automl_tl.data._files import locate
     from automl_tl.errors import DatasetError
 
     try:
@@ -242,7 +242,7 @@ def discard_staging(run_location: str, out_dir: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FileSystemStore:
-    """An artifact folder on object storage (an :class:`~automl_tl.artifact.ArtifactStore`)."""
+    """An artifact folder on object storage (an :class:`~automl_tl.inference.artifact.ArtifactStore`)."""
 
     uri: str
 
@@ -281,14 +281,14 @@ class FileSystemStore:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m automl_tl.storage fetch URI DIR``: copy a run's artifact (or any folder) to a local path.
+    """``python -m automl_tl.runs.storage fetch URI DIR``: copy a run's artifact (or any folder) to a local path.
 
     What a Kubernetes init container runs to put an artifact from object storage where serving reads it.
     """
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m automl_tl.storage")
+    parser = argparse.ArgumentParser(prog="python -m automl_tl.runs.storage")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download URI (a file or a folder) to DIR")
     fetch.add_argument("uri")
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if not download(args.uri, Path(args.dest)):
             raise SearchError(f"{args.uri} does not exist")
     except AutoMLError as exc:
-        print(f"automl_tl.storage: error: {exc}", file=sys.stderr)
+        print(f"automl_tl.runs.storage: error: {exc}", file=sys.stderr)
         return 2
     print(f"fetched {args.uri} to {args.dest}")
     return 0

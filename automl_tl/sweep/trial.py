@@ -25,11 +25,12 @@ import ray
 import torch
 from ray import tune
 
-from automl_tl._memory import GIB, estimate_trial_bytes, trim_heap
+from automl_tl.train.memory import GIB, estimate_trial_bytes, trim_heap
 from automl_tl.backbones import resolve_spec
 from automl_tl.config import ResourcesConfig
-from automl_tl.storage import discard_staging, join, localize_data, trial_output
-from automl_tl.training import Reporter, TrialConfig, TrialData, select_device, train_trial
+from automl_tl.runs.storage import discard_staging, join, localize_data, trial_output
+from automl_tl.train.loop import Reporter, TrialConfig, select_device, train_trial
+from automl_tl.train.trial_data import TrialData
 
 __all__ = ["TrialSetup", "run_trial", "trial_memory_bytes", "trial_resources", "FAULT_ENV"]
 

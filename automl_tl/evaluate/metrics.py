@@ -4,7 +4,7 @@ Everything here works on integer ``labels`` of shape (N,) and class ``probs`` of
 sum to one; the prediction is the arg-max (the first class on ties, like ``np.argmax``). Used for the
 sweep's validation metrics, the test scores in ``summary.json`` and ``automl-tl evaluate``.
 
-    .venv/bin/python -c "import numpy as np; from automl_tl.metrics import classification_metrics as m; \
+    .venv/bin/python -c "import numpy as np; from automl_tl.evaluate.metrics import classification_metrics as m; \
 print(m(np.array([0, 1]), np.array([[0.9, 0.1], [0.4, 0.6]]), ['ant', 'bee'])['accuracy'])"
 """
 

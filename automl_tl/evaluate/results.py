@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from automl_tl.artifact import member_from_trial, write_artifact
+from automl_tl.inference.artifact import member_from_trial, write_artifact
 from automl_tl.config import load_config
-from automl_tl.ensemble import apply_temperature, combine, fit_temperature, select_ensemble
+from automl_tl.evaluate.ensemble import apply_temperature, combine, fit_temperature, select_ensemble
 from automl_tl.errors import SearchError
-from automl_tl.metrics import classification_metrics, format_metrics_table
-from automl_tl.rundir import RunDir
-from automl_tl.storage import local_data_cache
+from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
+from automl_tl.runs.rundir import RunDir
+from automl_tl.runs.storage import local_data_cache
 
 __all__ = ["build_results", "ARTIFACT_DIR"]
 
@@ -120,7 +120,7 @@ def _beats(ensemble: dict[str, Any], best: dict[str, Any]) -> bool:
 def _member_test_probs(artifact_dir: Path, cache_path: str, test_idx: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
     """Each member's uncalibrated test probabilities through the Predictor: serving's own preprocessing."""
     from automl_tl.data import Dataset
-    from automl_tl.predictor import Predictor
+    from automl_tl.inference.predictor import Predictor
 
     predictor = Predictor.load(artifact_dir)
     images = Dataset.open(Path(cache_path))

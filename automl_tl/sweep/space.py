@@ -24,7 +24,7 @@ from automl_tl.errors import ConfigError
 __all__ = ["build_param_space", "freeze_depth_choices", "frozen_start_points"]
 
 # The trial each backbone starts with when ``search.frozen_first`` is on: a frozen feature extractor, no
-# augmentation and a linear head. Its pooled features are computed once and shared (``automl_tl.features``),
+# augmentation and a linear head. Its pooled features are computed once and shared (``automl_tl.train.features``),
 # so it costs one pass over the images plus seconds of head training, and it gives TPE a strong baseline
 # before the random start-up spends the budget on slow fine-tuning trials. Values outside a narrowed space
 # are clipped into it.

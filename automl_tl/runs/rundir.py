@@ -30,7 +30,7 @@ class RunDir:
 
     ``remote`` is set when the run directory lives on shared storage (``s3://...``): ``path`` is then the
     driver's local mirror, and :meth:`push` / :meth:`pull` move files between the two (see
-    :mod:`automl_tl.storage`). Both are no-ops for a local run directory.
+    :mod:`automl_tl.runs.storage`). Both are no-ops for a local run directory.
     """
 
     def __init__(self, path: Path, remote: str | None = None) -> None:
@@ -40,7 +40,7 @@ class RunDir:
     @classmethod
     def open(cls, location: str | os.PathLike[str]) -> RunDir:
         """A local run directory, or the local mirror of one on shared storage."""
-        from automl_tl.storage import is_uri, local_mirror
+        from automl_tl.runs.storage import is_uri, local_mirror
 
         text = os.fspath(location)
         if is_uri(text):
@@ -56,7 +56,7 @@ class RunDir:
         """Upload these files or folders of the local mirror to the remote run directory."""
         if self.remote is None:
             return
-        from automl_tl.storage import join, upload
+        from automl_tl.runs.storage import join, upload
 
         for name in names:
             if (self.path / name).exists():
@@ -66,7 +66,7 @@ class RunDir:
         """Download these files or folders of the remote run directory into the local mirror."""
         if self.remote is None:
             return
-        from automl_tl.storage import download, join
+        from automl_tl.runs.storage import download, join
 
         for name in names:
             download(join(self.remote, name), self.path / name)
@@ -75,7 +75,7 @@ class RunDir:
         """Whether ``name`` exists in the run directory (remote or local)."""
         if self.remote is None:
             return self.exists(name)
-        from automl_tl.storage import exists, join
+        from automl_tl.runs.storage import exists, join
 
         return exists(join(self.remote, name))
 
@@ -183,7 +183,7 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
     (``RUN_DIR/config.yaml`` above ``RUN_DIR/artifact``), whose ``data.json`` also names the run's exact rows;
     else the defaults. Scoring ``test`` with settings other than the run's would mix training images into it.
     """
-    from automl_tl.artifact import MANIFEST_NAME
+    from automl_tl.inference.artifact import MANIFEST_NAME
 
     root = Path(artifact)
     root = root.parent if root.name == MANIFEST_NAME else root

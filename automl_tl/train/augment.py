@@ -20,7 +20,7 @@ from torchvision.transforms import v2 as T
 
 from automl_tl.config import AUGMENTATIONS
 from automl_tl.errors import ConfigError
-from automl_tl.transforms import Preprocessing
+from automl_tl.inference.transforms import Preprocessing
 
 __all__ = ["AUGMENTATIONS", "train_transform", "batch_mixer", "is_deterministic", "array_to_tensor"]
 

@@ -12,7 +12,7 @@ runs the trials and leaves a run directory::
     RUN_DIR/summary.json        best trial, every trial, wall time, data and code versions
 
 ``RUN_DIR`` may be a URI (``s3://bucket/prefix``): Tune then keeps its experiment and checkpoints there, the
-data cache is shared through ``RUN_DIR/data/`` and trials upload their best epoch (``automl_tl.storage``).
+data cache is shared through ``RUN_DIR/data/`` and trials upload their best epoch (``automl_tl.runs.storage``).
 On a multi-node cluster a local ``RUN_DIR`` is refused unless every node mounts it (``shared_fs``).
 """
 
@@ -32,13 +32,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from automl_tl._experiment_state import mend_stale_checkpoints
-from automl_tl._memory import tune_malloc
+from automl_tl.sweep.state_mend import mend_stale_checkpoints
+from automl_tl.train.memory import tune_malloc
 from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
-from automl_tl.rundir import RunDir, write_leaderboard, write_summary
-from automl_tl.training import METRIC_MODES, TrialData
+from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
+from automl_tl.train.loop import METRIC_MODES
+from automl_tl.train.trial_data import TrialData
 
 __all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ensure_ray"]
 
@@ -112,7 +113,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None,
     data_id = Path(cache_path).stem
     shared_cache = None
     if run.remote is not None:  # nodes fetch the data from the run's shared storage, once each
-        from automl_tl.storage import join, share_file
+        from automl_tl.runs.storage import join, share_file
 
         shared_cache = join(run.remote, "data", f"{data_id}.arrow")
         share_file(Path(cache_path), shared_cache)
@@ -155,7 +156,7 @@ def run_search(
 
     ``out`` is a local path or a URI (``s3://...``); ``shared_fs`` says a local ``out`` is mounted on every node.
     """
-    from automl_tl.space import build_param_space
+    from automl_tl.sweep.space import build_param_space
 
     started = time.time()
     run = RunDir.open(out)
@@ -183,7 +184,7 @@ def resume_search(
     out: str | os.PathLike[str], log: Log = print, progress: bool = True, shared_fs: bool = False
 ) -> SearchOutcome:
     """Continue a sweep whose driver stopped: finished trials are kept, unfinished ones resume."""
-    from automl_tl.space import build_param_space
+    from automl_tl.sweep.space import build_param_space
 
     started = time.time()
     run = RunDir.open(out)
@@ -277,8 +278,8 @@ def _build_tuner(
 ) -> Any:
     from ray import tune
 
-    from automl_tl.progress import SweepProgress
-    from automl_tl.trainable import FAULT_ENV, TrialSetup, run_trial, trial_resources
+    from automl_tl.sweep.progress import SweepProgress
+    from automl_tl.sweep.trial import FAULT_ENV, TrialSetup, run_trial, trial_resources
 
     search, res = config.search, config.resources
     setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV),
@@ -336,7 +337,7 @@ def _search_alg(config: ExperimentConfig, param_space: dict[str, Any]) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from automl_tl.space import frozen_start_points
+    from automl_tl.sweep.space import frozen_start_points
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = config.search.seed
@@ -386,7 +387,7 @@ def rank_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 
 
 def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log) -> SearchOutcome:
-    from automl_tl.progress import read_stop_reasons
+    from automl_tl.sweep.progress import read_stop_reasons
 
     metric = config.search.metric
     run.pull("trials")  # a remote run: the trials' best epochs, uploaded from their nodes

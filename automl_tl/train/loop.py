@@ -6,7 +6,7 @@ hands each epoch to a ``report`` callback (Ray Tune or Ray Train at the edge) to
 directory from which an interrupted trial resumes exactly where it was.
 
 A fully frozen backbone with a deterministic transform trains its head on pooled features computed once per
-(data, backbone, image size) and shared by every such trial (``automl_tl.features``).
+(data, backbone, image size) and shared by every such trial (``automl_tl.train.features``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from automl_tl._memory import peak_rss_bytes, reset_peak_rss
+from automl_tl.train.memory import peak_rss_bytes, reset_peak_rss
 from automl_tl._validate import build_dataclass
-from automl_tl.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
+from automl_tl.train.trial_data import TrialData
+from automl_tl.train.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
-from automl_tl.metrics import classification_metrics
-from automl_tl.transforms import Preprocessing
+from automl_tl.evaluate.metrics import classification_metrics
+from automl_tl.inference.transforms import Preprocessing
 
 __all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
            "Reporter"]
@@ -77,22 +78,6 @@ class TrialConfig:
         """Whether this trial only trains a head on cached features."""
         spec = resolve_spec(self.backbone)
         return self.freeze_depth >= spec.max_freeze_depth and is_deterministic(self.augmentation)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialData:
-    """What every trial needs to find its images: shared once through the Ray object store."""
-
-    cache_path: str
-    data_id: str
-    class_names: tuple[str, ...]
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    labels: np.ndarray
-    feature_cache_dir: str
-    # The cache file on the run's shared storage (s3://...) when nodes cannot open ``cache_path`` directly:
-    # each node then downloads it once into its own cache (``automl_tl.storage.localize_data``).
-    shared_cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +172,7 @@ def train_trial(
 
     feature_mode = use_feature_cache and cfg.frozen_features and cfg.pretrained
     if feature_mode:
-        from automl_tl.features import cached_features
+        from automl_tl.train.features import cached_features
 
         features = cached_features(data, cfg.backbone, pre, model)
         steps: _Steps = _FeatureSteps(model, features.train, features.val, cfg, data, weight, balance)

@@ -1,0 +1,1 @@
+"""A saved artifact and everything that runs it: preprocessing, prediction, export."""

@@ -1,0 +1,1 @@
+"""The run directory and where it lives: local folders or object storage."""

@@ -1,0 +1,1 @@
+"""One trial in plain torch: the training loop, augmentation, the frozen-feature cache, memory estimates."""
