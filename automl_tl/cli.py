@@ -77,6 +77,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from automl_tl.config import config_to_dict, load_config
 
     config = load_config(args.file)
+    if args.file is not None:
+        from automl_tl.sweep.driver import check_search
+
+        try:
+            check_search(config)  # what `search` refuses before reading data: unknown backbones, missing weights
+        except AutoMLError as exc:
+            raise type(exc)(f"{args.file}: {exc}") from None
     if args.show or args.file is None:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
     else:

@@ -8,20 +8,32 @@ A config file has up to four sections; every key is optional and has a documente
     resources:  {workers_per_trial: 1, gpus_per_trial: 0}
 
 Run ``automl-tl config --show`` to print the full default config.
+
+Every section is a frozen pydantic model that refuses unknown keys. A file with several mistakes gets all of
+them in one :class:`ConfigError`, one line each, naming the dotted field, the bad value and what is allowed::
+
+    search.num_samples: must be >= 1, got 0
+    space: unknown key 'learnin_rate'; allowed: augmentations, backbones, ... (did you mean 'learning_rate'?)
+
+:func:`describe_validation_error` is the one way a pydantic error reads in automl_tl: the serving arguments
+and the artifact manifest use it too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
 import os
+import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-from automl_tl._validate import bounded, build_dataclass, coerce, to_plain
 from automl_tl.errors import ConfigError
 
 __all__ = [
@@ -33,163 +45,197 @@ __all__ = [
     "ExperimentConfig",
     "load_config",
     "config_to_dict",
+    "config_error",
+    "describe_validation_error",
     "AUGMENTATIONS",
     "OPTIMIZERS",
     "HEADS",
 ]
 
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+_NUMBER_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _number_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: such text is the number it spells."""
+    if isinstance(value, str) and _NUMBER_TEXT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _listed(value: Any) -> Any:
+    """A single value stands for a one-element list."""
+    return [value] if value is not None and not isinstance(value, (list, tuple)) else value
+
+
+# Strict scalars: true is not 1, "3" is not 3. A number may come as YAML 1.1 text.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict(), BeforeValidator(_number_text)]
+# A list dimension of the search space; one value fixes it.
+Choices = Annotated[tuple[T, ...], BeforeValidator(_listed)]
+
 Augmentation = Literal["none", "light", "medium", "heavy"]
 Optimizer = Literal["adamw", "sgd"]
 Head = Literal["linear", "mlp"]
-AUGMENTATIONS: tuple[str, ...] = ("none", "light", "medium", "heavy")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
-HEADS: tuple[str, ...] = ("linear", "mlp")
+AUGMENTATIONS: tuple[str, ...] = get_args(Augmentation)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+HEADS: tuple[str, ...] = get_args(Head)
 
 
-@dataclasses.dataclass(frozen=True)
-class FloatRange:
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Section(_Model):
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, raw: Any) -> Any:
+        return {} if raw is None else raw  # `search:` with nothing under it
+
+
+class FloatRange(_Model):
     """A numeric search dimension: ``low == high`` fixes it; ``log`` samples log-uniformly.
 
     In YAML: a number (fixed), ``[low, high]``, or ``{low: .., high: .., log: true}``.
     """
 
-    low: float
-    high: float
-    log: bool = False
+    low: Float = Field(allow_inf_nan=False)
+    high: Float = Field(allow_inf_nan=False)
+    log: Bool = False
 
+    @model_validator(mode="before")
     @classmethod
-    def from_config(cls, raw: Any, where: str) -> FloatRange:
-        if isinstance(raw, (int, float, str)) and not isinstance(raw, bool):
-            value = coerce(float, raw, where)
-            return cls._checked(value, value, False, where)
-        if isinstance(raw, (list, tuple)):
-            low, high = coerce(tuple[float, float], raw, where)
-            return cls._checked(low, high, False, where)
-        if isinstance(raw, Mapping):
-            built = build_dataclass(cls, raw, where)
-            return cls._checked(built.low, built.high, built.log, where)
-        raise ConfigError(f"{where}: expected a number, [low, high] or {{low, high, log}}, got {raw!r}")
+    def _from_yaml(cls, raw: Any) -> Any:
+        if isinstance(raw, (Mapping, FloatRange)):
+            return raw
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool) or (
+            isinstance(raw, str) and _NUMBER_TEXT.match(raw.strip())
+        ):
+            return {"low": raw, "high": raw}
+        if isinstance(raw, (list, tuple)) and len(raw) == 2:
+            return {"low": raw[0], "high": raw[1]}
+        raise ValueError(f"expected a number, [low, high] or {{low, high, log}}, got {_show(raw)}")
 
-    @classmethod
-    def _checked(cls, low: float, high: float, log: bool, where: str) -> FloatRange:
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ConfigError(f"{where}: bounds must be finite, got low={low}, high={high}")
-        if low > high:
-            raise ConfigError(f"{where}: low <= high must hold, but got low={low} and high={high}")
-        if log and low <= 0:
-            raise ConfigError(f"{where}: a log range needs low > 0, got low={low}")
-        return cls(low, high, log)
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low <= high must hold, but got low={self.low} and high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got low={self.low}")
+        return self
 
     @property
     def fixed(self) -> bool:
         return self.low == self.high
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the images come from and how they are split and cached."""
 
     source: str = "builtin:animal-shapes"
     test_source: str | None = None
-    val_fraction: float = bounded(0.15, gt=0.0, lt=1.0)
-    test_fraction: float = bounded(0.15, ge=0.0, lt=1.0)
-    seed: int = bounded(0, ge=0)
-    cache_max_side: int = bounded(320, ge=16, le=4096)
-    max_image_pixels: int = bounded(89_478_485, ge=1)
-    max_unreadable_fraction: float = bounded(0.2, ge=0.0, le=1.0)
+    val_fraction: Float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: Float = Field(0.15, ge=0.0, lt=1.0)
+    seed: Int = Field(0, ge=0)
+    cache_max_side: Int = Field(320, ge=16, le=4096)
+    max_image_pixels: Int = Field(89_478_485, ge=1)
+    max_unreadable_fraction: Float = Field(0.2, ge=0.0, le=1.0)
     cache_dir: str | None = None
     # Identical files keep one copy per class; identical files under different classes are left out.
-    drop_duplicates: bool = True
+    drop_duplicates: Bool = True
     # Threads decoding images on the first pass; None means one per CPU.
-    decode_workers: int | None = bounded(None, ge=1, le=256)
+    decode_workers: Int | None = Field(None, ge=1, le=256)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _leaves_training_images(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
-            raise ConfigError(
-                "data: val_fraction + test_fraction must be < 0.9 to leave images to train on, "
+            raise ValueError(
+                "val_fraction + test_fraction must be < 0.9 to leave images to train on, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchSpaceConfig:
+class SearchSpaceConfig(_Section):
     """Every dimension the sweep searches. A list is a categorical choice; one value fixes it."""
 
-    backbones: tuple[str, ...] = bounded(("tf_efficientnet_lite0", "mobilenetv2_100"), min_len=1)
+    backbones: Choices[str] = Field(("tf_efficientnet_lite0", "mobilenetv2_100"), min_length=1)
     # Freeze depths to try; empty means every valid value of each backbone (0 .. its stage count).
-    freeze_depths: tuple[int, ...] = bounded((), ge=0)
-    learning_rate: FloatRange = FloatRange(1e-4, 3e-2, log=True)
+    freeze_depths: Choices[Annotated[Int, Field(ge=0)]] = ()
+    learning_rate: FloatRange = FloatRange(low=1e-4, high=3e-2, log=True)
     # Pretrained layers learn at learning_rate * backbone_lr_ratio: smaller than the new head's rate.
-    backbone_lr_ratio: FloatRange = FloatRange(0.01, 0.5, log=True)
-    augmentations: tuple[Augmentation, ...] = bounded(("none", "light", "medium", "heavy"), min_len=1)
-    optimizers: tuple[Optimizer, ...] = bounded(("adamw", "sgd"), min_len=1)
-    weight_decay: FloatRange = FloatRange(1e-6, 1e-2, log=True)
-    label_smoothing: FloatRange = FloatRange(0.0, 0.2)
-    batch_sizes: tuple[int, ...] = bounded((16, 32, 64), ge=1, min_len=1)
-    max_epochs: int = bounded(8, ge=1, le=1000)
+    backbone_lr_ratio: FloatRange = FloatRange(low=0.01, high=0.5, log=True)
+    augmentations: Choices[Augmentation] = Field(AUGMENTATIONS, min_length=1)
+    optimizers: Choices[Optimizer] = Field(OPTIMIZERS, min_length=1)
+    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
+    label_smoothing: FloatRange = FloatRange(low=0.0, high=0.2)
+    batch_sizes: Choices[Annotated[Int, Field(ge=1)]] = Field((16, 32, 64), min_length=1)
+    max_epochs: Int = Field(8, ge=1, le=1000)
     # Image sizes to try; empty means each backbone's native size.
-    image_sizes: tuple[int, ...] = bounded((), ge=16, le=1024)
-    heads: tuple[Head, ...] = bounded(("linear", "mlp"), min_len=1)
-    mlp_dropout: FloatRange = FloatRange(0.0, 0.5)
+    image_sizes: Choices[Annotated[Int, Field(ge=16, le=1024)]] = ()
+    heads: Choices[Head] = Field(HEADS, min_length=1)
+    mlp_dropout: FloatRange = FloatRange(low=0.0, high=0.5)
 
-    def __post_init__(self) -> None:
-        for name in ("learning_rate", "backbone_lr_ratio", "weight_decay"):
-            rng: FloatRange = getattr(self, name)
-            if rng.low <= 0:
-                raise ConfigError(f"space.{name}: must be > 0, got low={rng.low}")
-        if self.backbone_lr_ratio.high > 1.0:
-            raise ConfigError(
-                f"space.backbone_lr_ratio: must be <= 1 (pretrained layers learn no faster than the head), "
-                f"got high={self.backbone_lr_ratio.high}"
-            )
-        if self.label_smoothing.low < 0 or self.label_smoothing.high >= 1:
-            raise ConfigError(
-                f"space.label_smoothing: must lie in [0, 1), got [{self.label_smoothing.low}, "
-                f"{self.label_smoothing.high}]"
-            )
-        if self.mlp_dropout.low < 0 or self.mlp_dropout.high >= 1:
-            raise ConfigError(
-                f"space.mlp_dropout: must lie in [0, 1), got [{self.mlp_dropout.low}, {self.mlp_dropout.high}]"
-            )
+    @field_validator("learning_rate", "backbone_lr_ratio", "weight_decay")
+    @classmethod
+    def _positive(cls, rng: FloatRange) -> FloatRange:
+        if rng.low <= 0:
+            raise ValueError(f"must be > 0, got low={rng.low}")
+        return rng
+
+    @field_validator("backbone_lr_ratio")
+    @classmethod
+    def _no_faster_than_the_head(cls, rng: FloatRange) -> FloatRange:
+        if rng.high > 1.0:
+            raise ValueError(f"must be <= 1 (pretrained layers learn no faster than the head), got high={rng.high}")
+        return rng
+
+    @field_validator("label_smoothing", "mlp_dropout")
+    @classmethod
+    def _a_fraction(cls, rng: FloatRange) -> FloatRange:
+        if rng.low < 0 or rng.high >= 1:
+            raise ValueError(f"must lie in [0, 1), got [{rng.low}, {rng.high}]")
+        return rng
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(_Section):
     """How the sweep proposes, schedules and stops trials."""
 
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "hyperband", "pbt", "none"] = "asha"
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
-    num_samples: int = bounded(12, ge=1, le=100_000)
-    max_concurrent_trials: int | None = bounded(None, ge=1)
-    time_budget_s: float | None = bounded(600.0, gt=0)
-    seed: int = bounded(0, ge=0)
-    grace_period_epochs: int = bounded(1, ge=1)
-    plateau_patience_epochs: int = bounded(3, ge=1)
-    ensemble_size: int = bounded(3, ge=1, le=50)
+    num_samples: Int = Field(12, ge=1, le=100_000)
+    max_concurrent_trials: Int | None = Field(None, ge=1)
+    time_budget_s: Float | None = Field(600.0, gt=0)
+    seed: Int = Field(0, ge=0)
+    grace_period_epochs: Int = Field(1, ge=1)
+    plateau_patience_epochs: Int = Field(3, ge=1)
+    ensemble_size: Int = Field(3, ge=1, le=50)
     ensemble_method: Literal["top_k", "greedy"] = "greedy"
     # Class imbalance: "auto" weights the loss when the largest class is over 3x the smallest.
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
     # Start with one frozen-feature-extractor trial per backbone (cheap through the feature cache), then search.
-    frozen_first: bool = True
+    frozen_first: Bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class ResourcesConfig:
+class ResourcesConfig(_Section):
     """What each trial asks of the Ray cluster."""
 
-    workers_per_trial: int = bounded(1, ge=1, le=1024)
-    gpus_per_trial: float = bounded(0.0, ge=0.0)
-    cpus_per_worker: float = bounded(1.0, gt=0.0)
+    workers_per_trial: Int = Field(1, ge=1, le=1024)
+    gpus_per_trial: Float = Field(0.0, ge=0.0)
+    cpus_per_worker: Float = Field(1.0, gt=0.0)
     # "train": a Ray Train TorchTrainer per trial (DDP, GPUs, worker-level retries).
     # "inline": the trial trains inside Tune's reused trial actor: no worker group to launch per trial.
     # "auto": "train" when a trial wants several workers or a GPU, else "inline".
     trial_engine: Literal["auto", "train", "inline"] = "auto"
-    max_failures: int = bounded(2, ge=0, le=100)
+    max_failures: Int = Field(2, ge=0, le=100)
     # Host memory each trial (each worker, with the train engine) asks Ray for, so that trials which would not
     # fit side by side run one after the other. None: estimated per trial from its backbone, image size,
     # batch size and freeze depth (automl_tl.train.memory); 0: ask for none.
-    memory_per_trial_gb: float | None = bounded(None, ge=0.0)
+    memory_per_trial_gb: Float | None = Field(None, ge=0.0)
 
     def engine(self) -> str:
         """The trial engine this config resolves to."""
@@ -202,8 +248,7 @@ class ResourcesConfig:
         return self.gpus_per_trial > 0
 
 
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(_Section):
     """The whole run: data, search space, search algorithm and resources."""
 
     data: DataConfig = DataConfig()
@@ -213,10 +258,9 @@ class ExperimentConfig:
 
     def replace(self, section: str, **changes: Any) -> ExperimentConfig:
         """A copy with some fields of one section changed, validated like a file would be."""
-        current = to_plain(getattr(self, section))
-        current.update(changes)
-        hint = type(getattr(self, section))
-        return dataclasses.replace(self, **{section: build_dataclass(hint, current, section)})
+        current: BaseModel = getattr(self, section)
+        sections = {name: getattr(self, name) for name in type(self).model_fields}
+        return _validated(ExperimentConfig, {**sections, section: {**current.model_dump(), **changes}})
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -224,7 +268,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     if source is None:
         return ExperimentConfig()
     if isinstance(source, Mapping):
-        return build_dataclass(ExperimentConfig, source, "")
+        return _validated(ExperimentConfig, source)
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -232,13 +276,154 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return build_dataclass(ExperimentConfig, raw, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return _validated(ExperimentConfig, raw, where=str(path))
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """The config as plain data, loadable again by :func:`load_config`."""
-    plain: dict[str, Any] = to_plain(config)
+    plain: dict[str, Any] = _lists(config.model_dump())
     return plain
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _validated(model: type[M], raw: Any, where: str = "") -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise config_error(exc, where, model) from None
+
+
+# --- how a pydantic error reads ------------------------------------------------------------------------------
+
+
+def config_error(exc: ValidationError, where: str = "", model: Any = None) -> ConfigError:
+    """``exc`` as a :class:`ConfigError` (see :func:`describe_validation_error`)."""
+    return ConfigError(describe_validation_error(exc, where, model))
+
+
+def describe_validation_error(exc: ValidationError, where: str = "", model: Any = None) -> str:
+    """Every mistake in ``exc``, one line each: the dotted field, what is wrong with which value, what is allowed.
+
+    ``where`` (a file, ``serve``) starts the message; ``model`` is the validated type, whose field names an
+    unknown key is matched against ("did you mean ...").
+    """
+    errors = exc.errors(include_url=False)
+    locs = [tuple(e["loc"]) for e in errors]
+    lines: list[str] = []
+    for err, loc in zip(errors, locs):
+        # A list whose items failed also reports itself as too short "after validation": say the items only.
+        if err["type"] == "too_short" and any(len(o) > len(loc) and o[: len(loc)] == loc for o in locs):
+            continue
+        line = _describe(err, loc, model)
+        if line not in lines:
+            lines.append(line)
+    head = f"{where}: " if where else ""
+    if len(lines) == 1:
+        return head + lines[0]
+    return f"{head}{len(lines)} problems:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+_KINDS = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "model_type": "expected a mapping of fields",
+    "model_attributes_type": "expected a mapping of fields",
+    "dataclass_type": "expected a mapping of fields",
+    "dict_type": "expected a mapping",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _describe(err: Any, loc: tuple[int | str, ...], model: Any) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, _show(err.get("input"))
+    if kind in ("extra_forbidden", "missing"):
+        key, path = str(loc[-1]), _path(loc[:-1])
+        if kind == "missing":
+            text = f"missing field '{key}'"
+        else:
+            names = _field_names(model, loc[:-1])
+            text = f"unknown key '{key}'"
+            if names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                text += f"; allowed: {', '.join(sorted(names))}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        return f"{path}: {text}" if path else text
+    if kind in _KINDS:
+        text = f"{_KINDS[kind]}, got {value}"
+    elif kind in _BOUNDS:
+        bound = next(v for k, v in ctx.items() if k in ("ge", "gt", "le", "lt"))
+        text = f"must be {_BOUNDS[kind]} {bound}, got {value}"
+    elif kind == "literal_error":
+        allowed = str(ctx.get("expected", ""))
+        head, _, last = allowed.rpartition(" or ")
+        text = f"must be one of {head + ', ' + last if head else allowed}, got {value}"
+    elif kind == "too_short":
+        text = f"needs at least {ctx.get('min_length')} value(s), got {_show(list(err.get('input') or ()))}"
+    elif kind == "too_long":
+        text = f"takes at most {ctx.get('max_length')} value(s), got {value}"
+    elif kind == "string_too_short":
+        text = f"must not be empty, got {value}" if ctx.get("min_length") == 1 else f"too short, got {value}"
+    elif kind in ("value_error", "assertion_error") and "error" in ctx:
+        text = str(ctx["error"])
+    else:
+        text = f"{err['msg']}, got {value}"
+    path = _path(loc)
+    return f"{path}: {text}" if path else text
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _field_names(model: Any, loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model found at ``loc`` inside ``model`` (none when it cannot be told)."""
+    node = model
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(part, int):
+            args = get_args(node)
+            node = args[0] if get_origin(node) in (list, tuple) and args else None
+        else:
+            node = _fields(node).get(part)
+    return list(_fields(_unwrap(node)))
+
+
+def _unwrap(hint: Any) -> Any:
+    while True:
+        if get_origin(hint) is Annotated:
+            hint = get_args(hint)[0]
+        elif get_origin(hint) in (Union, types.UnionType):
+            hint = next((a for a in get_args(hint) if a is not type(None)), None)
+        else:
+            return hint
+
+
+def _fields(hint: Any) -> dict[str, Any]:
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return {name: f.annotation for name, f in hint.model_fields.items()}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return typing.get_type_hints(hint, include_extras=True)
+    return {}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

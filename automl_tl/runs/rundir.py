@@ -199,5 +199,5 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
     test_source = recorded.get("test_source") if recorded is not None and recorded.get("source") == source else None
     # The run's cache folder may be another machine's: use this machine's. A cache file is named by its content,
     # so the run's data keeps its data_id in any folder.
-    data = dataclasses.replace(data, source=source, test_source=test_source, cache_dir=None)
+    data = data.model_copy(update={"source": source, "test_source": test_source, "cache_dir": None})
     return SplitSettings(data, origin, recorded)

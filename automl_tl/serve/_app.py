@@ -256,7 +256,7 @@ class Classifier:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise RequestError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(given.strip().encode("utf-8"), self._token.reveal().encode("utf-8")):
+        if not hmac.compare_digest(given.strip().encode("utf-8"), self._token.get_secret_value().encode("utf-8")):
             raise RequestError(401, "invalid bearer token")
 
     async def _read_body(self, request: Request) -> bytes:

@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from automl_tl.config import config_error
 from automl_tl.errors import ArtifactError, ConfigError
 
 __all__ = ["AppArgs", "DEFAULT_LAYOUT", "Secret", "config_error", "read_token", "resolve_artifact"]
@@ -28,21 +29,9 @@ DEFAULT_LAYOUT: Layout = "single"
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
-class Secret:
-    """A bearer token that never shows itself in a repr, a log line or a traceback."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
+# The bearer token: pydantic's SecretStr never shows its value in a repr, a log line or a traceback;
+# ``get_secret_value()`` is the one way to read it.
+Secret = SecretStr
 
 
 class AppArgs(BaseModel):
@@ -128,16 +117,6 @@ class AppArgs(BaseModel):
     def ongoing_requests_limit(self) -> int:
         """A batch running in each lane and one filling: enough to keep batches full without hoarding work."""
         return self.max_ongoing_requests or max((self.lanes_per_replica() + 1) * self.max_batch_size, 4)
-
-
-def config_error(exc: ValidationError) -> ConfigError:
-    """Pydantic's report as one line naming each bad field and value."""
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "args"
-        value = f" (got {err['input']!r:.60})" if "input" in err and not isinstance(err["input"], dict) else ""
-        parts.append(f"{field}: {err['msg']}{value}")
-    return ConfigError("serve: " + "; ".join(parts))
 
 
 def resolve_artifact(path: str | os.PathLike[str]) -> str:

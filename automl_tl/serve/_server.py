@@ -109,7 +109,7 @@ def make_args(
             }
         )
     except ValidationError as exc:
-        raise config_error(exc) from None
+        raise config_error(exc, "serve", AppArgs) from None
 
 
 def check_port(host: str, port: int) -> None:

@@ -41,7 +41,8 @@ from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
 from automl_tl.train.loop import METRIC_MODES
 from automl_tl.train.trial_data import TrialData
 
-__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ensure_ray"]
+__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_search", "check_storage",
+           "ensure_ray"]
 
 Log = Callable[[str], None]
 STOP_REASONS = "stop_reasons.jsonl"
@@ -63,6 +64,17 @@ def check_backbones(config: ExperimentConfig) -> None:
         status = source_status(spec.weights)
         if status != "ready" and not status.startswith("hub"):
             raise BackboneError(f"backbone '{name}': {spec.weights.describe()}: {status}")
+
+
+def check_search(config: ExperimentConfig) -> dict[str, Any]:
+    """Everything a sweep refuses before it reads data (backbones, the space); returns Tune's param space.
+
+    ``automl-tl config FILE`` runs it too, so that it accepts exactly what ``search`` would start with.
+    """
+    from automl_tl.sweep.space import build_param_space
+
+    check_backbones(config)
+    return build_param_space(config)
 
 
 def ensure_ray(log: Log) -> bool:
@@ -106,7 +118,7 @@ def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None,
     """Validate and cache the data once, fix the splits, and describe them in ``data.json``."""
     from automl_tl.data import load_dataset
 
-    data_cfg = config.data if test_source is None else dataclasses.replace(config.data, test_source=test_source)
+    data_cfg = config.data if test_source is None else config.data.model_copy(update={"test_source": test_source})
     dataset = load_dataset(data_cfg.source, data_cfg, progress=progress)
     train_idx, val_idx, test_idx = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
     cache_path = str(dataset.cache_path)
@@ -156,12 +168,9 @@ def run_search(
 
     ``out`` is a local path or a URI (``s3://...``); ``shared_fs`` says a local ``out`` is mounted on every node.
     """
-    from automl_tl.sweep.space import build_param_space
-
     started = time.time()
     run = RunDir.open(out)
-    check_backbones(config)
-    param_space = build_param_space(config)  # a bad space fails here, before data or Ray
+    param_space = check_search(config)  # a bad backbone or space fails here, before data or Ray
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     data = prepare_data(config, run, test_source, progress)

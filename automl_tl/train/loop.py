@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from automl_tl.config import Bool, Float, Int, config_error
 from automl_tl.train.memory import peak_rss_bytes, reset_peak_rss
-from automl_tl._validate import build_dataclass
 from automl_tl.train.trial_data import TrialData
 from automl_tl.train.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
@@ -47,28 +48,32 @@ class TrialConfig:
     """One point of the search space, typed: the first thing a trial builds from Tune's dict."""
 
     backbone: str
-    freeze_depth: int
-    learning_rate: float
-    backbone_lr_ratio: float
+    freeze_depth: Int
+    learning_rate: Float
+    backbone_lr_ratio: Float
     augmentation: Literal["none", "light", "medium", "heavy"]
     optimizer: Literal["adamw", "sgd"]
-    weight_decay: float
-    label_smoothing: float
-    batch_size: int
-    max_epochs: int
+    weight_decay: Float
+    label_smoothing: Float
+    batch_size: Int
+    max_epochs: Int
     head: Literal["linear", "mlp"]
-    head_dropout: float
-    image_size: int | None = None
-    seed: int = 0
+    head_dropout: Float
+    image_size: Int | None = None
+    seed: Int = 0
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
-    plateau_patience: int = 3
+    plateau_patience: Int = 3
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
-    pretrained: bool = True
+    pretrained: Bool = True
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrialConfig:
+        """The trial's own keys of ``params`` (Tune's dict may hold more), validated."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return build_dataclass(cls, {k: v for k, v in params.items() if k in known}, "trial")
+        try:
+            return _trial_adapter().validate_python({k: v for k, v in params.items() if k in known})
+        except ValidationError as exc:
+            raise config_error(exc, "trial", cls) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +83,11 @@ class TrialConfig:
         """Whether this trial only trains a head on cached features."""
         spec = resolve_spec(self.backbone)
         return self.freeze_depth >= spec.max_freeze_depth and is_deterministic(self.augmentation)
+
+
+@functools.cache
+def _trial_adapter() -> TypeAdapter[TrialConfig]:
+    return TypeAdapter(TrialConfig)
 
 
 @dataclasses.dataclass(frozen=True)
