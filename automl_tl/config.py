@@ -80,9 +80,9 @@ Choices = Annotated[tuple[T, ...], BeforeValidator(_listed)]
 Augmentation = Literal["none", "light", "medium", "heavy"]
 Optimizer = Literal["adamw", "sgd"]
 Head = Literal["linear", "mlp"]
-AUGMENTATIONS: tuple[str, ...] = get_args(Augmentation)
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
-HEADS: tuple[str, ...] = get_args(Head)
+AUGMENTATIONS: tuple[Augmentation, ...] = get_args(Augmentation)
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
+HEADS: tuple[Head, ...] = get_args(Head)
 
 
 class _Model(BaseModel):
@@ -102,8 +102,8 @@ class FloatRange(_Model):
     In YAML: a number (fixed), ``[low, high]``, or ``{low: .., high: .., log: true}``.
     """
 
-    low: Float = Field(allow_inf_nan=False)
-    high: Float = Field(allow_inf_nan=False)
+    low: Annotated[Float, Field(allow_inf_nan=False)]
+    high: Annotated[Float, Field(allow_inf_nan=False)]
     log: Bool = False
 
     @model_validator(mode="before")
@@ -137,17 +137,17 @@ class DataConfig(_Section):
 
     source: str = "builtin:animal-shapes"
     test_source: str | None = None
-    val_fraction: Float = Field(0.15, gt=0.0, lt=1.0)
-    test_fraction: Float = Field(0.15, ge=0.0, lt=1.0)
-    seed: Int = Field(0, ge=0)
-    cache_max_side: Int = Field(320, ge=16, le=4096)
-    max_image_pixels: Int = Field(89_478_485, ge=1)
-    max_unreadable_fraction: Float = Field(0.2, ge=0.0, le=1.0)
+    val_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.15
+    test_fraction: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.15
+    seed: Annotated[Int, Field(ge=0)] = 0
+    cache_max_side: Annotated[Int, Field(ge=16, le=4096)] = 320
+    max_image_pixels: Annotated[Int, Field(ge=1)] = 89_478_485
+    max_unreadable_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2
     cache_dir: str | None = None
     # Identical files keep one copy per class; identical files under different classes are left out.
     drop_duplicates: Bool = True
     # Threads decoding images on the first pass; None means one per CPU.
-    decode_workers: Int | None = Field(None, ge=1, le=256)
+    decode_workers: Annotated[Int, Field(ge=1, le=256)] | None = None
 
     @model_validator(mode="after")
     def _leaves_training_images(self) -> DataConfig:
@@ -162,21 +162,21 @@ class DataConfig(_Section):
 class SearchSpaceConfig(_Section):
     """Every dimension the sweep searches. A list is a categorical choice; one value fixes it."""
 
-    backbones: Choices[str] = Field(("tf_efficientnet_lite0", "mobilenetv2_100"), min_length=1)
+    backbones: Annotated[Choices[str], Field(min_length=1)] = ("tf_efficientnet_lite0", "mobilenetv2_100")
     # Freeze depths to try; empty means every valid value of each backbone (0 .. its stage count).
     freeze_depths: Choices[Annotated[Int, Field(ge=0)]] = ()
     learning_rate: FloatRange = FloatRange(low=1e-4, high=3e-2, log=True)
     # Pretrained layers learn at learning_rate * backbone_lr_ratio: smaller than the new head's rate.
     backbone_lr_ratio: FloatRange = FloatRange(low=0.01, high=0.5, log=True)
-    augmentations: Choices[Augmentation] = Field(AUGMENTATIONS, min_length=1)
-    optimizers: Choices[Optimizer] = Field(OPTIMIZERS, min_length=1)
+    augmentations: Annotated[Choices[Augmentation], Field(min_length=1)] = AUGMENTATIONS
+    optimizers: Annotated[Choices[Optimizer], Field(min_length=1)] = OPTIMIZERS
     weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
     label_smoothing: FloatRange = FloatRange(low=0.0, high=0.2)
-    batch_sizes: Choices[Annotated[Int, Field(ge=1)]] = Field((16, 32, 64), min_length=1)
-    max_epochs: Int = Field(8, ge=1, le=1000)
+    batch_sizes: Annotated[Choices[Annotated[Int, Field(ge=1)]], Field(min_length=1)] = (16, 32, 64)
+    max_epochs: Annotated[Int, Field(ge=1, le=1000)] = 8
     # Image sizes to try; empty means each backbone's native size.
     image_sizes: Choices[Annotated[Int, Field(ge=16, le=1024)]] = ()
-    heads: Choices[Head] = Field(HEADS, min_length=1)
+    heads: Annotated[Choices[Head], Field(min_length=1)] = HEADS
     mlp_dropout: FloatRange = FloatRange(low=0.0, high=0.5)
 
     @field_validator("learning_rate", "backbone_lr_ratio", "weight_decay")
@@ -207,13 +207,13 @@ class SearchConfig(_Section):
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "hyperband", "pbt", "none"] = "asha"
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
-    num_samples: Int = Field(12, ge=1, le=100_000)
-    max_concurrent_trials: Int | None = Field(None, ge=1)
-    time_budget_s: Float | None = Field(600.0, gt=0)
-    seed: Int = Field(0, ge=0)
-    grace_period_epochs: Int = Field(1, ge=1)
-    plateau_patience_epochs: Int = Field(3, ge=1)
-    ensemble_size: Int = Field(3, ge=1, le=50)
+    num_samples: Annotated[Int, Field(ge=1, le=100_000)] = 12
+    max_concurrent_trials: Annotated[Int, Field(ge=1)] | None = None
+    time_budget_s: Annotated[Float, Field(gt=0)] | None = 600.0
+    seed: Annotated[Int, Field(ge=0)] = 0
+    grace_period_epochs: Annotated[Int, Field(ge=1)] = 1
+    plateau_patience_epochs: Annotated[Int, Field(ge=1)] = 3
+    ensemble_size: Annotated[Int, Field(ge=1, le=50)] = 3
     ensemble_method: Literal["top_k", "greedy"] = "greedy"
     # Class imbalance: "auto" weights the loss when the largest class is over 3x the smallest.
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
@@ -224,18 +224,18 @@ class SearchConfig(_Section):
 class ResourcesConfig(_Section):
     """What each trial asks of the Ray cluster."""
 
-    workers_per_trial: Int = Field(1, ge=1, le=1024)
-    gpus_per_trial: Float = Field(0.0, ge=0.0)
-    cpus_per_worker: Float = Field(1.0, gt=0.0)
+    workers_per_trial: Annotated[Int, Field(ge=1, le=1024)] = 1
+    gpus_per_trial: Annotated[Float, Field(ge=0.0)] = 0.0
+    cpus_per_worker: Annotated[Float, Field(gt=0.0)] = 1.0
     # "train": a Ray Train TorchTrainer per trial (DDP, GPUs, worker-level retries).
     # "inline": the trial trains inside Tune's reused trial actor: no worker group to launch per trial.
     # "auto": "train" when a trial wants several workers or a GPU, else "inline".
     trial_engine: Literal["auto", "train", "inline"] = "auto"
-    max_failures: Int = Field(2, ge=0, le=100)
+    max_failures: Annotated[Int, Field(ge=0, le=100)] = 2
     # Host memory each trial (each worker, with the train engine) asks Ray for, so that trials which would not
     # fit side by side run one after the other. None: estimated per trial from its backbone, image size,
     # batch size and freeze depth (automl_tl.train.memory); 0: ask for none.
-    memory_per_trial_gb: Float | None = Field(None, ge=0.0)
+    memory_per_trial_gb: Annotated[Float, Field(ge=0.0)] | None = None
 
     def engine(self) -> str:
         """The trial engine this config resolves to."""

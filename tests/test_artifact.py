@@ -191,7 +191,12 @@ def test_weights_that_do_not_fit_the_declared_head(artifact_dir: Path) -> None:
         (lambda m: m["members"][0].update(weight_file="../elsewhere.safetensors"), "plain file name"),
         (lambda m: m["members"][0].update(image_size=128), "image_size 128 differs"),
         (lambda m: m["ensemble"].update(weights=[1.0]), "ensemble.weights must hold 2 numbers"),
-        (lambda m: m["ensemble"].update(temperature=0), "ensemble.temperature must be positive"),
+        (lambda m: m["ensemble"].update(temperature=0), "ensemble.temperature: must be positive and finite, got 0"),
+        (lambda m: m["ensemble"].update(weights=[1.0, -1.0]), r"ensemble.weights\[1\]: must be >= 0.0, got -1.0"),
+        (lambda m: m["members"][0].update(sha256="abc"), r"members\[0\].sha256: must be 64 hex digits, got 'abc'"),
+        (lambda m: m["members"][0]["preprocessing"].update(mean=[0.5]), r"preprocessing.mean: must hold 3 numbers"),
+        (lambda m: m.update(class_names=["ants", "ants"]), "class_names: must be distinct"),
+        (lambda m: m.update(members=[]), "members: needs at least 1 value"),
         (lambda m: m["members"][1].update(member_id="trial_a"), "member ids are not unique"),
         (lambda m: m.update(decode={"max_side": -1}), "decode.max_side"),
     ],
@@ -200,6 +205,23 @@ def test_malformed_manifest(artifact_dir: Path, change: Any, message: str) -> No
     _edit_manifest(artifact_dir, change)
     with pytest.raises(ArtifactError, match=message):
         load_artifact(artifact_dir)
+
+
+def test_manifest_mistakes_are_reported_together(artifact_dir: Path) -> None:
+    def three(m: dict[str, Any]) -> None:
+        m["members"][0]["num_classes"] = "two"
+        m["members"][1].pop("backbone")
+        m["ensemble"]["temperature"] = -1
+
+    _edit_manifest(artifact_dir, three)
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(artifact_dir)
+    assert str(info.value).splitlines() == [
+        f"{artifact_dir / MANIFEST_NAME}: 3 problems:",
+        "  members[0].num_classes: expected an integer, got 'two'",
+        "  members[1]: missing field 'backbone'",
+        "  ensemble.temperature: must be positive and finite, got -1.0",
+    ]
 
 
 def test_manifest_not_json(artifact_dir: Path) -> None:

@@ -24,9 +24,10 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from automl_tl.errors import ArtifactError, AutoMLError
 
@@ -400,60 +401,185 @@ class Artifact:
 
 # --- reading and checking the manifest --------------------------------------------------------------------
 
+Number = Annotated[float, Strict()]  # an int or a float, never true/false or text
 
-def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise ArtifactError(f"{where}: missing field '{key}'")
-    value = data[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise ArtifactError(f"{where}: field '{key}' must be {names}, got {value!r:.80}")
+
+class _Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    input_size: Annotated[int, Strict()]
+    mean: list[Number]
+    std: list[Number]
+    interpolation: str
+    crop_pct: Number
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, values: list[float]) -> list[float]:
+        if len(values) != 3:
+            raise ValueError(f"must hold 3 numbers (one per channel), got {values!r:.80}")
+        return values
+
+
+class _MemberEntry(BaseModel):
+    """One member as the manifest lists it (keys this version does not know are left alone)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    member_id: str
+    backbone: str
+    spec: dict[str, Any]
+    head: str
+    head_dropout: Number
+    num_classes: Annotated[int, Strict()]
+    image_size: Annotated[int, Strict()]
+    preprocessing: _Preprocessing
+    weight_file: str
+    sha256: str
+    val_metrics: dict[str, Any] | None = None
+    temperature: Number = 1.0
+    hyperparameters: dict[str, Any] | None = None
+
+    @field_validator("weight_file")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name or Path(name).name != name or name[0] == ".":
+            raise ValueError(f"must be a plain file name inside the artifact, got {name!r}")
+        return name
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, digest: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"must be 64 hex digits, got {digest!r:.80}")
+        return digest
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return _positive_finite(value)
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> _MemberEntry:
+        if self.image_size != self.preprocessing.input_size:
+            raise ValueError(
+                f"image_size {self.image_size} differs from preprocessing.input_size {self.preprocessing.input_size}"
+            )
+        return self
+
+    def record(self) -> MemberRecord:
+        return MemberRecord(
+            member_id=self.member_id,
+            backbone=self.backbone,
+            spec=self.spec,
+            head=self.head,
+            head_dropout=self.head_dropout,
+            num_classes=self.num_classes,
+            image_size=self.image_size,
+            preprocessing=self.preprocessing.model_dump(),
+            weight_file=self.weight_file,
+            sha256=self.sha256,
+            val_metrics=self.val_metrics or {},
+            temperature=self.temperature,
+            hyperparameters=self.hyperparameters or {},
+        )
+
+
+class _Ensemble(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    method: str | None = None
+    weights: list[Annotated[Number, Field(ge=0, allow_inf_nan=False)]]
+    temperature: Number
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return _positive_finite(value)
+
+
+class _Decode(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    max_side: Annotated[int, Strict(), Field(ge=1)] | None = None  # files are shrunk to this longer side
+
+
+class _Manifest(BaseModel):
+    """``manifest.json`` as :func:`write_artifact` writes it; loading checks it against this model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: str
+    format_version: int
+    class_names: list[str] = Field(min_length=1)
+    members: list[_MemberEntry] = Field(min_length=1)
+    ensemble: _Ensemble
+    decode: _Decode | None = None
+    metrics: dict[str, Any] | None = None
+    versions: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_format(cls, raw: Any) -> Any:
+        """A manifest of another format or version is refused before its fields are read."""
+        if not isinstance(raw, Mapping):
+            raise ValueError("expected a JSON object at the top level")
+        if raw.get("format") != _FORMAT_TAG:
+            raise ValueError(f"field 'format' must be {_FORMAT_TAG!r}, got {raw.get('format')!r:.80}")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"unknown format version {raw.get('format_version')!r}; this automl_tl reads version {FORMAT_VERSION}"
+            )
+        return raw
+
+    @field_validator("class_names")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"must be distinct, got {names!r:.80}")
+        return names
+
+    @model_validator(mode="after")
+    def _members_agree(self) -> _Manifest:
+        problems = [
+            f"members[{i}]: class-count mismatch: num_classes is {m.num_classes}, but class_names lists "
+            f"{len(self.class_names)}"
+            for i, m in enumerate(self.members)
+            if m.num_classes != len(self.class_names)
+        ]
+        ids = [m.member_id for m in self.members]
+        if len(set(ids)) != len(ids):
+            problems.append("member ids are not unique")
+        weights = self.ensemble.weights
+        if len(weights) != len(self.members):
+            problems.append(
+                f"ensemble.weights must hold {len(self.members)} numbers >= 0 (one per member), got {weights!r:.80}"
+            )
+        elif sum(weights) <= 0:
+            problems.append("ensemble.weights sum to 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _positive_finite(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be positive and finite, got {value}")
     return value
 
 
-def _member(data: Any, where: str, num_classes: int) -> MemberRecord:
-    if not isinstance(data, Mapping):
-        raise ArtifactError(f"{where}: expected an object, got {data!r:.80}")
-    pre = _field(data, "preprocessing", Mapping, where)
-    for key, kind in (("input_size", int), ("mean", list), ("std", list), ("interpolation", str)):
-        _field(pre, key, kind, f"{where}.preprocessing")
-    _field(pre, "crop_pct", (int, float), f"{where}.preprocessing")
-    for key in ("mean", "std"):
-        if len(pre[key]) != 3 or not all(isinstance(v, (int, float)) for v in pre[key]):
-            raise ArtifactError(f"{where}.preprocessing: '{key}' must hold 3 numbers, got {pre[key]!r:.80}")
-    record = MemberRecord(
-        member_id=_field(data, "member_id", str, where),
-        backbone=_field(data, "backbone", str, where),
-        spec=_field(data, "spec", Mapping, where),
-        head=_field(data, "head", str, where),
-        head_dropout=float(_field(data, "head_dropout", (int, float), where)),
-        num_classes=_field(data, "num_classes", int, where),
-        image_size=_field(data, "image_size", int, where),
-        preprocessing=dict(pre),
-        weight_file=_field(data, "weight_file", str, where),
-        sha256=_field(data, "sha256", str, where),
-        val_metrics=dict(data.get("val_metrics") or {}),
-        temperature=float(data.get("temperature", 1.0)),
-        hyperparameters=dict(data.get("hyperparameters") or {}),
-    )
-    if record.num_classes != num_classes:
-        raise ArtifactError(
-            f"{where}: class-count mismatch: num_classes is {record.num_classes}, but class_names lists {num_classes}"
-        )
-    if record.image_size != pre["input_size"]:
-        raise ArtifactError(
-            f"{where}: image_size {record.image_size} differs from preprocessing.input_size {pre['input_size']}"
-        )
-    if not record.weight_file or Path(record.weight_file).name != record.weight_file or record.weight_file[0] == ".":
-        raise ArtifactError(
-            f"{where}: weight_file must be a plain file name inside the artifact, got {record.weight_file!r}"
-        )
-    if not re.fullmatch(r"[0-9a-f]{64}", record.sha256):
-        raise ArtifactError(f"{where}: sha256 must be 64 hex digits, got {record.sha256!r:.80}")
-    if not (math.isfinite(record.temperature) and record.temperature > 0):
-        raise ArtifactError(f"{where}: temperature must be positive and finite, got {record.temperature}")
-    return record
+def _read_manifest(data: bytes, where: str) -> _Manifest:
+    """The manifest in ``data`` (read from ``where``), checked: every mistake is named in one ArtifactError."""
+    from automl_tl.config import describe_validation_error
+
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{where}: not valid JSON: {exc}") from None
+    try:
+        return _Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(describe_validation_error(exc, where, _Manifest)) from None
 
 
 def _remote_store(uri: str) -> ArtifactStore:
@@ -490,60 +616,20 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
         store = LocalStore(root)
     if not store.exists(MANIFEST_NAME):
         raise ArtifactError(f"{store.describe(MANIFEST_NAME)} is missing: {root} is not an automl_tl artifact")
-    where = store.describe(MANIFEST_NAME)
-    try:
-        manifest = json.loads(store.read_bytes(MANIFEST_NAME).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{where}: not valid JSON: {exc}") from None
-    if not isinstance(manifest, Mapping):
-        raise ArtifactError(f"{where}: expected a JSON object at the top level")
-    if manifest.get("format") != _FORMAT_TAG:
-        raise ArtifactError(f"{where}: field 'format' must be {_FORMAT_TAG!r}, got {manifest.get('format')!r:.80}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{where}: unknown format version {version!r}; this automl_tl reads version {FORMAT_VERSION}"
-        )
-    class_names = _field(manifest, "class_names", list, where)
-    if not class_names or not all(isinstance(c, str) for c in class_names) or len(set(class_names)) != len(
-        class_names
-    ):
-        raise ArtifactError(f"{where}: class_names must be a non-empty list of distinct strings")
-    raw_members = _field(manifest, "members", list, where)
-    if not raw_members:
-        raise ArtifactError(f"{where}: 'members' is empty")
-    members = tuple(_member(m, f"{where}: members[{i}]", len(class_names)) for i, m in enumerate(raw_members))
-    if len({m.member_id for m in members}) != len(members):
-        raise ArtifactError(f"{where}: member ids are not unique")
-    ensemble = _field(manifest, "ensemble", Mapping, where)
-    weights = _field(ensemble, "weights", list, f"{where}: ensemble")
-    if len(weights) != len(members) or not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in weights
-    ):
-        raise ArtifactError(
-            f"{where}: ensemble.weights must hold {len(members)} numbers >= 0 (one per member), got {weights!r:.80}"
-        )
-    if sum(weights) <= 0:
-        raise ArtifactError(f"{where}: ensemble.weights sum to 0")
-    temperature = _field(ensemble, "temperature", (int, float), f"{where}: ensemble")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ArtifactError(f"{where}: ensemble.temperature must be positive and finite, got {temperature}")
-    decode = manifest.get("decode") or {}
-    max_side = decode.get("max_side") if isinstance(decode, Mapping) else None
-    if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1):
-        raise ArtifactError(f"{where}: decode.max_side must be a positive integer or null, got {max_side!r:.80}")
+    manifest = _read_manifest(store.read_bytes(MANIFEST_NAME), store.describe(MANIFEST_NAME))
+    weights = manifest.ensemble.weights
     artifact = Artifact(
         path=root,
-        class_names=tuple(class_names),
-        members=members,
-        weights=tuple(float(x) / sum(weights) for x in weights),
-        temperature=float(temperature),
-        method=ensemble.get("method"),
-        metrics=dict(manifest.get("metrics") or {}),
-        versions=dict(manifest.get("versions") or {}),
+        class_names=tuple(manifest.class_names),
+        members=tuple(m.record() for m in manifest.members),
+        weights=tuple(x / sum(weights) for x in weights),
+        temperature=manifest.ensemble.temperature,
+        method=manifest.ensemble.method,
+        metrics=manifest.metrics or {},
+        versions=manifest.versions or {},
         store=store,
-        decode_max_side=max_side,
+        decode_max_side=manifest.decode.max_side if manifest.decode else None,
     )
-    for index in range(len(members)):  # fail now, not at the first prediction
+    for index in range(len(artifact.members)):  # fail now, not at the first prediction
         artifact.verified_bytes(index)
     return artifact
