@@ -24,12 +24,13 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from automl_tl.errors import ArtifactError, AutoMLError
+from automl_tl.inference.manifest import FORMAT_TAG as _FORMAT_TAG
+from automl_tl.inference.manifest import FORMAT_VERSION, MemberEntry, read_manifest
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,9 +44,7 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_FORMAT_TAG = "automl_tl.inference.artifact"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -399,187 +398,25 @@ class Artifact:
         return [self.build_model(i) for i in range(len(self.members))]
 
 
-# --- reading and checking the manifest --------------------------------------------------------------------
-
-Number = Annotated[float, Strict()]  # an int or a float, never true/false or text
+# --- reading the manifest (checked by automl_tl.inference.manifest) ------------------------------------------
 
 
-class _Preprocessing(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    input_size: Annotated[int, Strict()]
-    mean: list[Number]
-    std: list[Number]
-    interpolation: str
-    crop_pct: Number
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _per_channel(cls, values: list[float]) -> list[float]:
-        if len(values) != 3:
-            raise ValueError(f"must hold 3 numbers (one per channel), got {values!r:.80}")
-        return values
-
-
-class _MemberEntry(BaseModel):
-    """One member as the manifest lists it (keys this version does not know are left alone)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    member_id: str
-    backbone: str
-    spec: dict[str, Any]
-    head: str
-    head_dropout: Number
-    num_classes: Annotated[int, Strict()]
-    image_size: Annotated[int, Strict()]
-    preprocessing: _Preprocessing
-    weight_file: str
-    sha256: str
-    val_metrics: dict[str, Any] | None = None
-    temperature: Number = 1.0
-    hyperparameters: dict[str, Any] | None = None
-
-    @field_validator("weight_file")
-    @classmethod
-    def _plain_name(cls, name: str) -> str:
-        if not name or Path(name).name != name or name[0] == ".":
-            raise ValueError(f"must be a plain file name inside the artifact, got {name!r}")
-        return name
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, digest: str) -> str:
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ValueError(f"must be 64 hex digits, got {digest!r:.80}")
-        return digest
-
-    @field_validator("temperature")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        return _positive_finite(value)
-
-    @model_validator(mode="after")
-    def _sizes_agree(self) -> _MemberEntry:
-        if self.image_size != self.preprocessing.input_size:
-            raise ValueError(
-                f"image_size {self.image_size} differs from preprocessing.input_size {self.preprocessing.input_size}"
-            )
-        return self
-
-    def record(self) -> MemberRecord:
-        return MemberRecord(
-            member_id=self.member_id,
-            backbone=self.backbone,
-            spec=self.spec,
-            head=self.head,
-            head_dropout=self.head_dropout,
-            num_classes=self.num_classes,
-            image_size=self.image_size,
-            preprocessing=self.preprocessing.model_dump(),
-            weight_file=self.weight_file,
-            sha256=self.sha256,
-            val_metrics=self.val_metrics or {},
-            temperature=self.temperature,
-            hyperparameters=self.hyperparameters or {},
-        )
-
-
-class _Ensemble(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    method: str | None = None
-    weights: list[Annotated[Number, Field(ge=0, allow_inf_nan=False)]]
-    temperature: Number
-
-    @field_validator("temperature")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        return _positive_finite(value)
-
-
-class _Decode(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    max_side: Annotated[int, Strict(), Field(ge=1)] | None = None  # files are shrunk to this longer side
-
-
-class _Manifest(BaseModel):
-    """``manifest.json`` as :func:`write_artifact` writes it; loading checks it against this model."""
-
-    model_config = ConfigDict(frozen=True)
-
-    format: str
-    format_version: int
-    class_names: list[str] = Field(min_length=1)
-    members: list[_MemberEntry] = Field(min_length=1)
-    ensemble: _Ensemble
-    decode: _Decode | None = None
-    metrics: dict[str, Any] | None = None
-    versions: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_format(cls, raw: Any) -> Any:
-        """A manifest of another format or version is refused before its fields are read."""
-        if not isinstance(raw, Mapping):
-            raise ValueError("expected a JSON object at the top level")
-        if raw.get("format") != _FORMAT_TAG:
-            raise ValueError(f"field 'format' must be {_FORMAT_TAG!r}, got {raw.get('format')!r:.80}")
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"unknown format version {raw.get('format_version')!r}; this automl_tl reads version {FORMAT_VERSION}"
-            )
-        return raw
-
-    @field_validator("class_names")
-    @classmethod
-    def _distinct(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise ValueError(f"must be distinct, got {names!r:.80}")
-        return names
-
-    @model_validator(mode="after")
-    def _members_agree(self) -> _Manifest:
-        problems = [
-            f"members[{i}]: class-count mismatch: num_classes is {m.num_classes}, but class_names lists "
-            f"{len(self.class_names)}"
-            for i, m in enumerate(self.members)
-            if m.num_classes != len(self.class_names)
-        ]
-        ids = [m.member_id for m in self.members]
-        if len(set(ids)) != len(ids):
-            problems.append("member ids are not unique")
-        weights = self.ensemble.weights
-        if len(weights) != len(self.members):
-            problems.append(
-                f"ensemble.weights must hold {len(self.members)} numbers >= 0 (one per member), got {weights!r:.80}"
-            )
-        elif sum(weights) <= 0:
-            problems.append("ensemble.weights sum to 0")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-def _positive_finite(value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be positive and finite, got {value}")
-    return value
-
-
-def _read_manifest(data: bytes, where: str) -> _Manifest:
-    """The manifest in ``data`` (read from ``where``), checked: every mistake is named in one ArtifactError."""
-    from automl_tl.config import describe_validation_error
-
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{where}: not valid JSON: {exc}") from None
-    try:
-        return _Manifest.model_validate(raw)
-    except ValidationError as exc:
-        raise ArtifactError(describe_validation_error(exc, where, _Manifest)) from None
+def _record(entry: MemberEntry) -> MemberRecord:
+    return MemberRecord(
+        member_id=entry.member_id,
+        backbone=entry.backbone,
+        spec=entry.spec,
+        head=entry.head,
+        head_dropout=entry.head_dropout,
+        num_classes=entry.num_classes,
+        image_size=entry.image_size,
+        preprocessing=entry.preprocessing.model_dump(),
+        weight_file=entry.weight_file,
+        sha256=entry.sha256,
+        val_metrics=entry.val_metrics or {},
+        temperature=entry.temperature,
+        hyperparameters=entry.hyperparameters or {},
+    )
 
 
 def _remote_store(uri: str) -> ArtifactStore:
@@ -616,12 +453,12 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
         store = LocalStore(root)
     if not store.exists(MANIFEST_NAME):
         raise ArtifactError(f"{store.describe(MANIFEST_NAME)} is missing: {root} is not an automl_tl artifact")
-    manifest = _read_manifest(store.read_bytes(MANIFEST_NAME), store.describe(MANIFEST_NAME))
+    manifest = read_manifest(store.read_bytes(MANIFEST_NAME), store.describe(MANIFEST_NAME))
     weights = manifest.ensemble.weights
     artifact = Artifact(
         path=root,
         class_names=tuple(manifest.class_names),
-        members=tuple(m.record() for m in manifest.members),
+        members=tuple(_record(m) for m in manifest.members),
         weights=tuple(x / sum(weights) for x in weights),
         temperature=manifest.ensemble.temperature,
         method=manifest.ensemble.method,
