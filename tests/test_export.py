@@ -36,7 +36,7 @@ def uniform_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _input(artifact_dir: Path, paths: list[Path], member: str | None = None) -> torch.Tensor:
-    pre, _ = export_input(load_artifact(artifact_dir), member)
+    pre, _ = export_input(load_artifact(artifact_dir), member=member)
     return to_tensor_batch([load_image(p) for p in paths], pre)
 
 

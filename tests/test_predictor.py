@@ -17,7 +17,7 @@ from automl_tl.backbones import memory_format_for
 from automl_tl.cli import main
 from automl_tl.config import DataConfig
 from automl_tl.data import load_dataset
-from automl_tl.evaluate.ensemble import apply_temperature, combine
+from automl_tl.inference.calibrate import apply_temperature, combine
 from automl_tl.errors import DatasetError
 from automl_tl.inference.predictor import Predictor, expand_image_paths, load_image, match_class_names
 from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
