@@ -183,5 +183,5 @@ def test_predictor_export_graph_and_served_model_agree(
 
     assert list(predictor.plan.member_ids) == meta["members"] == list(plan.member_ids)
     assert ("c" in meta["members"]) is (mode == "best")
-    np.testing.assert_allclose(served, expected, atol=1e-6)
+    np.testing.assert_allclose(served, expected, atol=1e-5)  # a replica forwards on its own thread count
     np.testing.assert_allclose(exported, expected, atol=PARITY)
