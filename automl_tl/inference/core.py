@@ -183,7 +183,8 @@ class MemberRunner:
 
     def forward(self, m: int, inputs: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
         """Member ``m``'s (N, C) softmax for ``inputs[j][m]``."""
-        return self.forward_batch(m, torch.stack([item[m] for item in inputs]))
+        with torch.inference_mode():
+            return self.forward_batch(m, torch.stack([item[m] for item in inputs]))
 
     def forward_batch(self, m: int, batch: torch.Tensor) -> np.ndarray:
         """Member ``m``'s (N, C) softmax, in float64, for one NCHW batch."""
