@@ -184,7 +184,7 @@ def _positive_int(text: str) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from automl_tl.inference.predictor import Predictor, expand_image_paths
 
-    predictor = Predictor.load(args.artifact)
+    predictor = Predictor.load(args.artifact, mode=args.mode)
     paths = expand_image_paths(args.images)
     predictions = predictor.predict(paths, top_k=args.top_k, batch_size=args.batch_size, member=args.member)
     if args.json:
@@ -197,29 +197,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
+    from automl_tl.evaluate.metrics import format_metrics_table
+    from automl_tl.inference.predictor import Predictor
 
-    from automl_tl.data import load_dataset
-    from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
-    from automl_tl.inference.predictor import Predictor, match_class_names
-    from automl_tl.runs.rundir import split_settings
-
-    predictor = Predictor.load(args.artifact)
-    if args.split == "all":
-        dataset = load_dataset(args.data, progress=not args.quiet)
-        rows = np.arange(len(dataset))
-    else:
-        settings = split_settings(args.artifact, args.data, args.config)
-        dataset = load_dataset(args.data, settings.data, progress=not args.quiet)
-        rows, origin = settings.rows(args.split, Path(dataset.cache_path).stem, dataset.indices(args.split))
-        print(f"[evaluate] the {args.split} split: {len(rows)} images, {origin}", file=sys.stderr)
-    to_artifact = match_class_names(predictor.class_names, dataset.class_names, args.data)
-    probs = predictor.predict_proba((dataset.image(int(i)) for i in rows), batch_size=args.batch_size)
-    labels = to_artifact[np.asarray(dataset.labels)[rows]]
-    metrics = classification_metrics(labels, probs, predictor.class_names)
-    print(format_metrics_table({Path(args.artifact).name or "artifact": metrics}))
+    predictor = Predictor.load(args.artifact, mode=args.mode)
+    result = predictor.evaluate(args.data, args.split, config=args.config, batch_size=args.batch_size,
+                                member=args.member, progress=not args.quiet)  # fmt: skip
+    if args.split != "all":
+        print(f"[evaluate] the {args.split} split: {result.n} images, {result.rows}", file=sys.stderr)
+    print(format_metrics_table({Path(args.artifact).name or "artifact": result.to_dict()}))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
         print(f"metrics written to {args.json}")
     return 0
 
@@ -228,9 +216,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from automl_tl.inference.artifact import load_artifact
     from automl_tl.inference.export import export_input, export_model
 
-    out = export_model(args.artifact, args.format, Path(args.out), member=args.member)
-    pre, _ = export_input(load_artifact(args.artifact), args.member)
-    print(f"exported {'member ' + args.member if args.member else 'the ensemble'} as {args.format} to {out}")
+    out = export_model(args.artifact, args.format, Path(args.out), mode=args.mode, member=args.member)
+    pre, _ = export_input(load_artifact(args.artifact), mode=args.mode, member=args.member)
+    what = f"member {args.member}" if args.member else "the best member" if args.mode == "best" else "the ensemble"
+    print(f"exported {what} as {args.format} to {out}")
     print(f"input: float32 (N, 3, {pre.input_size}, {pre.input_size}), normalised with mean {list(pre.mean)} "
           f"and std {list(pre.std)}; output: calibrated class probabilities")  # fmt: skip
     return 0
@@ -256,6 +245,12 @@ def _add_shared_fs_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-fs", action="store_true", dest="shared_fs",
                    help="the local run directory is mounted on every node of the cluster (NFS, EFS); "
                         "without it a multi-node cluster needs --out s3://...")  # fmt: skip
+
+
+def _add_mode_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--mode", choices=("best", "ensemble"), default="ensemble",
+                   help=f"{verb} the ensemble (members of non-zero weight; the default) or the best single member")
+    p.add_argument("--member", metavar="MEMBER_ID", help=f"{verb} this one member alone (overrides --mode)")
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -323,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--member", help="use this member alone instead of the ensemble")
+    _add_mode_flags(p, "use")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(func=_cmd_predict)
 
@@ -336,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="draw --split with this config's data settings instead of "
                                                     "the run's")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    _add_mode_flags(p, "score")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_evaluate)
@@ -344,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder (RUN_DIR/artifact) or its manifest.json")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="graph format")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    p.add_argument("--member", help="export this member alone instead of the ensemble")
+    _add_mode_flags(p, "export")
     p.set_defaults(func=_cmd_export)
 
     from automl_tl.serve._cli import add_serve_arguments

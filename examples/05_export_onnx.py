@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = export_model(args.artifact, "onnx", Path(args.out), member=args.member)
-    pre, _ = export_input(load_artifact(args.artifact), args.member)
+    pre, _ = export_input(load_artifact(args.artifact), member=args.member)
     print(f"wrote {out} (input float32 N x 3 x {pre.input_size} x {pre.input_size})")
 
     import onnxruntime as ort

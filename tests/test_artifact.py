@@ -51,6 +51,14 @@ def make_member(
     return record, state
 
 
+def unbuildable_member(member_id: str, image_size: int) -> tuple[MemberRecord, dict[str, torch.Tensor]]:
+    """A member whose manifest says a linear head but whose weights hold an MLP head: its sha256 checks out,
+    so the artifact loads, but building its network raises an ArtifactError ("weights do not fit")."""
+    record, _ = make_member(member_id, image_size)
+    _, state = make_member(member_id, image_size, head="mlp")
+    return record, state
+
+
 def make_artifact(
     out_dir: Path,
     members: Sequence[tuple[MemberRecord, Mapping[str, torch.Tensor]]],

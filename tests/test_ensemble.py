@@ -7,17 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from automl_tl.evaluate.ensemble import (
-    T_MAX,
-    T_MIN,
-    EnsembleSelection,
-    apply_temperature,
-    combine,
-    fit_temperature,
-    select_ensemble,
-    select_greedy,
-    select_top_k,
-)
+from automl_tl.evaluate.ensemble import EnsembleSelection, select_ensemble, select_greedy, select_top_k
+from automl_tl.inference.calibrate import T_MAX, T_MIN, apply_temperature, combine, fit_temperature
 from automl_tl.errors import ConfigError, SearchError
 from automl_tl.evaluate.metrics import log_loss
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from automl_tl.inference.artifact import load_artifact
+from automl_tl.inference.artifact import load_artifact, write_artifact
 from automl_tl.cli import main
 from automl_tl.errors import ArtifactError, ConfigError
 from automl_tl.inference.export import METADATA_KEY, export_input, export_model
 from automl_tl.inference.predictor import Predictor, load_image
 from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
-from .test_artifact import CLASSES, make_artifact, make_member
+from .test_artifact import CLASSES, make_artifact, make_member, unbuildable_member
 
 pytestmark = pytest.mark.needs_shared_data
 PARITY = 1e-4
@@ -35,8 +35,8 @@ def uniform_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_artifact(tmp_path_factory.mktemp("uniform") / "artifact", members, weights=[2, 1], temperature=1.7)
 
 
-def _input(artifact_dir: Path, paths: list[Path], member: str | None = None) -> torch.Tensor:
-    pre, _ = export_input(load_artifact(artifact_dir), member)
+def _input(artifact_dir: Path, paths: list[Path], member: str | None = None, mode: str = "ensemble") -> torch.Tensor:
+    pre, _ = export_input(load_artifact(artifact_dir), mode=mode, member=member)  # type: ignore[arg-type]
     return to_tensor_batch([load_image(p) for p in paths], pre)
 
 
@@ -109,3 +109,79 @@ def test_bad_requests(uniform_dir: Path, tmp_path: Path) -> None:
         export_model(uniform_dir, "tflite", tmp_path / "m")  # type: ignore[arg-type]
     with pytest.raises(ArtifactError, match="no member 'zzz'; members: a, b"):
         export_model(uniform_dir, "torchscript", tmp_path / "m.pt", member="zzz")
+
+
+@pytest.fixture(scope="module")
+def best_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two members of weight 2 and 1 and the best single trial "c" at weight 0, sharing one preprocessing."""
+    members = [make_member("a", 96), make_member("b", 96, head="mlp", seed=1, temperature=0.6),
+               make_member("c", 96, seed=2, temperature=0.8)]  # fmt: skip
+    out = tmp_path_factory.mktemp("best") / "artifact"
+    write_artifact(out, CLASSES, members, [2.0, 1.0, 0.0], 1.7, metrics={"best_member": "c"})
+    return out
+
+
+def test_export_takes_the_mode(best_dir: Path, image_paths: list[Path], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "best.pt"
+    assert main(["export", str(best_dir), "--format", "torchscript", "--out", str(out), "--mode", "best"]) == 0
+    assert "exported the best member" in capsys.readouterr().out
+    module, meta = _load_torchscript(out)
+    assert meta["mode"] == "best" and meta["members"] == ["c"] and meta["temperature"] == 0.8
+    with torch.inference_mode():
+        got = module(_input(best_dir, image_paths, mode="best")).numpy()
+    np.testing.assert_allclose(got, Predictor.load(best_dir, mode="best").predict_proba(image_paths), atol=PARITY)
+    _, meta = _load_torchscript(export_model(best_dir, "torchscript", tmp_path / "e.pt", mode="ensemble"))
+    assert meta["mode"] == "ensemble" and meta["members"] == ["a", "b"]  # the weight-0 best trial is left out
+    with pytest.raises(ConfigError, match="mode must be one of best, ensemble"):
+        export_model(best_dir, "torchscript", tmp_path / "m.pt", mode="top")  # type: ignore[arg-type]
+
+
+def test_an_ensemble_export_never_builds_a_weight_0_member(tmp_path: Path) -> None:
+    members = [make_member("a", 96), unbuildable_member("z", 96)]
+    art = make_artifact(tmp_path / "artifact", members, weights=[1.0, 0.0])
+    _, meta = _load_torchscript(export_model(art, "torchscript", tmp_path / "e.pt"))
+    assert meta["members"] == ["a"] and meta["weights"] == [1.0]
+    with pytest.raises(ArtifactError, match="weights do not fit"):
+        export_model(art, "torchscript", tmp_path / "z.pt", member="z")
+
+
+@pytest.mark.parametrize("mode", ["best", "ensemble"])
+def test_predictor_export_graph_and_served_model_agree(
+    mode: str, best_dir: Path, image_paths: list[Path], tmp_path: Path
+) -> None:
+    """The same members, the same inputs, the same arithmetic: a Predictor, the exported graph and a Serve
+    replica's forward (decode, preprocess, its lanes, calibrate; no Ray needed) answer alike."""
+    import asyncio
+
+    from automl_tl.serve._args import AppArgs
+    from automl_tl.serve._inputs import RawImage, decode_image
+    from automl_tl.serve._model import Preprocessor, plan_for
+    from automl_tl.serve._replica import Forward
+
+    predictor = Predictor.load(best_dir, mode=mode)  # type: ignore[arg-type]
+    expected = predictor.predict_proba(image_paths)
+    module, meta = _load_torchscript(export_model(best_dir, "torchscript", tmp_path / "m.pt", mode=mode))  # type: ignore[arg-type]
+    with torch.inference_mode():
+        exported = module(_input(best_dir, image_paths, mode=mode)).numpy()
+
+    artifact = load_artifact(best_dir)
+    plan = plan_for(artifact, mode)
+    forward = Forward.serving(artifact, plan.member_indices, AppArgs(artifact=str(best_dir), mode=mode))
+    prep = Preprocessor(plan.preprocessing)
+
+    def prepare() -> list[tuple[torch.Tensor, ...]]:
+        raw = [RawImage(p.name, p.read_bytes()) for p in image_paths]
+        return [prep(decode_image(r, artifact.decode_max_side, 10**8)) for r in raw]
+
+    before = torch.get_num_threads()
+    try:
+        rows = asyncio.run(forward.solo(prepare))
+    finally:
+        torch.set_num_threads(before)
+    served = np.concatenate([plan.calibrate([p[None, :] for p in member_rows]) for member_rows, _, _ in rows])
+
+    assert list(predictor.plan.member_ids) == meta["members"] == list(plan.member_ids)
+    assert ("c" in meta["members"]) is (mode == "best")
+    np.testing.assert_allclose(served, expected, atol=1e-5)  # a replica forwards on its own thread count
+    np.testing.assert_allclose(exported, expected, atol=PARITY)

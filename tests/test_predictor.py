@@ -12,17 +12,18 @@ import torch
 import yaml
 from PIL import Image
 
-from automl_tl.inference.artifact import load_artifact
+from automl_tl.inference.artifact import load_artifact, write_artifact
 from automl_tl.backbones import memory_format_for
 from automl_tl.cli import main
 from automl_tl.config import DataConfig
 from automl_tl.data import load_dataset
-from automl_tl.evaluate.ensemble import apply_temperature, combine
-from automl_tl.errors import DatasetError
-from automl_tl.inference.predictor import Predictor, expand_image_paths, load_image, match_class_names
+from automl_tl.inference.calibrate import apply_temperature, combine
+from automl_tl.errors import ArtifactError, ConfigError, DatasetError
+from automl_tl.evaluate.metrics import classification_metrics
+from automl_tl.inference.predictor import Evaluation, Predictor, expand_image_paths, load_image, match_class_names
 from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
-from .test_artifact import CLASSES, make_artifact, make_member
+from .test_artifact import CLASSES, make_artifact, make_member, unbuildable_member
 
 pytestmark = pytest.mark.needs_shared_data
 
@@ -219,3 +220,73 @@ def test_cli_evaluate_scores_a_split_as_the_run_that_built_the_artifact_drew_it(
     assert main(["evaluate", str(artifact_dir), "--data", str(images), "--split", "test", "--quiet", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["n"] == len(default_test)
     assert "default data settings" in capsys.readouterr().err
+
+
+def test_a_weight_0_member_is_never_built_nor_run_in_ensemble_mode(images: Path, tmp_path: Path) -> None:
+    """The artifact keeps the best trial at weight 0 to serve it alone; here that member cannot even be built,
+    so an ensemble Predictor that built or ran it would raise."""
+    members = [make_member("a", 96), make_member("b", 112, head="mlp", seed=1), unbuildable_member("z", 96)]
+    art = make_artifact(tmp_path / "artifact", members, weights=[2.0, 1.0, 0.0], temperature=1.4)
+    paths = expand_image_paths([images])[:4]
+    predictor = Predictor.load(art)  # mode="ensemble"
+    assert predictor.plan.member_ids == ("a", "b")
+    kept = make_artifact(tmp_path / "kept", members[:2], weights=[2.0, 1.0], temperature=1.4)
+    np.testing.assert_allclose(predictor.predict_proba(paths), Predictor.load(kept).predict_proba(paths), atol=1e-9)
+    with pytest.raises(ArtifactError, match="weights do not fit"):  # asked for by name, it is built, and fails
+        predictor.predict_proba(paths, member="z")
+
+
+def test_mode_selects_the_best_member_or_the_ensemble(images: Path, tmp_path: Path) -> None:
+    members = [make_member("a", 96), make_member("b", 112, head="mlp", seed=1, temperature=0.7)]
+    art = tmp_path / "artifact"
+    write_artifact(art, CLASSES, members, [2.0, 1.0], 1.4, metrics={"best_member": "b"})
+    paths = expand_image_paths([images])[:4]
+    best = Predictor.load(art, mode="best")
+    assert best.mode == "best" and best.plan.member_ids == ("b",) and best.plan.temperature == 0.7
+    np.testing.assert_allclose(best.predict_proba(paths), Predictor.load(art).predict_proba(paths, member="b"))
+    ensemble = Predictor.load(art, mode="ensemble")
+    assert ensemble.plan.member_ids == ("a", "b")
+    assert not np.allclose(ensemble.predict_proba(paths), best.predict_proba(paths))
+    with pytest.raises(ConfigError, match="mode must be one of best, ensemble, got 'median'"):
+        Predictor.load(art, mode="median")  # type: ignore[arg-type]
+
+
+def test_files_are_decoded_by_the_data_sets_decoder(images: Path, tmp_path: Path) -> None:
+    """A palette PNG with transparency, a 16-bit greyscale PNG and an EXIF-rotated JPEG give the pixels the
+    data set's decoder gives (the one serving uses too)."""
+    import sys
+
+    from automl_tl.data._decode import decode
+
+    photo = Image.open(expand_image_paths([images])[0]).convert("RGB")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "palette.png", transparency=0)
+    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    for name in ("palette.png", "deep.png", "rotated.jpg"):
+        payload = (tmp_path / name).read_bytes()
+        for max_side in (None, 64):
+            decoded = decode(payload, max_side or sys.maxsize, 89_478_485)
+            want = np.frombuffer(decoded.pixels or b"", np.uint8).reshape(decoded.height, decoded.width, 3)
+            assert np.array_equal(load_image(tmp_path / name, max_side), want), (name, max_side)
+
+
+def test_evaluate_returns_typed_metrics(images: Path, predictor: Predictor, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("AUTOML_TL_CACHE_DIR", str(tmp_path / "cache"))
+    result = predictor.evaluate(str(images))
+    assert isinstance(result, Evaluation) and result.split == "all" and result.n == 8
+    dataset = load_dataset(str(images), DataConfig(cache_dir=str(tmp_path / "cache")), progress=False)
+    labels = match_class_names(predictor.class_names, dataset.class_names, "data")[np.asarray(dataset.labels)]
+    probs = predictor.predict_proba([dataset.image(i) for i in range(len(dataset))])
+    expected = classification_metrics(labels, probs, predictor.class_names)
+    assert result.to_dict() == expected
+    assert (result.accuracy, result.log_loss, result.macro_f1) == (
+        expected["accuracy"], expected["log_loss"], expected["f1"]["macro"])  # fmt: skip
+    best = predictor.evaluate(str(images), member="b")
+    assert best.n == 8 and best.log_loss != result.log_loss
+    with pytest.raises(DatasetError, match="split must be one of"):
+        predictor.evaluate(str(images), "holdout")  # type: ignore[arg-type]

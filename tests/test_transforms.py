@@ -53,3 +53,26 @@ def test_real_photos_match_the_torchvision_pipeline(pre: Preprocessing, hymenopt
     for path in files:
         with Image.open(path) as im:
             _assert_same(pre, np.asarray(im.convert("RGB")))
+
+
+@pytest.mark.parametrize("pre", SETTINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}")
+def test_sweep_validation_scores_through_the_inference_transform_object(pre: Preprocessing) -> None:
+    """Training's "none" policy (sweep validation, the frozen-feature cache) is the object inference uses, and
+    the cache's CHW tensors give the pixels the HWC arrays give, as training's former pipeline computed them."""
+    from automl_tl.train.augment import array_to_tensor, train_transform
+
+    assert train_transform("none", pre) is eval_transform(pre)
+    image = np.random.default_rng(7).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    image.flags.writeable = False  # as the image cache hands it out
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[pre.interpolation]
+    former = T.Compose([
+        T.Resize(pre.resize_side, interpolation=mode, antialias=True),
+        T.CenterCrop(pre.input_size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(pre.mean), list(pre.std)),
+    ])  # fmt: skip
+    got = eval_transform(pre)(array_to_tensor(image))
+    assert torch.equal(got, eval_transform(pre)(image))
+    assert torch.equal(got, former(array_to_tensor(image)).as_subclass(torch.Tensor))
+    with pytest.raises(ValueError, match="CHW uint8"):
+        eval_transform(pre)(torch.zeros(3, 8, 8))

@@ -101,7 +101,7 @@ def _from_bytes(ident: str, payload: bytes, max_side: int, max_pixels: int) -> D
         upright: Image.Image = im
         if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             upright = ImageOps.exif_transpose(im)
-        rgb = _to_rgb(upright)
+        rgb = to_rgb(upright)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
@@ -118,7 +118,7 @@ def _from_bytes(ident: str, payload: bytes, max_side: int, max_pixels: int) -> D
     )
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparent pixels are composited onto white (what a viewer shows)."""
     mode = im.mode
     if mode == "RGB":

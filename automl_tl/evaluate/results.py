@@ -17,7 +17,8 @@ import numpy as np
 
 from automl_tl.inference.artifact import member_from_trial, write_artifact
 from automl_tl.config import load_config
-from automl_tl.evaluate.ensemble import apply_temperature, combine, fit_temperature, select_ensemble
+from automl_tl.evaluate.ensemble import select_ensemble
+from automl_tl.inference.calibrate import apply_temperature, combine, fit_temperature
 from automl_tl.errors import SearchError
 from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
 from automl_tl.runs.rundir import RunDir
@@ -118,15 +119,19 @@ def _beats(ensemble: dict[str, Any], best: dict[str, Any]) -> bool:
 
 
 def _member_test_probs(artifact_dir: Path, cache_path: str, test_idx: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Each member's uncalibrated test probabilities through the Predictor: serving's own preprocessing."""
+    """Each member's uncalibrated test probabilities through the inference core: serving's own preprocessing
+    and forward, each member once (the best single trial is one of them)."""
     from automl_tl.data import Dataset
-    from automl_tl.inference.predictor import Predictor
+    from automl_tl.inference.artifact import load_artifact
+    from automl_tl.inference.core import Members
 
-    predictor = Predictor.load(artifact_dir)
+    artifact = load_artifact(artifact_dir)
+    members = Members(artifact)
+    every = range(len(artifact.members))
     images = Dataset.open(Path(cache_path))
-    parts: list[list[np.ndarray]] = [[] for _ in predictor.artifact.members]
+    parts: list[list[np.ndarray]] = [[] for _ in every]
     for start in range(0, len(test_idx), batch_size):
         arrays = [images.image(int(i)) for i in test_idx[start : start + batch_size]]
-        for i, probs in enumerate(predictor.member_probabilities(predictor.preprocess(arrays))):
+        for i, probs in enumerate(members.probabilities(arrays, every)):
             parts[i].append(probs)
-    return {m.member_id: np.concatenate(parts[i]) for i, m in enumerate(predictor.artifact.members)}
+    return {m.member_id: np.concatenate(parts[i]) for i, m in enumerate(artifact.members)}

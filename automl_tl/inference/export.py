@@ -1,17 +1,20 @@
 """Export an artifact, one member or the whole ensemble, as a single ONNX or TorchScript graph.
 
-    automl-tl export runs/my_run/artifact --format onnx --out model.onnx [--member TRIAL_ID]
+    automl-tl export runs/my_run/artifact --format onnx --out model.onnx [--mode best|ensemble] [--member ID]
 
-The graph takes ONE preprocessed tensor, float32 (N, 3, S, S), normalised as the ``input`` entry of the
-embedded metadata says (the preprocessing of the member with the largest input size, the first on ties),
-and returns calibrated probabilities (N, C) in ``class_names`` order: the member softmaxes averaged with the
-ensemble weights, then ``softmax(log(p) / T)``. Members whose preprocessing differs from the input's get
+The members are the inference core's plan (:func:`~automl_tl.inference.core.plan_for`), chosen as the
+Predictor and serving choose them: ``--mode ensemble`` (the default) every member of non-zero weight,
+``--mode best`` the best single member, ``--member`` one named member. The graph takes ONE preprocessed
+tensor, float32 (N, 3, S, S), normalised as the ``input`` entry of the embedded metadata says (the
+preprocessing of the member with the largest input size, the first on ties), and returns calibrated
+probabilities (N, C) in ``class_names`` order: the member softmaxes averaged with the plan's weights, then
+``softmax(log(p) / T)``. Members whose preprocessing differs from the input's get
 an adapter inside the graph: undo the input normalisation, centre-crop to the member's field of view,
 resize (antialiased, the member's interpolation) to its size and normalise with its mean and std. That is
 close to, not identical with, preprocessing the image for that member, so the metadata says ``"exact":
-false``; with one shared preprocessing (or ``--member``) the graph matches the Predictor to float precision.
+false``; with one shared preprocessing (or one member) the graph matches the Predictor to float precision.
 
-Metadata (class names, input preprocessing, members, weights, temperature) travels inside the file: the
+Metadata (class names, input preprocessing, mode, members, weights, temperature) travels inside the file: the
 ONNX model's ``metadata_props["automl_tl"]`` or the TorchScript archive's extra file ``automl_tl.json``.
 ONNX export needs ``onnx`` and ``onnxscript`` (checked with ``onnxruntime`` when installed).
 """
@@ -29,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automl_tl.inference.artifact import FORMAT_VERSION, Artifact, load_artifact
 from automl_tl.errors import AutoMLError, ConfigError
 from automl_tl.evaluate.metrics import PROB_EPS
+from automl_tl.inference.artifact import FORMAT_VERSION, Artifact, load_artifact
+from automl_tl.inference.core import Mode, plan_for
 from automl_tl.inference.transforms import Preprocessing
 
 __all__ = [
@@ -107,28 +111,23 @@ class ExportGraph(nn.Module):
         return torch.softmax(torch.log(probs.clamp_min(PROB_EPS)) * self.inv_temperature, dim=1)
 
 
-def export_input(artifact: Artifact, member: str | None = None) -> tuple[Preprocessing, bool]:
+def export_input(artifact: Artifact, *, mode: Mode = "ensemble", member: str | None = None) -> tuple[Preprocessing, bool]:
     """The preprocessing the exported graph's input expects, and whether the graph is then exact."""
-    indices = list(range(len(artifact.members))) if member is None else [artifact.member_index(member)]
-    pres = [Preprocessing.from_dict(artifact.members[i].preprocessing) for i in indices]
+    pres = plan_for(artifact, mode, member).preprocessing
     reference = max(pres, key=lambda p: p.input_size)  # max() keeps the first of equal sizes
     return reference, all(pre == reference for pre in pres)
 
 
 def build_export_graph(
-    artifact: Artifact, member: str | None = None
+    artifact: Artifact, *, mode: Mode = "ensemble", member: str | None = None
 ) -> tuple[ExportGraph, Preprocessing, dict[str, Any]]:
-    """The graph for ``member`` (or the ensemble), the preprocessing its input expects, and its metadata."""
-    indices = list(range(len(artifact.members))) if member is None else [artifact.member_index(member)]
-    pres = [Preprocessing.from_dict(artifact.members[i].preprocessing) for i in indices]
-    reference, _ = export_input(artifact, member)
-    adapters = [None if pre == reference else InputAdapter(reference, pre) for pre in pres]
-    if member is None:
-        weights, temperature = list(artifact.weights), artifact.temperature
-    else:
-        weights, temperature = [1.0], artifact.members[indices[0]].temperature
-    models = [artifact.build_model(i) for i in indices]
-    graph = ExportGraph(models, weights, temperature, adapters).eval()
+    """The graph of the plan ``mode`` (or ``member``) names, the preprocessing its input expects, and its
+    metadata."""
+    plan = plan_for(artifact, mode, member)
+    reference, _ = export_input(artifact, mode=mode, member=member)
+    adapters = [None if pre == reference else InputAdapter(reference, pre) for pre in plan.preprocessing]
+    models = [artifact.build_model(i) for i in plan.member_indices]
+    graph = ExportGraph(models, plan.weights, plan.temperature, adapters).eval()
     metadata = {
         "format_version": FORMAT_VERSION,
         "class_names": list(artifact.class_names),
@@ -138,9 +137,10 @@ def build_export_graph(
             "decode_max_side": artifact.decode_max_side,
         },
         "output": "calibrated probabilities (N, C) in class_names order",
-        "members": [artifact.members[i].member_id for i in indices],
+        "mode": plan.mode,
+        "members": list(plan.member_ids),
         "weights": graph.weights,
-        "temperature": temperature,
+        "temperature": plan.temperature,
         "exact": all(a is None for a in adapters),
         "artifact_versions": dict(artifact.versions),
     }
@@ -151,16 +151,19 @@ def export_model(
     artifact_path: str | os.PathLike[str],
     fmt: ExportFormat,
     out: Path,
+    *,
+    mode: Mode = "ensemble",
     member: str | None = None,
 ) -> Path:
-    """Export the ensemble (or ``member``) of the artifact at ``artifact_path`` to ``out``; return ``out``.
+    """Export the plan ``mode`` names (or ``member`` alone) of the artifact at ``artifact_path`` to ``out``;
+    return ``out``.
 
     The exported file is checked against the eager graph on a random batch before this returns.
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     artifact = load_artifact(artifact_path)
-    graph, pre, metadata = build_export_graph(artifact, member)
+    graph, pre, metadata = build_export_graph(artifact, mode=mode, member=member)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, pre.input_size, pre.input_size, generator=torch.Generator().manual_seed(0))

@@ -2,12 +2,14 @@
 
 Evaluation resizes the short side to ``input_size / crop_pct`` with the backbone's interpolation, crops the
 centre ``input_size`` square and normalises with the backbone's mean and std: exactly what the weights were
-trained with. Training, the predictor and serving all build this from the same :class:`Preprocessing`.
+trained with. One :class:`EvalTransform` object per :class:`Preprocessing` (:func:`eval_transform`) serves
+sweep validation, the frozen-feature cache, the predictor, test scoring and serving alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -63,17 +65,20 @@ class Preprocessing:
         return int(math.floor(self.input_size / self.crop_pct))
 
 
+@functools.cache
 def eval_transform(pre: Preprocessing) -> EvalTransform:
-    """PIL image or HWC uint8 array -> normalised CHW float tensor."""
+    """The one evaluation transform of ``pre`` (the same object on every call): an image in, a normalised CHW
+    float tensor out."""
     return EvalTransform(pre)
 
 
 class EvalTransform:
     """Resize the short side, crop the centre, scale to [0, 1], normalise: torchvision's v2 pipeline
     (``ToImage``, ``Resize`` with antialias, ``CenterCrop``, ``ToDtype``, ``Normalize``), step for step, called
-    as its kernels on a plain tensor. The pixels are the same bit for bit (``tests/test_transforms.py``). A
-    500x375 photo to 224 px bicubic took 1.17 ms through the ``Compose`` (dispatch, ``tv_tensors`` wrapping, a
-    float-sized copy) and takes 0.58 ms here; a served request pays it on its critical path.
+    as its kernels on a plain tensor, which skips the pipeline's dispatch and wrapping on a served request's
+    critical path. The pixels are the same bit for bit (``tests/test_transforms.py``).
+
+    Takes a PIL image, an HWC uint8 array, or a CHW uint8 tensor (how training reads the image cache).
     """
 
     def __init__(self, pre: Preprocessing) -> None:
@@ -81,12 +86,17 @@ class EvalTransform:
         self._interpolation = _INTERPOLATION[pre.interpolation]
         self._mean, self._std = list(pre.mean), list(pre.std)
 
-    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
-        pixels = np.array(image) if isinstance(image, Image.Image) else np.atleast_3d(image)
-        if not pixels.flags.writeable:
-            pixels = pixels.copy()  # torch refuses to wrap a read-only buffer without a warning
-        # HWC viewed as CHW, not copied: resize reads this channels-last layout faster, and to the same bits.
-        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    def __call__(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+                raise ValueError(f"a tensor image must be CHW uint8 with 3 channels, got {image.dtype} {tuple(image.shape)}")
+            chw = image
+        else:
+            pixels = np.array(image) if isinstance(image, Image.Image) else np.atleast_3d(image)
+            if not pixels.flags.writeable:
+                pixels = pixels.copy()  # torch refuses to wrap a read-only buffer without a warning
+            # HWC viewed as CHW, not copied: resize reads this channels-last layout faster, and to the same bits.
+            chw = torch.from_numpy(pixels).permute(2, 0, 1)
         chw = F.resize_image(chw, [self.pre.resize_side], interpolation=self._interpolation, antialias=True)
         chw = F.center_crop_image(chw, [self.pre.input_size, self.pre.input_size]).contiguous()  # as before
         scaled = F.to_dtype_image(chw, torch.float32, scale=True)

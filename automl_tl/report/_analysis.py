@@ -201,7 +201,7 @@ def predictions(run: RunInputs) -> Predictions | None:
             return _test_predictions(run, labels)
         except (AutoMLError, OSError, ValueError, KeyError) as exc:
             notes.append(f"Test predictions could not be recomputed from the artifact ({exc}); showing validation instead.")
-    from automl_tl.evaluate.ensemble import apply_temperature, combine
+    from automl_tl.inference.calibrate import apply_temperature, combine
 
     ens, best = run.summary["ensemble"], run.summary["best"]
     try:
@@ -217,7 +217,7 @@ def predictions(run: RunInputs) -> Predictions | None:
 
 def _test_predictions(run: RunInputs, labels: np.ndarray) -> Predictions:
     from automl_tl.data import Dataset
-    from automl_tl.evaluate.ensemble import apply_temperature, combine
+    from automl_tl.inference.calibrate import apply_temperature, combine
     from automl_tl.inference.predictor import Predictor
 
     predictor = Predictor.load(run.path / "artifact")

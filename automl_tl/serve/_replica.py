@@ -1,6 +1,7 @@
 """What each model replica runs around its models, in plain asyncio and torch: one batch at a time in each
 of its forward lanes (worker threads), an admission gate that makes ``@serve.batch`` form full batches
-under load, and counters.
+under load, and counters. The forward itself is the inference core's
+(:class:`~automl_tl.inference.core.MemberRunner`), as in the Predictor.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from automl_tl.train.memory import trim_heap
-from automl_tl.inference.artifact import Artifact
 from automl_tl.errors import ConfigError
-from automl_tl.serve._args import AppArgs
-from automl_tl.serve._model import BatchResult, MemberRunner
+from automl_tl.inference.artifact import Artifact
+from automl_tl.inference.core import BatchResult, MemberRunner
 from automl_tl.inference.transforms import Preprocessing
+from automl_tl.serve._args import AppArgs
+from automl_tl.train.memory import trim_heap
 
 __all__ = [
     "Counters",

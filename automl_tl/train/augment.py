@@ -1,7 +1,8 @@
 """Training-time augmentation policies, from "none" to "heavy".
 
-* ``none``:   the evaluation transform (resize, centre crop); deterministic, so a fully frozen backbone's
-              features can be computed once and cached.
+* ``none``:   the evaluation transform itself (:func:`~automl_tl.inference.transforms.eval_transform`'s
+              object, so validation scores trials exactly as inference preprocesses); deterministic, so a
+              fully frozen backbone's features can be computed once and cached.
 * ``light``:  random resized crop + horizontal flip.
 * ``medium``: light + TrivialAugment (one random photometric/geometric op per image, no magnitudes to tune).
 * ``heavy``:  medium + MixUp or CutMix on each batch (soft targets).
@@ -20,7 +21,7 @@ from torchvision.transforms import v2 as T
 
 from automl_tl.config import AUGMENTATIONS
 from automl_tl.errors import ConfigError
-from automl_tl.inference.transforms import Preprocessing
+from automl_tl.inference.transforms import Preprocessing, eval_transform
 
 __all__ = ["AUGMENTATIONS", "train_transform", "batch_mixer", "is_deterministic", "array_to_tensor"]
 
@@ -43,20 +44,16 @@ def train_transform(policy: str, pre: Preprocessing) -> Callable[[torch.Tensor],
     """The per-sample transform of an augmentation policy (CHW uint8 tensor in, float tensor out)."""
     if policy not in AUGMENTATIONS:
         raise ConfigError(f"augmentation: must be one of {', '.join(AUGMENTATIONS)}, got {policy!r}")
-    interp = _INTERPOLATION[pre.interpolation]
-    finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(list(pre.mean), list(pre.std))]
     if policy == "none":
-        steps: list[Callable[..., object]] = [
-            T.Resize(pre.resize_side, interpolation=interp, antialias=True),
-            T.CenterCrop(pre.input_size),
-        ]
-    else:
-        steps = [
-            T.RandomResizedCrop(pre.input_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
-            T.RandomHorizontalFlip(),
-        ]
-        if policy in ("medium", "heavy"):
-            steps.append(T.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+        return eval_transform(pre)
+    interp = _INTERPOLATION[pre.interpolation]
+    steps: list[Callable[..., object]] = [
+        T.RandomResizedCrop(pre.input_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+        T.RandomHorizontalFlip(),
+    ]
+    if policy in ("medium", "heavy"):
+        steps.append(T.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+    finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(list(pre.mean), list(pre.std))]
     return T.Compose([*steps, *finish])
 
 

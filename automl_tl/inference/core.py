@@ -1,0 +1,229 @@
+"""The one inference path: which members answer (:class:`Plan`), how pixels become their inputs
+(:class:`Preprocessor`), how a member forwards a batch (:class:`MemberRunner`), and how their softmax outputs
+become one calibrated answer (:meth:`Plan.calibrate`). Plain torch, no Ray.
+
+The :class:`~automl_tl.inference.predictor.Predictor`, the Serve replicas, export and the test scoring of a
+finished search all go through here, so they agree by construction:
+
+* ``mode="ensemble"``: every member of non-zero weight (a weight-0 member, kept in the artifact to be served
+  alone as the best trial, is never built nor run), averaged with the ensemble weights and calibrated with
+  the ensemble temperature;
+* ``mode="best"``: the best single member (the manifest's ``metrics.best_member``), with its own temperature;
+* ``member=ID`` names one specific member instead, again with its own temperature.
+
+Each member gets the evaluation transform stored in the manifest; members sharing a preprocessing share it.
+
+    .venv/bin/python -m pytest -q tests/test_predictor.py tests/test_export.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+
+from automl_tl.backbones import memory_format_for, ready_for_inference
+from automl_tl.errors import ConfigError
+from automl_tl.inference.artifact import Artifact
+from automl_tl.inference.calibrate import apply_temperature, combine
+from automl_tl.inference.transforms import Preprocessing, eval_transform
+
+__all__ = [
+    "MODES",
+    "BatchResult",
+    "MemberRunner",
+    "Members",
+    "Mode",
+    "Plan",
+    "Preprocessor",
+    "best_member_index",
+    "plan_for",
+]
+
+Mode = Literal["best", "ensemble"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+
+def best_member_index(artifact: Artifact) -> int:
+    """The manifest's ``metrics.best_member`` (the best single trial), else the member of largest weight."""
+    best = artifact.metrics.get("best_member")
+    if isinstance(best, str) and best:
+        return artifact.member_index(best)  # an unknown id is an ArtifactError naming the members
+    return int(np.argmax(artifact.weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The members that answer (indices into the artifact), their weights and the calibration temperature.
+
+    ``mode`` is ``"best"`` or ``"ensemble"``, or ``"member"`` for one member named by its id.
+    """
+
+    artifact: Artifact
+    mode: Literal["best", "ensemble", "member"]
+    member_indices: tuple[int, ...]
+    weights: tuple[float, ...]
+    temperature: float
+    model_id: str
+
+    @property
+    def member_ids(self) -> tuple[str, ...]:
+        return tuple(self.artifact.members[i].member_id for i in self.member_indices)
+
+    @property
+    def preprocessing(self) -> tuple[Preprocessing, ...]:
+        return tuple(Preprocessing.from_dict(self.artifact.members[i].preprocessing) for i in self.member_indices)
+
+    def calibrate(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
+        """Calibrated (N, C) probabilities from each planned member's softmax (N, C), in plan order."""
+        if len(member_probs) != len(self.member_indices):
+            raise ValueError(f"need {len(self.member_indices)} member outputs, got {len(member_probs)}")
+        return apply_temperature(combine(member_probs, self.weights), self.temperature)
+
+
+def plan_for(artifact: Artifact, mode: str = "ensemble", member: str | None = None) -> Plan:
+    """``member`` alone when given; else by ``mode``: ``best``, the best single member; ``ensemble``, every
+    member of non-zero weight."""
+    if member is not None:
+        index = artifact.member_index(member)  # an unknown id is an ArtifactError naming the members
+        return _single(artifact, "member", index)
+    if mode == "best":
+        return _single(artifact, "best", best_member_index(artifact))
+    if mode != "ensemble":
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    indices = tuple(i for i, w in enumerate(artifact.weights) if w > 0)
+    digest = hashlib.sha256(
+        json.dumps([[artifact.members[i].sha256, artifact.weights[i]] for i in indices] + [artifact.temperature])
+        .encode("utf-8")
+    ).hexdigest()
+    weights = tuple(artifact.weights[i] for i in indices)
+    return Plan(artifact, "ensemble", indices, weights, artifact.temperature, f"ensemble-{digest[:12]}")
+
+
+def _single(artifact: Artifact, mode: Literal["best", "member"], index: int) -> Plan:
+    record = artifact.members[index]
+    return Plan(artifact, mode, (index,), (1.0,), record.temperature, record.member_id)
+
+
+class Preprocessor:
+    """Pixels to one input per planned member; members sharing a preprocessing share the tensor."""
+
+    def __init__(self, preprocessing: Sequence[Preprocessing]) -> None:
+        self.preprocessing = tuple(preprocessing)
+        self._transforms = {pre: eval_transform(pre) for pre in self.preprocessing}
+
+    def resized_pixels(self, height: int, width: int) -> int:
+        """Pixels of the largest image the transforms make from a ``height`` x ``width`` one (the short side is
+        resized before the centre crop, so a very elongated image would become enormous)."""
+        short, long = max(1, min(height, width)), max(height, width)
+        return max(pre.resize_side * int(long * pre.resize_side / short) for pre in self.preprocessing)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """One image's CHW input for each member."""
+        done: dict[Preprocessing, torch.Tensor] = {}
+        for pre in self.preprocessing:
+            if pre not in done:
+                done[pre] = self._transforms[pre](pixels)
+        return tuple(done[pre] for pre in self.preprocessing)
+
+    def batches(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """The images as one NCHW batch for each member."""
+        done: dict[Preprocessing, torch.Tensor] = {}
+        for pre in self.preprocessing:
+            if pre not in done:
+                transform = self._transforms[pre]
+                done[pre] = torch.stack([transform(image) for image in images])
+        return [done[pre] for pre in self.preprocessing]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """Each member's softmax for a batch, and how long the forward passes took."""
+
+    member_probs: tuple[np.ndarray, ...]
+    forward_ms: float
+
+
+class MemberRunner:
+    """Built members in eval mode on one device: the only code that forwards a member.
+
+    Each member is made ready with :func:`~automl_tl.backbones.ready_for_inference` (batch norms folded; on
+    CPU, given its input size, a frozen TorchScript graph, which runs without holding the GIL)."""
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        device: str | torch.device = "cpu",
+        input_sizes: Sequence[int] | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self._format = memory_format_for(self.device)
+        sizes = list(input_sizes) if input_sizes is not None else [None] * len(models)
+        if len(sizes) != len(models):
+            raise ValueError(f"{len(sizes)} input sizes for {len(models)} models")
+        self.models = [ready_for_inference(m, self.device, size) for m, size in zip(models, sizes)]
+
+    @classmethod
+    def build(cls, artifact: Artifact, indices: Sequence[int], device: str | torch.device = "cpu") -> MemberRunner:
+        """The artifact's members ``indices``, rebuilt from their verified weights."""
+        sizes = [Preprocessing.from_dict(artifact.members[i].preprocessing).input_size for i in indices]
+        return cls([artifact.build_model(i) for i in indices], device, sizes)
+
+    def run(self, inputs: Sequence[Sequence[torch.Tensor]]) -> BatchResult:
+        """``inputs[j][m]`` is image j's CHW input for member m; returns member m's (N, C) softmax."""
+        start = time.perf_counter()
+        out = tuple(self.forward(m, inputs) for m in range(len(self.models)))
+        return BatchResult(out, (time.perf_counter() - start) * 1000.0)
+
+    def forward(self, m: int, inputs: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
+        """Member ``m``'s (N, C) softmax for ``inputs[j][m]``."""
+        with torch.inference_mode():
+            return self.forward_batch(m, torch.stack([item[m] for item in inputs]))
+
+    def forward_batch(self, m: int, batch: torch.Tensor) -> np.ndarray:
+        """Member ``m``'s (N, C) softmax, in float64, for one NCHW batch."""
+        with torch.inference_mode():
+            batch = batch.to(self.device, memory_format=self._format, non_blocking=True)
+            logits = self.models[m](batch).double()
+            return torch.softmax(logits, dim=1).cpu().numpy()
+
+
+class Members:
+    """An artifact's members on one device, each built on first use (a member no plan names is never built)."""
+
+    def __init__(self, artifact: Artifact, device: str | torch.device = "cpu") -> None:
+        self.artifact = artifact
+        self.device = torch.device(device)
+        self._runners: dict[int, MemberRunner] = {}
+
+    def build(self, indices: Sequence[int]) -> None:
+        """Build these members now (a broken one fails here, not at the first prediction)."""
+        for i in indices:
+            if i not in self._runners:
+                self._runners[i] = MemberRunner.build(self.artifact, [i], self.device)
+
+    def preprocess(self, images: Sequence[np.ndarray], indices: Sequence[int]) -> list[torch.Tensor]:
+        """One NCHW batch of ``images`` per member in ``indices``."""
+        pres = [Preprocessing.from_dict(self.artifact.members[i].preprocessing) for i in indices]
+        return Preprocessor(pres).batches(images)
+
+    def forward(self, batches: Sequence[torch.Tensor], indices: Sequence[int]) -> list[np.ndarray]:
+        """Each member's uncalibrated softmax on its own batch (as :meth:`preprocess` returns them)."""
+        if len(batches) != len(indices):
+            raise ValueError(f"need {len(indices)} preprocessed batches (one per member), got {len(batches)}")
+        self.build(indices)
+        return [self._runners[i].forward_batch(0, batch) for i, batch in zip(indices, batches)]
+
+    def probabilities(self, images: Sequence[np.ndarray], indices: Sequence[int]) -> list[np.ndarray]:
+        """Each member's uncalibrated softmax (N, C) for a batch of RGB images, in ``indices`` order."""
+        return self.forward(self.preprocess(images, indices), indices)
+
+    def answer(self, images: Sequence[np.ndarray], plan: Plan) -> np.ndarray:
+        """The plan's calibrated probabilities (N, C) for a batch of RGB images."""
+        return plan.calibrate(self.probabilities(images, plan.member_indices))
