@@ -11,6 +11,7 @@ from typing import Any
 
 from automl_tl.errors import AutoMLError
 from automl_tl.evaluate.metrics import lookup, reliability_bins
+from automl_tl.evaluate.ranking import metric_value
 from automl_tl.report import _svg as svg
 from automl_tl.report._analysis import (
     Divergence,
@@ -202,10 +203,13 @@ def _ensemble(run: RunInputs) -> str:
     split, ens_m = _split_metrics(run, "ensemble")
     _, best_m = _split_metrics(run, "best")
     won = bool(ens.get("beat_best"))
-    if ens_m["accuracy"] != best_m["accuracy"]:
-        why = f"{'higher' if ens_m['accuracy'] > best_m['accuracy'] else 'lower'} {split} accuracy"
+    metric = str(run.summary.get("metric", "val_accuracy"))
+    name = metric.removeprefix("val_").replace("_", " ")
+    ens_v, best_v = metric_value(ens_m, metric), metric_value(best_m, metric)
+    if ens_v != best_v:
+        why = f"{'higher' if ens_v > best_v else 'lower'} {split} {name}"
     else:
-        why = f"equal {split} accuracy, {'lower' if ens_m['log_loss'] < best_m['log_loss'] else 'higher'} log loss"
+        why = f"equal {split} {name}, {'lower' if ens_m['log_loss'] < best_m['log_loss'] else 'higher'} log loss"
     verdict = (f"The ensemble of {len(ens['members'])} trial(s) {'beat' if won else 'did not beat'} the best single "
                f"trial ({escape(str(best['trial_id']))}): {why}.")  # fmt: skip
     columns = [(f"best single trial, {split}", best_m), (f"ensemble, {split}", ens_m)]
@@ -227,7 +231,7 @@ def _ensemble(run: RunInputs) -> str:
             + _table(["metric", *(c for c, _ in columns)], rows)
             + _note(f"Members chosen by {ens.get('method')} selection on validation {ens.get('selection_metric', 'log loss')}; "
                     f"ensemble temperature {float(ens['temperature']):.3f}, best trial's {float(best['temperature']):.3f}. "
-                    "Beating means higher accuracy, or equal accuracy and lower log loss.")
+                    f"Beating means ranking above on the search's metric ({name}), or equal on it and lower log loss.")
             + "<h3>Ensemble members</h3>" + _table(["trial", "weight", "temperature"], members))  # fmt: skip
 
 

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
 from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
-from automl_tl.train.loop import METRIC_MODES
+from automl_tl.evaluate.ranking import metric_mode, rank_rows
 from automl_tl.train.trial_data import TrialData
 
 __all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ensure_ray"]
@@ -292,7 +291,7 @@ def _build_tuner(
             f"{run.location}/tune", trainable=trainable, param_space=param_space,
             resume_unfinished=True, resume_errored=True,
         )  # fmt: skip
-    mode = METRIC_MODES[search.metric]
+    mode = metric_mode(search.metric)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -366,24 +365,6 @@ def _scheduler(config: ExperimentConfig, mode: str) -> Any:
             hyperparam_mutations={"learning_rate": tune.loguniform(lr.low, lr.high) if not lr.fixed else [lr.low]},
         )
     return FIFOScheduler()
-
-
-def rank_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Leaderboard rows best first, each given its ``rank``; trials without a finished epoch last.
-
-    Ties on the metric (common with small validation sets, where several trials score 36/36) go to the
-    lower validation log loss: the better calibrated of the equally accurate models.
-    """
-    sign = 1 if METRIC_MODES[metric] == "max" else -1
-
-    def key(row: dict[str, Any]) -> tuple[bool, float, float]:
-        score, loss = row.get(f"best_{metric}"), row.get("best_val_log_loss")
-        return score is None, -sign * (score or 0.0), loss if loss is not None else math.inf
-
-    ranked = sorted(rows, key=key)
-    for rank, row in enumerate(ranked, start=1):
-        row["rank"] = rank
-    return ranked
 
 
 def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log) -> SearchOutcome:

@@ -34,13 +34,11 @@ from automl_tl.train.trial_data import TrialData
 from automl_tl.train.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.evaluate.metrics import classification_metrics
+from automl_tl.evaluate.ranking import metric_mode, rank_key
 from automl_tl.inference.transforms import Preprocessing
 
 __all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
            "Reporter"]
-
-METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_log_loss": "min"}
-
 
 @dataclasses.dataclass(frozen=True)
 class TrialConfig:
@@ -189,7 +187,7 @@ def train_trial(
     if resume_dir is not None:
         state = _load_checkpoint(resume_dir, model, optimizer, schedule)
 
-    mode = METRIC_MODES[cfg.metric]
+    mode = metric_mode(cfg.metric)
     last: EpochResult | None = None
     ended = dict(state.get("last_metrics") or {})
     if ended.get("stop_reason"):
@@ -205,11 +203,10 @@ def train_trial(
         scores = {"val_accuracy": val["accuracy"], "val_macro_f1": val["f1"]["macro"], "val_log_loss": val["log_loss"]}
         score = scores[cfg.metric]
         best = state["best_score"]
-        improved = best is None or (score > best if mode == "max" else score < best)
-        # An epoch that only ties the best score still replaces it when its log loss is lower (the better
-        # calibrated model), but it does not reset the plateau count: the score did not move.
-        tie_better = not improved and score == best and scores["val_log_loss"] < state.get("best_log_loss", math.inf)
-        if improved or tie_better:
+        # An epoch that only ties the best score still replaces it when its log loss is lower (the ranking
+        # rule), but it does not reset the plateau count: the score did not move.
+        improved = rank_key(score, None, mode)[:2] < rank_key(best, None, mode)[:2]
+        if rank_key(score, scores["val_log_loss"], mode) < rank_key(best, state.get("best_log_loss"), mode):
             state.update(best_score=score, best_epoch=epoch, best_log_loss=scores["val_log_loss"])
             if rank == 0 and out_dir is not None:
                 _write_best(out_dir, model, val_probs, cfg, data, epoch, scores)
