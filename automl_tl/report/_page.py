@@ -27,6 +27,7 @@ from automl_tl.report._analysis import (
     predictions,
 )
 from automl_tl.report._inputs import RunInputs, load_run
+from automl_tl.train.loop import HYPERPARAMETERS
 
 __all__ = ["SECTIONS", "REPORT_NAME", "render", "write_report"]
 
@@ -235,11 +236,12 @@ def _ensemble(run: RunInputs) -> str:
             + "<h3>Ensemble members</h3>" + _table(["trial", "weight", "temperature"], members))  # fmt: skip
 
 
+# Column headings of the hyperparameters (:data:`HYPERPARAMETERS`) where the name is too long for a table.
+_SHORT = {"freeze_depth": "freeze", "learning_rate": "lr", "backbone_lr_ratio": "backbone lr ×",
+          "augmentation": "augment", "weight_decay": "weight decay", "label_smoothing": "label smooth",
+          "batch_size": "batch", "image_size": "size", "head_dropout": "dropout"}  # fmt: skip
 _LEADERBOARD = (
-    ("rank", "rank"), ("trial", "trial_id"), ("backbone", "backbone"), ("freeze", "freeze_depth"),
-    ("lr", "learning_rate"), ("backbone lr ×", "backbone_lr_ratio"), ("augment", "augmentation"),
-    ("optimizer", "optimizer"), ("weight decay", "weight_decay"), ("label smooth", "label_smoothing"),
-    ("batch", "batch_size"), ("size", "image_size"), ("head", "head"), ("dropout", "head_dropout"),
+    ("rank", "rank"), ("trial", "trial_id"), *((_SHORT.get(name, name), name) for name in HYPERPARAMETERS),
     ("val acc", "best_val_accuracy"), ("val macro F1", "best_val_macro_f1"), ("val log loss", "best_val_log_loss"),
     ("best epoch", "best_epoch"), ("epochs", "epochs_run"), ("stop reason", "stop_reason"), ("wall s", "wall_s"),
 )  # fmt: skip

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from automl_tl.config import DataConfig, ExperimentConfig, config_to_dict, load_config
+from automl_tl.train.loop import HYPERPARAMETERS
 
 __all__ = ["RunDir", "SplitSettings", "split_settings", "write_leaderboard", "write_summary", "versions"]
 
 LEADERBOARD_COLUMNS = (
-    "rank", "trial_id", "backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
-    "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size", "head", "head_dropout",
+    "rank", "trial_id", *HYPERPARAMETERS,
     "best_val_accuracy", "best_val_macro_f1", "best_val_log_loss", "best_epoch", "epochs_run", "stop_reason",
     "wall_s", "feature_cache", "workers", "peak_rss_mb", "has_model",
 )  # fmt: skip
@@ -137,7 +137,7 @@ def write_summary(run: RunDir, config: ExperimentConfig, rows: list[dict[str, An
         "metric": config.search.metric,
         "best": {
             "trial_id": best["trial_id"],
-            "config": {k: best.get(k) for k in LEADERBOARD_COLUMNS[2:14]},
+            "config": {k: best.get(k) for k in HYPERPARAMETERS},
             "val": {k: best.get(f"best_val_{k}") for k in ("accuracy", "macro_f1", "log_loss")},
         },
         "trials": rows,

@@ -38,6 +38,7 @@ from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
 from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
 from automl_tl.evaluate.ranking import metric_mode, rank_rows
+from automl_tl.train.loop import HYPERPARAMETERS
 from automl_tl.train.trial_data import TrialData
 
 __all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ensure_ray"]
@@ -412,9 +413,7 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
     val = info.get("val_metrics", {})
     row: dict[str, Any] = {
         "trial_id": trial_id,
-        **{k: params.get(k) for k in ("backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
-                                      "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size",
-                                      "head", "head_dropout")},  # fmt: skip
+        **{k: params.get(k) for k in HYPERPARAMETERS},
         "best_val_accuracy": val.get("val_accuracy"),
         "best_val_macro_f1": val.get("val_macro_f1"),
         "best_val_log_loss": val.get("val_log_loss"),

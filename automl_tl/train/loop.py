@@ -37,8 +37,26 @@ from automl_tl.evaluate.metrics import classification_metrics
 from automl_tl.evaluate.ranking import metric_mode, rank_key
 from automl_tl.inference.transforms import Preprocessing
 
-__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
+__all__ = ["HYPERPARAMETERS", "TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
            "Reporter"]
+
+# The searched hyperparameters: the TrialConfig fields the sweep varies, each with the ``space`` section field
+# that lists its values. The search space, leaderboard, summary, report and demo read the names from here.
+HYPERPARAMETERS: dict[str, str] = {
+    "backbone": "backbones",
+    "freeze_depth": "freeze_depths",
+    "learning_rate": "learning_rate",
+    "backbone_lr_ratio": "backbone_lr_ratio",
+    "augmentation": "augmentations",
+    "optimizer": "optimizers",
+    "weight_decay": "weight_decay",
+    "label_smoothing": "label_smoothing",
+    "batch_size": "batch_sizes",
+    "image_size": "image_sizes",
+    "head": "heads",
+    "head_dropout": "mlp_dropout",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TrialConfig:
