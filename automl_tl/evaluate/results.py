@@ -21,12 +21,12 @@ from automl_tl.evaluate.ensemble import apply_temperature, combine, fit_temperat
 from automl_tl.errors import SearchError
 from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
 from automl_tl.evaluate.ranking import beats
+from automl_tl.runs.locate import ARTIFACT_DIR
 from automl_tl.runs.rundir import RunDir
 from automl_tl.runs.storage import local_data_cache
 
 __all__ = ["build_results", "ARTIFACT_DIR"]
 
-ARTIFACT_DIR = "artifact"
 # Ensemble selection optimises validation log loss: it rewards calibrated, complementary members, which
 # accuracy (flat on small validation sets) cannot tell apart.
 SELECTION_METRIC = "log_loss"

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from automl_tl.errors import ArtifactError, AutoMLError
+from automl_tl.runs.locate import MANIFEST_NAME
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 _FORMAT_TAG = "automl_tl.inference.artifact"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -456,38 +456,18 @@ def _member(data: Any, where: str, num_classes: int) -> MemberRecord:
     return record
 
 
-def _remote_store(uri: str) -> ArtifactStore:
-    """The artifact folder at ``uri`` (or its manifest, or the ``artifact/`` folder of a run directory)."""
-    from automl_tl.runs.storage import FileSystemStore
-
-    uri = uri.rstrip("/")
-    if uri.endswith("/" + MANIFEST_NAME):
-        uri = uri[: -len(MANIFEST_NAME) - 1]
-    store = FileSystemStore(uri)
-    if not store.exists(MANIFEST_NAME) and FileSystemStore(f"{uri}/artifact").exists(MANIFEST_NAME):
-        store = FileSystemStore(f"{uri}/artifact")
-    return store
-
-
 def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = None) -> Artifact:
     """Read ``path`` (the artifact folder, its manifest.json or the run directory above it), check every sha256.
 
     ``path`` may be a URI on object storage (``s3://bucket/run/artifact``, or the run directory above it).
     """
-    from automl_tl.runs.storage import is_uri
+    from automl_tl.runs.locate import resolve_artifact
+    from automl_tl.runs.storage import FileSystemStore, is_uri
 
-    if store is None and is_uri(path):
-        store = _remote_store(os.fspath(path))
-        path = store.describe("").rstrip("/")
-    root = Path(path)
-    if root.name == MANIFEST_NAME and root.is_file():
-        root = root.parent
-    if store is None and not (root / MANIFEST_NAME).exists() and (root / "artifact" / MANIFEST_NAME).is_file():
-        root = root / "artifact"  # a run directory: its artifact, as for object storage
     if store is None:
-        if not root.exists():
-            raise ArtifactError(f"artifact {root} does not exist")
-        store = LocalStore(root)
+        path = resolve_artifact(path, reach_remote=True)
+        store = FileSystemStore(path) if is_uri(path) else LocalStore(Path(path))
+    root = Path(path)
     if not store.exists(MANIFEST_NAME):
         raise ArtifactError(f"{store.describe(MANIFEST_NAME)} is missing: {root} is not an automl_tl artifact")
     where = store.describe(MANIFEST_NAME)

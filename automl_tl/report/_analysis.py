@@ -202,7 +202,7 @@ def _test_predictions(run: RunInputs, labels: np.ndarray) -> Predictions:
     from automl_tl.evaluate.ensemble import apply_temperature, combine
     from automl_tl.inference.predictor import Predictor
 
-    predictor = Predictor.load(run.path / "artifact")
+    predictor = Predictor.load(run.path)  # the run directory's artifact
     art = predictor.artifact
     images = Dataset.open(Path(run.data["cache_path"]))
     rows = np.asarray(run.data["test"], dtype=np.int64)

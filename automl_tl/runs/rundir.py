@@ -183,11 +183,9 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
     (``RUN_DIR/config.yaml`` above ``RUN_DIR/artifact``), whose ``data.json`` also names the run's exact rows;
     else the defaults. Scoring ``test`` with settings other than the run's would mix training images into it.
     """
-    from automl_tl.inference.artifact import MANIFEST_NAME
+    from automl_tl.runs.locate import run_dir_of
 
-    root = Path(artifact)
-    root = root.parent if root.name == MANIFEST_NAME else root
-    run = next((d for d in (root, root.parent) if (d / "config.yaml").is_file() and (d / "data.json").is_file()), None)
+    run = run_dir_of(artifact)
     # The run's rows only go with the run's settings: other settings (config_path) draw their own.
     recorded = RunDir(run).read_json("data.json") if run is not None and config_path is None else None
     if config_path is not None:

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from automl_tl.train.memory import tune_malloc
 from automl_tl.errors import ConfigError
-from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token, resolve_artifact
+from automl_tl.runs.locate import resolve_artifact
+from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token
 
 __all__ = ["APP_NAME", "emit_config", "make_args", "start_server", "stop_server"]
 
