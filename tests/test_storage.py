@@ -26,6 +26,7 @@ import pytest
 from automl_tl.errors import ArtifactError, SearchError
 from automl_tl.runs.rundir import RunDir
 from automl_tl.runs.storage import (
+    atomic_path,
     discard_staging,
     download,
     fetch_once,
@@ -35,6 +36,8 @@ from automl_tl.runs.storage import (
     share_file,
     trial_output,
     upload,
+    write_atomic,
+    write_atomic_fs,
 )
 from tests.scenarios._common import (
     VENV_BIN,
@@ -75,6 +78,26 @@ def test_uris_and_local_paths() -> None:
     assert not is_uri("/tmp/run") and not is_uri("runs/x") and not is_uri("file:///tmp/run")
     assert join("s3://b/run/", "trials", "t1/") == "s3://b/run/trials/t1"
     assert local_mirror("s3://b/run") == local_mirror("s3://b/run/") != local_mirror("s3://b/other/run")
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(bucket: str, tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "summary.json"
+    write_atomic(target, '{"a": 1}')
+    assert target.read_text() == '{"a": 1}'
+    with pytest.raises(RuntimeError), atomic_path(target) as partial:
+        partial.write_text('{"a": 2, "half')
+        raise RuntimeError("killed midway")
+    assert target.read_text() == '{"a": 1}' and sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+    with atomic_path(tmp_path / "features.npz") as partial:
+        assert partial.suffix == ".npz" and partial.parent == tmp_path  # np.savez keeps the name as given
+        partial.write_bytes(b"x")
+    assert (tmp_path / "features.npz").read_bytes() == b"x"
+    write_atomic(join(bucket, "run", "summary.json"), b"{}")
+    write_atomic(join(bucket, "run", "summary.json"), b'{"b": 2}')
+    assert _s3_files(bucket) == {"run/summary.json": 8}
+    fs, path = pafs.FileSystem.from_uri(str(tmp_path / "state.json"))
+    write_atomic_fs(fs, path, b"[]")  # a filesystem without whole-object writes: a partial file, then a move
+    assert (tmp_path / "state.json").read_bytes() == b"[]" and not list(tmp_path.glob("*.partial"))
 
 
 def test_upload_download_and_fetch_once(bucket: str, tmp_path: Path) -> None:

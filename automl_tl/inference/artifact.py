@@ -75,10 +75,9 @@ class LocalStore:
             raise ArtifactError(f"cannot read {self.describe(name)}: {exc.strerror}") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.root / f".{name}.partial"
-        partial.write_bytes(data)
-        os.replace(partial, self.root / name)
+        from automl_tl.runs.storage import write_atomic
+
+        write_atomic(self.root / name, data)
 
     def exists(self, name: str) -> bool:
         return (self.root / name).is_file()

@@ -74,14 +74,13 @@ def write_report(run_dir: str | Path) -> Path:
     the returned path is then the local copy.
     """
     from automl_tl.runs.rundir import RunDir
+    from automl_tl.runs.storage import write_atomic
 
     where = RunDir.open(run_dir)
     where.pull("summary.json", "data.json", "tune")
     run = load_run(where.path)
     target = run.path / REPORT_NAME
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(render(run), encoding="utf-8")
-    partial.replace(target)
+    write_atomic(target, render(run))
     where.push(REPORT_NAME)
     return target
 

@@ -87,10 +87,10 @@ class RunDir:
         return (self.path / name).exists()
 
     def write_text(self, name: str, text: str) -> Path:
+        from automl_tl.runs.storage import write_atomic
+
         target = self.path / name
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(target)
+        write_atomic(target, text)
         return target
 
     def write_json(self, name: str, data: Any) -> Path:

@@ -35,6 +35,7 @@ from automl_tl.train.augment import array_to_tensor, batch_mixer, is_determinist
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.evaluate.metrics import classification_metrics
 from automl_tl.evaluate.ranking import metric_mode, rank_key
+from automl_tl.runs.storage import atomic_path, write_atomic
 from automl_tl.inference.transforms import Preprocessing
 
 __all__ = ["HYPERPARAMETERS", "TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
@@ -480,10 +481,8 @@ def _load_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Opti
 
 
 def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int, scores: dict[str, float]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "model.safetensors.partial"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as partial:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(partial))
     np.save(out_dir / "val_probs.npy", val_probs.astype(np.float32))
     spec = resolve_spec(cfg.backbone)
     info = {
@@ -496,7 +495,7 @@ def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: T
         "val_metrics": scores,
         "data_id": data.data_id,
     }
-    (out_dir / "trial.json").write_text(json.dumps(info, indent=2, default=_json_default), encoding="utf-8")
+    write_atomic(out_dir / "trial.json", json.dumps(info, indent=2, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
