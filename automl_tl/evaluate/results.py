@@ -83,6 +83,7 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
 
     ens_beats = beats(ens_test or ens_val, best_test or best_val, config.search.metric)
     results: dict[str, Any] = {
+        "metric": config.search.metric,
         "best": {**summary["best"], "temperature": temperatures[best_id], "val_calibrated": best_val, "test": best_test},
         "ensemble": {
             "method": selection.method,

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
-from automl_tl.train.memory import tune_malloc
+from automl_tl.train.memory import malloc_env
 from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
@@ -41,7 +41,7 @@ from automl_tl.evaluate.ranking import metric_mode, rank_rows
 from automl_tl.train.loop import HYPERPARAMETERS
 from automl_tl.train.trial_data import TrialData
 
-__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ensure_ray"]
+__all__ = ["RAY_ENV", "SearchOutcome", "run_search", "resume_search", "check_backbones", "check_storage", "ray_for_search"]
 
 Log = Callable[[str], None]
 STOP_REASONS = "stop_reasons.jsonl"
@@ -65,26 +65,58 @@ def check_backbones(config: ExperimentConfig) -> None:
             raise BackboneError(f"backbone '{name}': {spec.weights.describe()}: {status}")
 
 
-def ensure_ray(log: Log) -> bool:
-    """Join ``RAY_ADDRESS`` or start an embedded Ray sized to this machine; True if started here."""
+# Ray and Tune settings of a sweep, unless the environment names its own: the driver's Tune reads some (its
+# progress tables, the checkpoint-sync warning), the processes Ray starts the others (usage stats, Ray Train's
+# health check).
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",  # our SweepProgress reports; no Tune tables
+}
+
+
+@contextlib.contextmanager
+def scoped_env(settings: dict[str, str]) -> Iterator[None]:
+    """``settings`` in this process's environment for the block (those it names already keep their value),
+    then the environment exactly as it was: the library leaves its caller's process as it found it."""
+    added = {key: value for key, value in settings.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def ray_for_search(log: Log) -> Iterator[None]:
+    """Ray for the block: the one this process is connected to, the cluster in ``RAY_ADDRESS``, or an embedded
+    one sized to this machine, stopped at the end when started here.
+
+    The processes Ray starts get :data:`RAY_ENV` and the allocator settings (:func:`malloc_env`) through the
+    job's runtime environment; this process's own environment is back as it was when the block ends.
+    """
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our SweepProgress reports; no Tune tables
-    if ray.is_initialized():
-        return False
-    tune_malloc()  # this process, and an embedded Ray's workers, which inherit the environment
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"[search] joining the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False)
-    else:
-        cpus = os.cpu_count() or 1
-        log(f"[search] starting an embedded Ray with {cpus} CPUs")
-        ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING)
-    return True
+    worker_env = {**{k: v for k, v in RAY_ENV.items() if k not in os.environ}, **malloc_env()}
+    with scoped_env(RAY_ENV):
+        started = not ray.is_initialized()
+        if started:
+            address = os.environ.get("RAY_ADDRESS")
+            runtime_env = {"env_vars": worker_env}
+            if address:
+                log(f"[search] joining the Ray cluster at {address}")
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            else:
+                cpus = os.cpu_count() or 1
+                log(f"[search] starting an embedded Ray with {cpus} CPUs")
+                ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def check_storage(run: RunDir, shared_fs: bool) -> None:
@@ -167,17 +199,11 @@ def run_search(
     data = prepare_data(config, run, test_source, progress)
     run.push("config.yaml", "data.json")
     log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
-    started_ray = ensure_ray(log)
-    try:
+    with ray_for_search(log):
         check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, param_space, log, restore=False)
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def resume_search(
@@ -194,19 +220,13 @@ def resume_search(
     config = load_config(run.path / "config.yaml")
     data_info = run.read_json("data.json")
     data = prepare_data(config, run, data_info.get("test_source"), progress)
-    started_ray = ensure_ray(log)
-    try:
+    with ray_for_search(log):
         check_storage(run, shared_fs)
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
             log(f"[resume] {note}")
         tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def fit(tuner: Any, run: RunDir) -> Any:
