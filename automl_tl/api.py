@@ -4,9 +4,7 @@
 >>> result = automl_tl.search("../shared/datasets/hymenoptera/train", "runs/ants",
 ...                           test="../shared/datasets/hymenoptera/val", time_budget_s=120)  # doctest: +SKIP
 >>> result.best.params["backbone"], result.ensemble.test.accuracy  # doctest: +SKIP
-('mobilenetv2_100', 0.9477)
 >>> result.predictor().predict(["photo.jpg"], top_k=1)[0].label  # doctest: +SKIP
-'bees'
 
 ``out`` may be object storage (``s3://bucket/prefix``), as for ``automl-tl search --out``. Everything a
 search returns is read from the run directory, and :func:`resume` continues a search whose driver stopped.
@@ -105,16 +103,19 @@ def run_pipeline(
 
     A sweep or results step that fails raises; a report that fails is logged and the results stand.
     """
-    from automl_tl.evaluate.results import build_results
-    from automl_tl.sweep.driver import resume_search, run_search
+    from automl_tl.train.memory import scoped_env
 
     location = os.fspath(out)
-    if config is None:
-        outcome = resume_search(location, log=log, progress=progress, shared_fs=shared_fs)
-    else:
-        outcome = run_search(config, location, test_source=test, log=log, progress=progress, shared_fs=shared_fs)
-    results = build_results(location, log=log)
-    report_location = _write_report(location, log) if report else None
+    with scoped_env():  # the caller's environment as it was, whatever Ray and torch set while they ran
+        from automl_tl.evaluate.results import build_results
+        from automl_tl.sweep.driver import resume_search, run_search
+
+        if config is None:
+            outcome = resume_search(location, log=log, progress=progress, shared_fs=shared_fs)
+        else:
+            outcome = run_search(config, location, test_source=test, log=log, progress=progress, shared_fs=shared_fs)
+        results = build_results(location, log=log)
+        report_location = _write_report(location, log) if report else None
     return _result(location, outcome.rows, results, report_location, outcome.wall_s)
 
 

@@ -84,6 +84,27 @@ def test_a_search_result_is_typed_from_what_the_run_records() -> None:
         result.best.trial_id = "t2"  # type: ignore[misc]
 
 
+def test_the_docstring_examples_read_fields_that_exist() -> None:
+    """The examples skip the sweep itself (minutes), so what they read from its result is checked here."""
+    import doctest
+
+    import automl_tl.api as api
+
+    result = _result("runs/x", [], {
+        "metric": "val_accuracy", "artifact": "runs/x/artifact",
+        "best": {"trial_id": "t1", "config": {"backbone": "mobilenetv2_100"}, "temperature": 1.0,
+                 "val_calibrated": _metrics(0.7), "test": _metrics(0.7)},
+        "ensemble": {"method": "greedy", "members": ["t1"], "weights": [1.0], "temperature": 1.0,
+                     "val": _metrics(0.7), "test": _metrics(0.9), "beat_best": True},
+    }, None, 1.0)  # fmt: skip
+    reads = [ex.source.strip() for doc in (api.__doc__, api.search.__doc__)
+             for ex in doctest.DocTestParser().get_examples(doc or "") if ex.source.startswith(("result.", "print(result."))]  # fmt: skip
+    assert len(reads) >= 2
+    for source in reads:
+        if ".predictor()" not in source:  # loads the artifact: the S3 test calls it for real
+            eval(source.removeprefix("print"), {"result": result})
+
+
 def test_the_package_exports_the_api() -> None:
     for name in ("search", "resume", "SearchResult", "LeaderboardRow", "BestTrial", "EnsembleResult", "Metrics"):
         assert name in automl_tl.__all__ and getattr(automl_tl, name) is not None

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
-from automl_tl.train.memory import malloc_env
+from automl_tl.train.memory import malloc_env, scoped_env
 from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
@@ -74,19 +74,6 @@ RAY_ENV = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # our SweepProgress reports; no Tune tables
 }
-
-
-@contextlib.contextmanager
-def scoped_env(settings: dict[str, str]) -> Iterator[None]:
-    """``settings`` in this process's environment for the block (those it names already keep their value),
-    then the environment exactly as it was: the library leaves its caller's process as it found it."""
-    added = {key: value for key, value in settings.items() if key not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
