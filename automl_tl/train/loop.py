@@ -44,19 +44,11 @@ __all__ = ["HYPERPARAMETERS", "TrialConfig", "TrialData", "EpochResult", "train_
 # The searched hyperparameters: the TrialConfig fields the sweep varies, each with the ``space`` section field
 # that lists its values. The search space, leaderboard, summary, report and demo read the names from here.
 HYPERPARAMETERS: dict[str, str] = {
-    "backbone": "backbones",
-    "freeze_depth": "freeze_depths",
-    "learning_rate": "learning_rate",
-    "backbone_lr_ratio": "backbone_lr_ratio",
-    "augmentation": "augmentations",
-    "optimizer": "optimizers",
-    "weight_decay": "weight_decay",
-    "label_smoothing": "label_smoothing",
-    "batch_size": "batch_sizes",
-    "image_size": "image_sizes",
-    "head": "heads",
-    "head_dropout": "mlp_dropout",
-}
+    "backbone": "backbones", "freeze_depth": "freeze_depths", "learning_rate": "learning_rate",
+    "backbone_lr_ratio": "backbone_lr_ratio", "augmentation": "augmentations", "optimizer": "optimizers",
+    "weight_decay": "weight_decay", "label_smoothing": "label_smoothing", "batch_size": "batch_sizes",
+    "image_size": "image_sizes", "head": "heads", "head_dropout": "mlp_dropout",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
