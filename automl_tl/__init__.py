@@ -4,11 +4,13 @@
 >>> "tf_efficientnet_lite0" in automl_tl.list_backbones()
 True
 
-``search`` runs a sweep end to end; ``Predictor`` loads what it produced::
+``search`` runs a sweep end to end and returns a typed :class:`SearchResult`; its ``predictor()`` loads
+what the search produced (as ``Predictor.load(result.artifact)`` does); ``resume`` finishes a stopped one::
 
     result = automl_tl.search("my_images/", "runs/first", time_budget_s=300)
-    predictor = automl_tl.Predictor.load(result.artifact)
-    predictor.predict(["photo.jpg"], top_k=3)
+    print(result.best.params["backbone"], result.ensemble.val.accuracy)
+    result.predictor().predict(["photo.jpg"], top_k=3)
+    automl_tl.resume("runs/first")
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from automl_tl.errors import (
 )
 
 if TYPE_CHECKING:
-    from automl_tl.api import SearchResult, search
+    from automl_tl.api import SearchResult, resume, search
+    from automl_tl.evaluate.outcome import BestTrial, EnsembleResult, LeaderboardRow, Metrics
     from automl_tl.backbones import create_backbone, list_backbones
     from automl_tl.inference.predictor import Predictor
 
@@ -42,7 +45,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "search",
+    "resume",
     "SearchResult",
+    "LeaderboardRow",
+    "BestTrial",
+    "EnsembleResult",
+    "Metrics",
     "Predictor",
     "list_backbones",
     "create_backbone",
@@ -64,7 +72,12 @@ __all__ = [
 # torch, timm and Ray load only when these are first used, so `import automl_tl` and the CLI start fast.
 _LAZY = {
     "search": "automl_tl.api",
+    "resume": "automl_tl.api",
     "SearchResult": "automl_tl.api",
+    "LeaderboardRow": "automl_tl.evaluate.outcome",
+    "BestTrial": "automl_tl.evaluate.outcome",
+    "EnsembleResult": "automl_tl.evaluate.outcome",
+    "Metrics": "automl_tl.evaluate.outcome",
     "Predictor": "automl_tl.inference.predictor",
     "list_backbones": "automl_tl.backbones",
     "create_backbone": "automl_tl.backbones",

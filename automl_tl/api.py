@@ -1,9 +1,15 @@
-"""The small Python API: one call runs the sweep, the ensemble, the evaluation and the report.
+"""The Python API: one call runs the sweep, the ensemble, the evaluation and the report.
 
->>> from automl_tl import search
->>> result = search("../shared/datasets/hymenoptera/train", "runs/ants",
-...                 test="../shared/datasets/hymenoptera/val", time_budget_s=120)  # doctest: +SKIP
->>> result.best["trial_id"], result.ensemble["test"]["accuracy"]  # doctest: +SKIP
+>>> import automl_tl
+>>> result = automl_tl.search("../shared/datasets/hymenoptera/train", "runs/ants",
+...                           test="../shared/datasets/hymenoptera/val", time_budget_s=120)  # doctest: +SKIP
+>>> result.best.params["backbone"], result.ensemble.test.accuracy  # doctest: +SKIP
+>>> result.predictor().predict(["photo.jpg"], top_k=1)[0].label  # doctest: +SKIP
+
+``out`` may be object storage (``s3://bucket/prefix``), as for ``automl-tl search --out``. Everything a
+search returns is read from the run directory, and :func:`resume` continues a search whose driver stopped.
+:func:`run_pipeline` is the one sequence (sweep or resume, then results, then report) that this API, the
+``automl-tl search`` and ``resume`` commands and the demo all run.
 """
 
 from __future__ import annotations
@@ -11,25 +17,39 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from automl_tl.config import ExperimentConfig, load_config
+from automl_tl.errors import AutoMLError
 
-__all__ = ["SearchResult", "search"]
+if TYPE_CHECKING:
+    from automl_tl.evaluate.outcome import BestTrial, EnsembleResult, LeaderboardRow
+    from automl_tl.inference.predictor import Predictor
+
+__all__ = ["SearchResult", "run_pipeline", "resume", "search"]
+
+Log = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-    """What a sweep hands over: the leaderboard, the best trial, the ensemble and where the files are."""
+    """What a search hands over, typed: the leaderboard (best first), the best trial, the ensemble and where
+    the files are. Locations are local paths or URIs, as the run directory is."""
 
-    run_dir: Path
-    leaderboard: list[dict[str, Any]]
-    best: dict[str, Any]
-    ensemble: dict[str, Any]
-    artifact: Path
-    report: Path | None
-    wall_s: float
+    run_dir: str
+    metric: str  # the search's metric, on which trials and the ensemble rank
+    leaderboard: tuple[LeaderboardRow, ...]
+    best: BestTrial
+    ensemble: EnsembleResult
+    artifact: str
+    report: str | None  # None when the report was not asked for or could not be written
+    wall_s: float  # the sweep's wall-clock time
+
+    def predictor(self) -> Predictor:
+        """The artifact loaded for prediction: the ensemble and the best member."""
+        from automl_tl.inference.predictor import Predictor
+
+        return Predictor.load(self.artifact)
 
 
 def search(
@@ -42,38 +62,91 @@ def search(
     trials: int | None = None,
     seed: int | None = None,
     report: bool = True,
-    log: Callable[[str], None] = print,
+    shared_fs: bool = False,
+    log: Log = print,
 ) -> SearchResult:
     """Search for the best transfer of a pretrained backbone to ``data`` and write everything to ``out``.
 
     ``config`` is an :class:`ExperimentConfig`, a mapping or a YAML path; the keyword arguments override it.
-    Joins the Ray cluster in ``RAY_ADDRESS`` or starts an embedded one for the duration of the call.
+    ``out`` is a local folder or a URI (``s3://bucket/prefix``). Joins the Ray cluster in ``RAY_ADDRESS`` or
+    starts an embedded one for the duration of the call; ``shared_fs`` says a local ``out`` is mounted on
+    every node of a multi-node cluster.
 
     >>> result = search("my_images/", "runs/first", time_budget_s=300)  # doctest: +SKIP
-    >>> print(result.best["backbone"], result.ensemble["test"]["accuracy"])  # doctest: +SKIP
+    >>> print(result.best.params["backbone"], result.ensemble.test.accuracy)  # doctest: +SKIP
     """
-    from automl_tl.evaluate.results import build_results
-    from automl_tl.sweep.driver import run_search
-
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = cfg.replace("data", source=data)
     overrides = {k: v for k, v in (("time_budget_s", time_budget_s), ("num_samples", trials), ("seed", seed)) if v is not None}
     if overrides:
         cfg = cfg.replace("search", **overrides)
-    out = Path(out)
-    outcome = run_search(cfg, out, test_source=test, log=log, progress=False)
-    results = build_results(out, log=log)
-    report_path = None
-    if report:
-        from automl_tl.report import write_report
+    return run_pipeline(out, cfg, test=test, report=report, shared_fs=shared_fs, log=log)
 
-        report_path = write_report(out)
+
+def resume(run_dir: str | os.PathLike[str], *, report: bool = True, shared_fs: bool = False, log: Log = print) -> SearchResult:
+    """Continue the search in ``run_dir`` whose driver stopped (finished trials are kept), then finish it."""
+    return run_pipeline(run_dir, None, report=report, shared_fs=shared_fs, log=log)
+
+
+def run_pipeline(
+    out: str | os.PathLike[str],
+    config: ExperimentConfig | None,
+    *,
+    test: str | None = None,
+    report: bool = True,
+    shared_fs: bool = False,
+    progress: bool = False,
+    log: Log = print,
+) -> SearchResult:
+    """The whole job into the run directory ``out``: the sweep (``config``; None resumes the one in ``out``),
+    then the ensemble, calibration, test scores and artifact, then the report.
+
+    A sweep or results step that fails raises; a report that fails is logged and the results stand.
+    """
+    from automl_tl.train.memory import scoped_env
+
+    location = os.fspath(out)
+    with scoped_env():  # the caller's environment as it was, whatever Ray and torch set while they ran
+        from automl_tl.evaluate.results import build_results
+        from automl_tl.sweep.driver import resume_search, run_search
+
+        if config is None:
+            outcome = resume_search(location, log=log, progress=progress, shared_fs=shared_fs)
+        else:
+            outcome = run_search(config, location, test_source=test, log=log, progress=progress, shared_fs=shared_fs)
+        results = build_results(location, log=log)
+        report_location = _write_report(location, log) if report else None
+    return _result(location, outcome.rows, results, report_location, outcome.wall_s)
+
+
+def _write_report(location: str, log: Log) -> str | None:
+    """The report closes every finished search; a failure there is said, and the results stand."""
+    from automl_tl.report import REPORT_NAME, write_report
+    from automl_tl.runs.storage import is_uri, join
+
+    try:
+        written = write_report(location)
+    except (AutoMLError, OSError) as exc:
+        log(f"[report] not written ({exc}); the run's results are complete: retry with `automl-tl report {location}`")
+        return None
+    where = join(location, REPORT_NAME) if is_uri(location) else str(written)
+    log(f"[report] {where}")
+    return where
+
+
+def _result(
+    location: str, rows: list[dict[str, Any]], results: Mapping[str, Any], report: str | None, wall_s: float
+) -> SearchResult:
+    from automl_tl.evaluate.outcome import BestTrial, EnsembleResult, LeaderboardRow
+    from automl_tl.runs.storage import is_uri
+
     return SearchResult(
-        run_dir=out,
-        leaderboard=outcome.rows,
-        best=results["best"],
-        ensemble=results["ensemble"],
-        artifact=Path(results["artifact"]),
-        report=report_path,
-        wall_s=outcome.wall_s,
+        run_dir=location.rstrip("/") if is_uri(location) else str(os.path.abspath(location)),
+        metric=str(results["metric"]),
+        leaderboard=tuple(LeaderboardRow.from_dict(row) for row in rows),
+        best=BestTrial.from_dict(results["best"]),
+        ensemble=EnsembleResult.from_dict(results["ensemble"]),
+        artifact=str(results["artifact"]),
+        report=report,
+        wall_s=wall_s,
     )

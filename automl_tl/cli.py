@@ -120,38 +120,18 @@ def _load_search_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from automl_tl.sweep.driver import run_search
-
-    from automl_tl.evaluate.results import build_results
+    from automl_tl.api import run_pipeline
 
     config = _load_search_config(args)
-    log = _logger(args)
-    run_search(config, args.out, test_source=args.test, log=log, progress=not args.quiet, shared_fs=args.shared_fs)
-    build_results(args.out, log=log)
-    _report(args.out, log)
+    run_pipeline(args.out, config, test=args.test, shared_fs=args.shared_fs, progress=not args.quiet, log=_logger(args))
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from automl_tl.sweep.driver import resume_search
+    from automl_tl.api import run_pipeline
 
-    from automl_tl.evaluate.results import build_results
-
-    log = _logger(args)
-    resume_search(args.run_dir, log=log, progress=not args.quiet, shared_fs=args.shared_fs)
-    build_results(args.run_dir, log=log)
-    _report(args.run_dir, log)
+    run_pipeline(args.run_dir, None, shared_fs=args.shared_fs, progress=not args.quiet, log=_logger(args))
     return 0
-
-
-def _report(run_dir: str, log: Callable[[str], None]) -> None:
-    """The report closes every finished search; a failure there is said, and the results stand."""
-    from automl_tl.report import write_report
-
-    try:
-        log(f"[report] {write_report(run_dir)}")
-    except (AutoMLError, OSError) as exc:
-        log(f"[report] not written ({exc}); the run's results are complete: retry with `automl-tl report {run_dir}`")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -15,14 +15,17 @@ import base64
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from automl_tl.config import ExperimentConfig, load_config
 from automl_tl.runs.rundir import RunDir
+
+if TYPE_CHECKING:
+    from automl_tl.evaluate.outcome import LeaderboardRow
 
 __all__ = ["demo_config", "run_demo", "random_init_baseline"]
 
@@ -48,7 +51,7 @@ def demo_config(data: str | None = None, budget_s: float = DEMO_BUDGET_S) -> Exp
     )
 
 
-def random_init_baseline(run_dir: Path, best: dict[str, Any], log: Callable[[str], None]) -> float | None:
+def random_init_baseline(run_dir: Path, best: LeaderboardRow, log: Callable[[str], None]) -> float | None:
     """Test accuracy of the best trial's configuration trained from random weights in the same budget.
 
     The budget is the best trial's own: its epochs, and no more wall-clock time than it took.
@@ -60,8 +63,8 @@ def random_init_baseline(run_dir: Path, best: dict[str, Any], log: Callable[[str
     data_info = run.read_json("data.json")
     if not data_info["test"]:
         return None
-    trial = run.read_json(f"trials/{best['trial_id']}/trial.json")
-    epochs = int(best.get("epochs_run") or trial["max_epochs"])
+    trial = run.read_json(f"trials/{best.trial_id}/trial.json")
+    epochs = int(best.epochs_run or trial["max_epochs"])
     cfg = TrialConfig.from_params({**trial, "pretrained": False, "max_epochs": epochs, "freeze_depth": 0, "plateau_patience": 1000})
     labels = np.asarray(data_info["labels"], dtype=np.int64)
     test_idx = np.asarray(data_info["test"], dtype=np.int64)
@@ -74,7 +77,7 @@ def random_init_baseline(run_dir: Path, best: dict[str, Any], log: Callable[[str
         labels=labels,
         feature_cache_dir=str(Path(data_info["cache_path"]).parent / "features"),
     )
-    budget_s = max(30.0, float(best.get("wall_s") or 0.0))
+    budget_s = max(30.0, best.wall_s)
     log(f"[baseline] training {cfg.backbone} from random initialisation (everything trainable) for up to "
         f"{epochs} epoch(s) or {budget_s:.0f}s, the best trial's budget")  # fmt: skip
     last: dict[str, Any] = {}
@@ -91,27 +94,23 @@ def run_demo(
     progress: bool = True,
     port: int = 8000,
 ) -> dict[str, Any]:
-    from automl_tl.report import write_report
-    from automl_tl.evaluate.results import build_results
+    from automl_tl.api import run_pipeline
     from automl_tl.serve import check_port
-    from automl_tl.sweep.driver import run_search
 
     check_port("127.0.0.1", port)  # now, not after the sweep
     started = time.time()
     config = demo_config(data, budget_s)
     log(f"[demo] data: {config.data.source}; run directory: {out}; sweep budget {budget_s:.0f}s")
-    outcome = run_search(config, out, log=log, progress=progress)
-    log("[demo] leaderboard:\n" + _leaderboard(outcome.rows))
-    results = build_results(out, log=log)
-    baseline = random_init_baseline(out, outcome.best, log)
-    best_test = (results["best"].get("test") or {}).get("accuracy")
-    ens_test = (results["ensemble"].get("test") or {}).get("accuracy")
+    result = run_pipeline(out, config, progress=progress, log=log)
+    log("[demo] leaderboard:\n" + _leaderboard(result.leaderboard))
+    baseline = random_init_baseline(out, result.leaderboard[0], log)
+    best_test = result.best.test.accuracy if result.best.test else None
+    ens_test = result.ensemble.test.accuracy if result.ensemble.test else None
     if baseline is not None and best_test is not None:
         log(f"[demo] test accuracy: pretrained best {best_test:.4f}, ensemble {ens_test:.4f}, "
             f"same backbone from random init {baseline:.4f}")  # fmt: skip
     summary = {"best_test_accuracy": best_test, "ensemble_test_accuracy": ens_test, "random_init_test_accuracy": baseline}
     RunDir(out).write_json("demo.json", {**summary, "wall_s": round(time.time() - started, 1)})
-    log(f"[demo] report: {write_report(out)}")
     _serve_and_query(out, keep_serving, log, port)
     log(f"[demo] done in {time.time() - started:.0f}s")
     return summary
@@ -126,14 +125,14 @@ def _one_per_class(rows: list[int], labels: list[int], n_images: int) -> list[in
     return [first[int(c)] for c in classes]
 
 
-def _leaderboard(rows: list[dict[str, Any]], limit: int = 10) -> str:
+def _leaderboard(rows: Sequence[LeaderboardRow], limit: int = 10) -> str:
     head = f"{'rank':>4}  {'trial':<9}{'backbone':<23}{'freeze':>6}  {'aug':<7}{'lr':>9}  {'val_acc':>7}  {'epochs':>6}  stop"
     lines = [head]
     for r in rows[:limit]:
-        acc = r.get("best_val_accuracy")
+        acc, p = r.val_accuracy, r.params
         lines.append(
-            f"{r['rank']:>4}  {r['trial_id']:<9}{str(r['backbone']):<23}{str(r['freeze_depth']):>6}  {str(r['augmentation']):<7}"
-            f"{float(r['learning_rate'] or 0):>9.2e}  {(f'{acc:.4f}' if acc is not None else '-'):>7}  {r['epochs_run']:>6}  {r['stop_reason']}"
+            f"{r.rank:>4}  {r.trial_id:<9}{str(p['backbone']):<23}{str(p['freeze_depth']):>6}  {str(p['augmentation']):<7}"
+            f"{float(p['learning_rate'] or 0):>9.2e}  {(f'{acc:.4f}' if acc is not None else '-'):>7}  {r.epochs_run:>6}  {r.stop_reason}"
         )
     return "\n".join(lines)
 

@@ -42,16 +42,15 @@ def main() -> None:
         parser.error("give a labelled image folder (or --smoke-test)")
 
     result = automl_tl.search(data, args.out, test=test, config=config, time_budget_s=args.time_budget_s)
-    best, ensemble = result.best, result.ensemble
-    print(f"best trial {best['trial_id']}: {best['config']['backbone']}, freeze depth {best['config']['freeze_depth']}")
-    for name, block in (("best", best), ("ensemble", ensemble)):
-        metrics = block.get("test") or {}
-        if metrics:
-            print(f"{name:>8}: test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1']['macro']:.4f}, "
-                  f"ECE {metrics['ece']:.4f}")  # fmt: skip
+    best = result.best
+    print(f"best trial {best.trial_id}: {best.params['backbone']}, freeze depth {best.params['freeze_depth']}")
+    for name, metrics in (("best", best.test), ("ensemble", result.ensemble.test)):
+        if metrics is not None:
+            print(f"{name:>8}: test accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f}, "
+                  f"ECE {metrics.ece:.4f}")  # fmt: skip
     print(f"artifact: {result.artifact}\nreport:   {result.report}")
 
-    predictor = automl_tl.Predictor.load(result.artifact)
+    predictor = result.predictor()
     image = next(p for p in sorted(Path(test or data).rglob("*")) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     prediction = predictor.predict([image], top_k=2)[0]
     print(f"{image.name}: {prediction.label} ({prediction.probability:.3f})")

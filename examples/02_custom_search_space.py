@@ -38,8 +38,8 @@ def main() -> None:
         parser.error("give a labelled image folder (or --smoke-test)")
     result = automl_tl.search(data, args.out, config=config, report=False)
     for row in result.leaderboard:
-        print(f"{row['rank']:>2} {row['trial_id']} {row['backbone']:<22} freeze {row['freeze_depth']} "
-              f"{row['augmentation']:<6} val_acc {row['best_val_accuracy']}")  # fmt: skip
+        print(f"{row.rank:>2} {row.trial_id} {row.params['backbone']:<22} freeze {row.params['freeze_depth']} "
+              f"{row.params['augmentation']:<6} val_acc {row.val_accuracy}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import pytest
 from automl_tl.errors import ArtifactError, SearchError
 from automl_tl.runs.rundir import RunDir
 from automl_tl.runs.storage import (
+    atomic_path,
     discard_staging,
     download,
     fetch_once,
@@ -35,6 +36,8 @@ from automl_tl.runs.storage import (
     share_file,
     trial_output,
     upload,
+    write_atomic,
+    write_atomic_fs,
 )
 from tests.scenarios._common import (
     VENV_BIN,
@@ -75,6 +78,26 @@ def test_uris_and_local_paths() -> None:
     assert not is_uri("/tmp/run") and not is_uri("runs/x") and not is_uri("file:///tmp/run")
     assert join("s3://b/run/", "trials", "t1/") == "s3://b/run/trials/t1"
     assert local_mirror("s3://b/run") == local_mirror("s3://b/run/") != local_mirror("s3://b/other/run")
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(bucket: str, tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "summary.json"
+    write_atomic(target, '{"a": 1}')
+    assert target.read_text() == '{"a": 1}'
+    with pytest.raises(RuntimeError), atomic_path(target) as partial:
+        partial.write_text('{"a": 2, "half')
+        raise RuntimeError("killed midway")
+    assert target.read_text() == '{"a": 1}' and sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+    with atomic_path(tmp_path / "features.npz") as partial:
+        assert partial.suffix == ".npz" and partial.parent == tmp_path  # np.savez keeps the name as given
+        partial.write_bytes(b"x")
+    assert (tmp_path / "features.npz").read_bytes() == b"x"
+    write_atomic(join(bucket, "run", "summary.json"), b"{}")
+    write_atomic(join(bucket, "run", "summary.json"), b'{"b": 2}')
+    assert _s3_files(bucket) == {"run/summary.json": 8}
+    fs, path = pafs.FileSystem.from_uri(str(tmp_path / "state.json"))
+    write_atomic_fs(fs, path, b"[]")  # a filesystem without whole-object writes: a partial file, then a move
+    assert (tmp_path / "state.json").read_bytes() == b"[]" and not list(tmp_path.glob("*.partial"))
 
 
 def test_upload_download_and_fetch_once(bucket: str, tmp_path: Path) -> None:
@@ -239,6 +262,68 @@ def test_sweep_into_s3_and_load_the_artifact_back(
         fh.write(b"tampered")
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         load_artifact(f"{uri}/artifact")
+
+
+# A caller of the Python API: a search into S3, then what it left behind in this process and in the bucket.
+_API_SEARCH = r"""
+import json, os, sys
+before = dict(os.environ)  # before anything of automl_tl, Ray or torch is loaded
+import automl_tl
+
+config, data, uri, image = sys.argv[1:5]
+result = automl_tl.search(data, uri, config=config, log=lambda line: None)
+changed = sorted(k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k))
+prediction = result.predictor().predict([image], top_k=1)[0]
+
+from automl_tl.sweep.driver import ray_for_search
+from automl_tl.train.memory import MALLOC_ENV
+
+with ray_for_search(lambda line: None):  # the processes Ray starts get the settings this process does not
+    import ray
+    workers = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in MALLOC_ENV}).remote())
+    assert not any(k in os.environ for k in MALLOC_ENV)
+print(json.dumps({
+    "changed": changed, "workers": workers, "run_dir": result.run_dir, "artifact": result.artifact,
+    "report": result.report, "ranks": [row.rank for row in result.leaderboard], "best": result.best.trial_id,
+    "label": prediction.label,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_api_search_into_s3_writes_the_bucket_and_leaves_the_process_as_it_was(
+    bucket: str, s3_server: dict[str, str], hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    from automl_tl.train.memory import MALLOC_ENV
+
+    uri = f"{bucket}/api/run"
+    config = write_config(tmp_path / "config.yaml", tiny_config(hymenoptera_dir / "train", data_cache_dir))
+    env = {k: v for k, v in ray_env(**s3_server, AUTOML_TL_RUNS_DIR=str(tmp_path / "mirrors")).items()
+           if not k.startswith("MALLOC_")}  # fmt: skip
+    cwd = tmp_path / "caller"
+    cwd.mkdir()
+    image = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-c", _API_SEARCH, str(config), str(hymenoptera_dir / "train"),
+                             uri, str(image)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        stop_process_group(proc, grace_s=5)
+    assert proc.returncode == 0, output[-4000:]
+    answer = json.loads(output.strip().splitlines()[-1])
+
+    assert answer["changed"] == []  # no variable set, changed or left behind in the caller's environment
+    assert answer["workers"] == MALLOC_ENV  # while Ray's workers started with the allocator settings
+    assert list(cwd.iterdir()) == []  # no local "s3:" folder
+    assert answer["run_dir"] == uri and answer["artifact"] == f"{uri}/artifact"
+    assert answer["report"] == f"{uri}/report.html" and answer["ranks"] == [1, 2]
+    files = _s3_files(uri)
+    for name in ("config.yaml", "data.json", "leaderboard.csv", "summary.json", "artifact/manifest.json", "report.html"):
+        assert name in files, f"{name} missing from {uri}: {sorted(files)}"
+    summary = json.loads(_read(uri, "summary.json"))
+    assert summary["artifact"] == f"{uri}/artifact" and summary["best"]["trial_id"] == answer["best"]
+    assert answer["label"] in {"ants", "bees"}
 
 
 def _read(uri: str, name: str) -> Any:

@@ -21,7 +21,8 @@ from automl_tl.errors import BackboneError, ConfigError
 from automl_tl.evaluate.results import build_results
 from automl_tl.sweep.space import build_param_space, frozen_start_points
 from automl_tl.sweep.trial import FAULT_ENV
-from automl_tl.sweep.driver import _live_placement_groups, rank_rows, run_search
+from automl_tl.evaluate.ranking import rank_rows
+from automl_tl.sweep.driver import _live_placement_groups, run_search
 
 pytestmark = pytest.mark.slow
 

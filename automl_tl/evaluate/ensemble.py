@@ -24,6 +24,7 @@ import numpy as np
 
 from automl_tl.errors import ConfigError, SearchError
 from automl_tl.evaluate.metrics import classification_metrics, log_loss
+from automl_tl.evaluate.ranking import metric_mode, rank_key
 from automl_tl.inference.calibrate import combine
 
 __all__ = [
@@ -70,10 +71,10 @@ def _metric_name(metric: str) -> str:
     return name
 
 
-def _score_fn(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    """``metric`` as a function where larger is better (log loss is negated)."""
+def _metric_fn(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    """``metric`` of probabilities against labels (its own direction: log loss falls as the others rise)."""
     if metric == "log_loss":
-        return lambda labels, probs: -log_loss(labels, probs)
+        return log_loss
     if metric == "accuracy":
         return lambda labels, probs: float(np.mean(probs.argmax(axis=1) == labels))
     if metric in ("balanced_accuracy", "macro_f1"):
@@ -86,15 +87,11 @@ def _score_fn(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
     raise ConfigError(f"ensemble metric must be one of {', '.join(ENSEMBLE_METRICS)}, got {metric!r}")
 
 
-def _report(metric: str, score: float) -> float:
-    return -score if metric == "log_loss" else score
-
-
-def _key(metric: str, labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """Sort key (larger is better): the metric, then log loss to break the many ties of accuracy."""
-    primary = _score_fn(metric)(labels, probs)
-    secondary = primary if metric == "log_loss" else -log_loss(labels, probs)
-    return primary, secondary
+def _key(metric: str, labels: np.ndarray, probs: np.ndarray) -> tuple[bool, float, float]:
+    """Sort key, smaller is better: the ranking rule (:func:`rank_key`) on ``metric``, then log loss."""
+    loss = log_loss(labels, probs)
+    value = loss if metric == "log_loss" else _metric_fn(metric)(labels, probs)
+    return rank_key(value, loss, metric_mode(metric))
 
 
 def _checked_pool(val_probs: Mapping[str, np.ndarray], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -127,11 +124,11 @@ def select_top_k(
     if k < 1:
         raise ConfigError(f"top-k ensemble size must be >= 1, got {k}")
     keys = {t: _key(metric, labels, np.asarray(val_probs[t], dtype=np.float64)) for t in ids}
-    ranked = sorted(ids, key=lambda t: keys[t], reverse=True)  # sorted() is stable: pool order breaks ties
+    ranked = sorted(ids, key=lambda t: keys[t])  # sorted() is stable: pool order breaks ties
     members = tuple(ranked[:k])
     weights = tuple(1.0 / len(members) for _ in members)
     probs = combine([val_probs[t] for t in members], weights)
-    return EnsembleSelection(members, weights, "top_k", metric, _report(metric, _score_fn(metric)(labels, probs)))
+    return EnsembleSelection(members, weights, "top_k", metric, _metric_fn(metric)(labels, probs))
 
 
 def select_greedy(
@@ -155,28 +152,30 @@ def select_greedy(
         raise ConfigError(f"init_best must lie in [0, size={size}], got {init_best}")
     pool = {t: np.asarray(val_probs[t], dtype=np.float64) for t in ids}
     singles = {t: _key(metric, labels, pool[t]) for t in ids}
-    ranked = sorted(ids, key=lambda t: singles[t], reverse=True)
+    ranked = sorted(ids, key=lambda t: singles[t])
 
+    unscored = rank_key(None, None, metric_mode(metric))
     picks: list[str] = list(ranked[: min(init_best, len(ranked))])
     running = np.sum([pool[t] for t in picks], axis=0) if picks else np.zeros_like(pool[ids[0]])
-    best_key = _key(metric, labels, running / len(picks)) if picks else (-math.inf, -math.inf)
-    best_len = len(picks)
+    best_key = _key(metric, labels, running / len(picks)) if picks else unscored
+    best_len, best_running = len(picks), running.copy()
     while len(picks) < size:
         n = len(picks) + 1
-        choice, choice_key = ids[0], (-math.inf, -math.inf)
+        choice, choice_key = ids[0], unscored
         for t in ranked:  # the better single trial wins a tie between candidates
             key = _key(metric, labels, (running + pool[t]) / n)
-            if key > choice_key:
+            if key < choice_key:
                 choice, choice_key = t, key
         picks.append(choice)
         running = running + pool[choice]
-        if choice_key > best_key:
-            best_key, best_len = choice_key, len(picks)
+        if choice_key < best_key:
+            best_key, best_len, best_running = choice_key, len(picks), running.copy()
 
     chosen = picks[:best_len]
     members = tuple(dict.fromkeys(chosen))  # first-pick order, no duplicates
     weights = tuple(chosen.count(t) / len(chosen) for t in members)
-    return EnsembleSelection(members, weights, "greedy", metric, _report(metric, best_key[0]))
+    score = _metric_fn(metric)(labels, best_running / best_len) if best_len else math.nan
+    return EnsembleSelection(members, weights, "greedy", metric, score)
 
 
 def select_ensemble(

@@ -21,12 +21,13 @@ from automl_tl.evaluate.ensemble import select_ensemble
 from automl_tl.inference.calibrate import apply_temperature, combine, fit_temperature
 from automl_tl.errors import SearchError
 from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
+from automl_tl.evaluate.ranking import beats
+from automl_tl.runs.locate import ARTIFACT_DIR
 from automl_tl.runs.rundir import RunDir
 from automl_tl.runs.storage import local_data_cache
 
 __all__ = ["build_results", "ARTIFACT_DIR"]
 
-ARTIFACT_DIR = "artifact"
 # Ensemble selection optimises validation log loss: it rewards calibrated, complementary members, which
 # accuracy (flat on small validation sets) cannot tell apart.
 SELECTION_METRIC = "log_loss"
@@ -81,8 +82,9 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     else:
         log("[evaluate] no test split (the data gave train/val only and no --test): test metrics are skipped")
 
-    ens_beats = _beats(ens_test or ens_val, best_test or best_val)
+    ens_beats = beats(ens_test or ens_val, best_test or best_val, config.search.metric)
     results: dict[str, Any] = {
+        "metric": config.search.metric,
         "best": {**summary["best"], "temperature": temperatures[best_id], "val_calibrated": best_val, "test": best_test},
         "ensemble": {
             "method": selection.method,
@@ -109,13 +111,6 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     verdict = "beat" if ens_beats else "did not beat"
     log(f"[results] the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: {results['artifact']}")
     return results
-
-
-def _beats(ensemble: dict[str, Any], best: dict[str, Any]) -> bool:
-    """Higher accuracy, or equal accuracy and lower log loss."""
-    if ensemble["accuracy"] != best["accuracy"]:
-        return bool(ensemble["accuracy"] > best["accuracy"])
-    return bool(ensemble["log_loss"] < best["log_loss"])
 
 
 def _member_test_probs(artifact_dir: Path, cache_path: str, test_idx: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:

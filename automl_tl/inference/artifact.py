@@ -31,6 +31,7 @@ import torch
 from automl_tl.errors import ArtifactError, AutoMLError
 from automl_tl.inference.manifest import FORMAT_TAG as _FORMAT_TAG
 from automl_tl.inference.manifest import FORMAT_VERSION, MemberEntry, read_manifest
+from automl_tl.runs.locate import MANIFEST_NAME
 
 __all__ = [
     "FORMAT_VERSION",
@@ -44,7 +45,6 @@ __all__ = [
     "write_artifact",
 ]
 
-MANIFEST_NAME = "manifest.json"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -75,10 +75,9 @@ class LocalStore:
             raise ArtifactError(f"cannot read {self.describe(name)}: {exc.strerror}") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.root / f".{name}.partial"
-        partial.write_bytes(data)
-        os.replace(partial, self.root / name)
+        from automl_tl.runs.storage import write_atomic
+
+        write_atomic(self.root / name, data)
 
     def exists(self, name: str) -> bool:
         return (self.root / name).is_file()
@@ -419,38 +418,18 @@ def _record(entry: MemberEntry) -> MemberRecord:
     )
 
 
-def _remote_store(uri: str) -> ArtifactStore:
-    """The artifact folder at ``uri`` (or its manifest, or the ``artifact/`` folder of a run directory)."""
-    from automl_tl.runs.storage import FileSystemStore
-
-    uri = uri.rstrip("/")
-    if uri.endswith("/" + MANIFEST_NAME):
-        uri = uri[: -len(MANIFEST_NAME) - 1]
-    store = FileSystemStore(uri)
-    if not store.exists(MANIFEST_NAME) and FileSystemStore(f"{uri}/artifact").exists(MANIFEST_NAME):
-        store = FileSystemStore(f"{uri}/artifact")
-    return store
-
-
 def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = None) -> Artifact:
     """Read ``path`` (the artifact folder, its manifest.json or the run directory above it), check every sha256.
 
     ``path`` may be a URI on object storage (``s3://bucket/run/artifact``, or the run directory above it).
     """
-    from automl_tl.runs.storage import is_uri
+    from automl_tl.runs.locate import resolve_artifact
+    from automl_tl.runs.storage import FileSystemStore, is_uri
 
-    if store is None and is_uri(path):
-        store = _remote_store(os.fspath(path))
-        path = store.describe("").rstrip("/")
-    root = Path(path)
-    if root.name == MANIFEST_NAME and root.is_file():
-        root = root.parent
-    if store is None and not (root / MANIFEST_NAME).exists() and (root / "artifact" / MANIFEST_NAME).is_file():
-        root = root / "artifact"  # a run directory: its artifact, as for object storage
     if store is None:
-        if not root.exists():
-            raise ArtifactError(f"artifact {root} does not exist")
-        store = LocalStore(root)
+        path = resolve_artifact(path, reach_remote=True)
+        store = FileSystemStore(path) if is_uri(path) else LocalStore(Path(path))
+    root = Path(path)
     if not store.exists(MANIFEST_NAME):
         raise ArtifactError(f"{store.describe(MANIFEST_NAME)} is missing: {root} is not an automl_tl artifact")
     manifest = read_manifest(store.read_bytes(MANIFEST_NAME), store.describe(MANIFEST_NAME))

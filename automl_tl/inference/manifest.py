@@ -24,7 +24,7 @@ from automl_tl.errors import ArtifactError
 __all__ = ["FORMAT_TAG", "FORMAT_VERSION", "Manifest", "MemberEntry", "read_manifest"]
 
 FORMAT_VERSION = 1
-FORMAT_TAG = "automl_tl.inference.artifact"
+FORMAT_TAG = "automl_tl.artifact"  # the on-disk format name, kept across module moves
 
 Number = Annotated[float, Strict()]  # an int or a float, never true/false or text
 

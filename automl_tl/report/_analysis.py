@@ -17,6 +17,7 @@ import numpy as np
 
 from automl_tl.errors import AutoMLError
 from automl_tl.evaluate.metrics import confusion_matrix
+from automl_tl.train.loop import HYPERPARAMETERS
 from automl_tl.report._inputs import Curve, RunInputs
 
 __all__ = [
@@ -54,39 +55,20 @@ class ParamSpec:
         return len(self.choices) > 1 if self.choices is not None else self.high > self.low
 
 
-# The leaderboard column, its key in the config's ``space`` section, and whether it is categorical.
-# The four the issue asks about come first.
-_PARAMS = (
-    ("backbone", "backbones", True), ("freeze_depth", "freeze_depths", True),
-    ("learning_rate", "learning_rate", False), ("augmentation", "augmentations", True),
-    ("backbone_lr_ratio", "backbone_lr_ratio", False), ("optimizer", "optimizers", True),
-    ("weight_decay", "weight_decay", False), ("label_smoothing", "label_smoothing", False),
-    ("batch_size", "batch_sizes", True), ("image_size", "image_sizes", True), ("head", "heads", True),
-    ("head_dropout", "mlp_dropout", False),
-)  # fmt: skip
-_LOG_BY_DEFAULT = {"learning_rate", "backbone_lr_ratio", "weight_decay"}
-
-
 def param_specs(space: Mapping[str, Any], trials: Sequence[Mapping[str, Any]]) -> list[ParamSpec]:
     """The search space from the run's config, widened to every value a trial really used (PBT mutates)."""
     specs = []
-    for name, key, categorical in _PARAMS:
+    for name, key in HYPERPARAMETERS.items():
         seen = [t.get(name) for t in trials if name in t]
-        if categorical:
-            configured = list(space.get(key) or [])
+        rng = space.get(key)
+        if not isinstance(rng, Mapping):  # a list of choices; a range is {low, high, log}
+            configured = list(rng or [])
             choices = tuple(configured + [v for v in dict.fromkeys(seen) if v not in configured])
             specs.append(ParamSpec(name, choices))
             continue
         numbers = [float(v) for v in seen if isinstance(v, (int, float))]
-        rng = space.get(key)
-        if isinstance(rng, Mapping):
-            low, high, log = float(rng["low"]), float(rng["high"]), bool(rng.get("log", False))
-        elif numbers:
-            low, high, log = min(numbers), max(numbers), name in _LOG_BY_DEFAULT
-        else:
-            continue
-        low, high = min([low, *numbers]), max([high, *numbers])
-        specs.append(ParamSpec(name, None, low, high, log and low > 0))
+        low, high = min([float(rng["low"]), *numbers]), max([float(rng["high"]), *numbers])
+        specs.append(ParamSpec(name, None, low, high, bool(rng.get("log", False)) and low > 0))
     return specs
 
 
@@ -220,7 +202,7 @@ def _test_predictions(run: RunInputs, labels: np.ndarray) -> Predictions:
     from automl_tl.inference.calibrate import apply_temperature, combine
     from automl_tl.inference.predictor import Predictor
 
-    predictor = Predictor.load(run.path / "artifact")
+    predictor = Predictor.load(run.path)  # the run directory's artifact
     art = predictor.artifact
     images = Dataset.open(Path(run.data["cache_path"]))
     rows = np.asarray(run.data["test"], dtype=np.int64)

@@ -11,6 +11,7 @@ from typing import Any
 
 from automl_tl.errors import AutoMLError
 from automl_tl.evaluate.metrics import lookup, reliability_bins
+from automl_tl.evaluate.ranking import metric_value
 from automl_tl.report import _svg as svg
 from automl_tl.report._analysis import (
     Divergence,
@@ -26,6 +27,7 @@ from automl_tl.report._analysis import (
     predictions,
 )
 from automl_tl.report._inputs import RunInputs, load_run
+from automl_tl.train.loop import HYPERPARAMETERS
 
 __all__ = ["SECTIONS", "REPORT_NAME", "render", "write_report"]
 
@@ -72,14 +74,13 @@ def write_report(run_dir: str | Path) -> Path:
     the returned path is then the local copy.
     """
     from automl_tl.runs.rundir import RunDir
+    from automl_tl.runs.storage import write_atomic
 
     where = RunDir.open(run_dir)
     where.pull("summary.json", "data.json", "tune")
     run = load_run(where.path)
     target = run.path / REPORT_NAME
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(render(run), encoding="utf-8")
-    partial.replace(target)
+    write_atomic(target, render(run))
     where.push(REPORT_NAME)
     return target
 
@@ -202,10 +203,13 @@ def _ensemble(run: RunInputs) -> str:
     split, ens_m = _split_metrics(run, "ensemble")
     _, best_m = _split_metrics(run, "best")
     won = bool(ens.get("beat_best"))
-    if ens_m["accuracy"] != best_m["accuracy"]:
-        why = f"{'higher' if ens_m['accuracy'] > best_m['accuracy'] else 'lower'} {split} accuracy"
+    metric = str(run.summary.get("metric", "val_accuracy"))
+    name = metric.removeprefix("val_").replace("_", " ")
+    ens_v, best_v = metric_value(ens_m, metric), metric_value(best_m, metric)
+    if ens_v != best_v:
+        why = f"{'higher' if ens_v > best_v else 'lower'} {split} {name}"
     else:
-        why = f"equal {split} accuracy, {'lower' if ens_m['log_loss'] < best_m['log_loss'] else 'higher'} log loss"
+        why = f"equal {split} {name}, {'lower' if ens_m['log_loss'] < best_m['log_loss'] else 'higher'} log loss"
     verdict = (f"The ensemble of {len(ens['members'])} trial(s) {'beat' if won else 'did not beat'} the best single "
                f"trial ({escape(str(best['trial_id']))}): {why}.")  # fmt: skip
     columns = [(f"best single trial, {split}", best_m), (f"ensemble, {split}", ens_m)]
@@ -227,15 +231,16 @@ def _ensemble(run: RunInputs) -> str:
             + _table(["metric", *(c for c, _ in columns)], rows)
             + _note(f"Members chosen by {ens.get('method')} selection on validation {ens.get('selection_metric', 'log loss')}; "
                     f"ensemble temperature {float(ens['temperature']):.3f}, best trial's {float(best['temperature']):.3f}. "
-                    "Beating means higher accuracy, or equal accuracy and lower log loss.")
+                    f"Beating means ranking above on the search's metric ({name}), or equal on it and lower log loss.")
             + "<h3>Ensemble members</h3>" + _table(["trial", "weight", "temperature"], members))  # fmt: skip
 
 
+# Column headings of the hyperparameters (:data:`HYPERPARAMETERS`) where the name is too long for a table.
+_SHORT = {"freeze_depth": "freeze", "learning_rate": "lr", "backbone_lr_ratio": "backbone lr ×",
+          "augmentation": "augment", "weight_decay": "weight decay", "label_smoothing": "label smooth",
+          "batch_size": "batch", "image_size": "size", "head_dropout": "dropout"}  # fmt: skip
 _LEADERBOARD = (
-    ("rank", "rank"), ("trial", "trial_id"), ("backbone", "backbone"), ("freeze", "freeze_depth"),
-    ("lr", "learning_rate"), ("backbone lr ×", "backbone_lr_ratio"), ("augment", "augmentation"),
-    ("optimizer", "optimizer"), ("weight decay", "weight_decay"), ("label smooth", "label_smoothing"),
-    ("batch", "batch_size"), ("size", "image_size"), ("head", "head"), ("dropout", "head_dropout"),
+    ("rank", "rank"), ("trial", "trial_id"), *((_SHORT.get(name, name), name) for name in HYPERPARAMETERS),
     ("val acc", "best_val_accuracy"), ("val macro F1", "best_val_macro_f1"), ("val log loss", "best_val_log_loss"),
     ("best epoch", "best_epoch"), ("epochs", "epochs_run"), ("stop reason", "stop_reason"), ("wall s", "wall_s"),
 )  # fmt: skip

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from automl_tl.config import DataConfig, ExperimentConfig, config_to_dict, load_config
+from automl_tl.train.loop import HYPERPARAMETERS
 
 __all__ = ["RunDir", "SplitSettings", "split_settings", "write_leaderboard", "write_summary", "versions"]
 
 LEADERBOARD_COLUMNS = (
-    "rank", "trial_id", "backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
-    "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size", "head", "head_dropout",
+    "rank", "trial_id", *HYPERPARAMETERS,
     "best_val_accuracy", "best_val_macro_f1", "best_val_log_loss", "best_epoch", "epochs_run", "stop_reason",
     "wall_s", "feature_cache", "workers", "peak_rss_mb", "has_model",
 )  # fmt: skip
@@ -87,10 +87,10 @@ class RunDir:
         return (self.path / name).exists()
 
     def write_text(self, name: str, text: str) -> Path:
+        from automl_tl.runs.storage import write_atomic
+
         target = self.path / name
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(target)
+        write_atomic(target, text)
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
@@ -137,7 +137,7 @@ def write_summary(run: RunDir, config: ExperimentConfig, rows: list[dict[str, An
         "metric": config.search.metric,
         "best": {
             "trial_id": best["trial_id"],
-            "config": {k: best.get(k) for k in LEADERBOARD_COLUMNS[2:14]},
+            "config": {k: best.get(k) for k in HYPERPARAMETERS},
             "val": {k: best.get(f"best_val_{k}") for k in ("accuracy", "macro_f1", "log_loss")},
         },
         "trials": rows,
@@ -183,11 +183,9 @@ def split_settings(artifact: str | os.PathLike[str], source: str, config_path: s
     (``RUN_DIR/config.yaml`` above ``RUN_DIR/artifact``), whose ``data.json`` also names the run's exact rows;
     else the defaults. Scoring ``test`` with settings other than the run's would mix training images into it.
     """
-    from automl_tl.inference.artifact import MANIFEST_NAME
+    from automl_tl.runs.locate import run_dir_of
 
-    root = Path(artifact)
-    root = root.parent if root.name == MANIFEST_NAME else root
-    run = next((d for d in (root, root.parent) if (d / "config.yaml").is_file() and (d / "data.json").is_file()), None)
+    run = run_dir_of(artifact)
     # The run's rows only go with the run's settings: other settings (config_path) draw their own.
     recorded = RunDir(run).read_json("data.json") if run is not None and config_path is None else None
     if config_path is not None:

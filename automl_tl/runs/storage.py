@@ -26,7 +26,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FileSystemStore",
+    "atomic_path",
     "RUNS_ENV",
     "discard_staging",
     "download",
@@ -54,9 +56,57 @@ __all__ = [
     "share_file",
     "trial_output",
     "upload",
+    "write_atomic",
+    "write_atomic_fs",
 ]
 
 RUNS_ENV = "AUTOML_TL_RUNS_DIR"
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A fresh path beside ``target`` to write, moved over ``target`` when the block ends without an error and
+    removed when it raises: a reader, or a writer killed midway, never sees a half-written ``target``.
+
+    The path ends in ``target``'s suffix, for writers that add their own (``np.savez``).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial{target.suffix}")
+    try:
+        yield partial
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # gone already after the move
+
+
+def write_atomic(location: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) whole to a local path or a URI: readers see the old file or the new one."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if is_uri(location):
+        fs, path = filesystem(os.fspath(location))
+        write_atomic_fs(fs, path, payload)
+        return
+    with atomic_path(Path(location)) as partial:
+        partial.write_bytes(payload)
+
+
+def write_atomic_fs(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """:func:`write_atomic` through a pyarrow filesystem (errors are pyarrow's and the OS's, for the caller).
+
+    An object store publishes an object whole when its stream closes; any other filesystem gets a partial
+    file moved over the target.
+    """
+    if fs.type_name in _OBJECT_STORES:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    partial = f"{path}.{uuid.uuid4().hex[:12]}.partial"
+    with fs.open_output_stream(partial) as out:
+        out.write(data)
+    fs.move(partial, path)
+
+
+_OBJECT_STORES = frozenset({"s3", "gcs"})
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -144,12 +194,9 @@ def _up_to_date(local: Path, remote: pafs.FileInfo) -> bool:
 
 
 def _fetch_file(fs: pafs.FileSystem, path: str, local: Path) -> None:
-    local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
-    with fs.open_input_stream(path) as src, open(partial, "wb") as out:
+    with atomic_path(local) as partial, fs.open_input_stream(path) as src, open(partial, "wb") as out:
         while chunk := src.read(8 << 20):
             out.write(chunk)
-    partial.replace(local)
 
 
 def share_file(local: Path, uri: str) -> None:
@@ -264,8 +311,7 @@ class FileSystemStore:
     def write_bytes(self, name: str, data: bytes) -> None:
         fs, path = self._path(name)
         try:
-            with fs.open_output_stream(path) as fh:  # an object store publishes the object whole on close
-                fh.write(data)
+            write_atomic_fs(fs, path, data)
         except (OSError, pa.ArrowException) as exc:
             raise ArtifactError(f"cannot write {self.describe(name)}: {exc}") from None
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from automl_tl.serve._args import DEFAULT_LAYOUT, AppArgs, resolve_artifact
+from automl_tl.runs.locate import resolve_artifact
+from automl_tl.serve._args import DEFAULT_LAYOUT, AppArgs
 from automl_tl.serve._server import APP_NAME, check_port, emit_config, make_args, start_server, stop_server
 
 if TYPE_CHECKING:

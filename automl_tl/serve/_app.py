@@ -43,7 +43,8 @@ from automl_tl.train.memory import MALLOC_ENV
 from automl_tl.inference.artifact import Artifact, load_artifact
 from automl_tl.errors import AutoMLError
 from automl_tl.inference.predictor import top_predictions
-from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, read_token, resolve_artifact
+from automl_tl.runs.locate import resolve_artifact
+from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, read_token
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded

@@ -13,9 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from automl_tl.config import config_error
-from automl_tl.errors import ArtifactError, ConfigError
+from automl_tl.errors import ConfigError
 
-__all__ = ["AppArgs", "DEFAULT_LAYOUT", "Secret", "config_error", "read_token", "resolve_artifact"]
+__all__ = ["AppArgs", "DEFAULT_LAYOUT", "Secret", "config_error", "read_token"]
 
 ServeMode = Literal["best", "ensemble"]
 Layout = Literal["single", "composed"]
@@ -119,29 +119,6 @@ class AppArgs(BaseModel):
         return self.max_ongoing_requests or max((self.lanes_per_replica() + 1) * self.max_batch_size, 4)
 
 
-def resolve_artifact(path: str | os.PathLike[str]) -> str:
-    """The artifact folder of ``path``: an artifact folder, its manifest.json, or a run directory.
-
-    Local paths come back absolute (replicas do not share the caller's working directory); a URI on object
-    storage (``s3://bucket/run``) comes back as given, and every replica reads the artifact from there.
-    """
-    from automl_tl.inference.artifact import MANIFEST_NAME  # torch comes with it: not needed to parse a command line
-    from automl_tl.runs.storage import is_uri
-
-    if is_uri(path):
-        return os.fspath(path).rstrip("/")
-    given = Path(path).expanduser()
-    if given.name == MANIFEST_NAME and given.is_file():
-        return str(given.parent.resolve())
-    if (given / MANIFEST_NAME).is_file():
-        return str(given.resolve())
-    if (given / "artifact" / MANIFEST_NAME).is_file():
-        return str((given / "artifact").resolve())
-    if not given.exists():
-        raise ArtifactError(f"{given} does not exist: expected a run directory or an artifact folder")
-    raise ArtifactError(
-        f"{given} holds neither {MANIFEST_NAME} nor artifact/{MANIFEST_NAME}: not a run directory or an artifact"
-    )
 
 
 def read_token(args: AppArgs) -> Secret | None:

@@ -22,9 +22,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from automl_tl.train.memory import tune_malloc
+from automl_tl.train.memory import malloc_env
 from automl_tl.errors import ConfigError
-from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token, resolve_artifact
+from automl_tl.runs.locate import resolve_artifact
+from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token
 
 __all__ = ["APP_NAME", "emit_config", "make_args", "start_server", "stop_server"]
 
@@ -189,9 +190,9 @@ def start_server(
     if not ray.is_initialized():
         if local:
             check_port(host, port)
-        tune_malloc()  # an embedded Ray's workers inherit the environment
-        # "local": an embedded instance, never some other local cluster that `ray start` left running.
-        ray.init(address=address, log_to_driver=False)
+        # "local": an embedded instance, never some other local cluster that `ray start` left running. Its
+        # workers get the allocator settings through the job's runtime environment, not from this process.
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": malloc_env()})
         _started["ray"] = True
         if local and "cpus_per_replica" not in options:
             args = _machine_split(args, int(ray.cluster_resources().get("CPU", 1)))

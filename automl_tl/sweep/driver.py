@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,16 +32,19 @@ import numpy as np
 import yaml
 
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
-from automl_tl.train.memory import tune_malloc
+from automl_tl.train.memory import malloc_env, scoped_env
 from automl_tl.backbones import resolve_spec, source_status
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import BackboneError, SearchError
 from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
-from automl_tl.train.loop import METRIC_MODES
+from automl_tl.evaluate.ranking import metric_mode, rank_rows
+from automl_tl.train.loop import HYPERPARAMETERS
 from automl_tl.train.trial_data import TrialData
 
-__all__ = ["SearchOutcome", "run_search", "resume_search", "check_backbones", "check_search", "check_storage",
-           "ensure_ray"]
+__all__ = [
+    "RAY_ENV", "SearchOutcome", "run_search", "resume_search", "check_backbones", "check_search", "check_storage",
+    "ray_for_search",
+]
 
 Log = Callable[[str], None]
 STOP_REASONS = "stop_reasons.jsonl"
@@ -77,26 +79,45 @@ def check_search(config: ExperimentConfig) -> dict[str, Any]:
     return build_param_space(config)
 
 
-def ensure_ray(log: Log) -> bool:
-    """Join ``RAY_ADDRESS`` or start an embedded Ray sized to this machine; True if started here."""
+# Ray and Tune settings of a sweep, unless the environment names its own: the driver's Tune reads some (its
+# progress tables, the checkpoint-sync warning), the processes Ray starts the others (usage stats, Ray Train's
+# health check).
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",  # our SweepProgress reports; no Tune tables
+}
+
+
+@contextlib.contextmanager
+def ray_for_search(log: Log) -> Iterator[None]:
+    """Ray for the block: the one this process is connected to, the cluster in ``RAY_ADDRESS``, or an embedded
+    one sized to this machine, stopped at the end when started here.
+
+    The processes Ray starts get :data:`RAY_ENV` and the allocator settings (:func:`malloc_env`) through the
+    job's runtime environment; this process's own environment is back as it was when the block ends.
+    """
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our SweepProgress reports; no Tune tables
-    if ray.is_initialized():
-        return False
-    tune_malloc()  # this process, and an embedded Ray's workers, which inherit the environment
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"[search] joining the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False)
-    else:
-        cpus = os.cpu_count() or 1
-        log(f"[search] starting an embedded Ray with {cpus} CPUs")
-        ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING)
-    return True
+    worker_env = {**{k: v for k, v in RAY_ENV.items() if k not in os.environ}, **malloc_env()}
+    with scoped_env(RAY_ENV):
+        started = not ray.is_initialized()
+        if started:
+            address = os.environ.get("RAY_ADDRESS")
+            runtime_env = {"env_vars": worker_env}
+            if address:
+                log(f"[search] joining the Ray cluster at {address}")
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            else:
+                cpus = os.cpu_count() or 1
+                log(f"[search] starting an embedded Ray with {cpus} CPUs")
+                ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def check_storage(run: RunDir, shared_fs: bool) -> None:
@@ -176,17 +197,11 @@ def run_search(
     data = prepare_data(config, run, test_source, progress)
     run.push("config.yaml", "data.json")
     log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
-    started_ray = ensure_ray(log)
-    try:
+    with ray_for_search(log):
         check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, param_space, log, restore=False)
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def resume_search(
@@ -203,19 +218,13 @@ def resume_search(
     config = load_config(run.path / "config.yaml")
     data_info = run.read_json("data.json")
     data = prepare_data(config, run, data_info.get("test_source"), progress)
-    started_ray = ensure_ray(log)
-    try:
+    with ray_for_search(log):
         check_storage(run, shared_fs)
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
             log(f"[resume] {note}")
         tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def fit(tuner: Any, run: RunDir) -> Any:
@@ -301,7 +310,7 @@ def _build_tuner(
             f"{run.location}/tune", trainable=trainable, param_space=param_space,
             resume_unfinished=True, resume_errored=True,
         )  # fmt: skip
-    mode = METRIC_MODES[search.metric]
+    mode = metric_mode(search.metric)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -377,24 +386,6 @@ def _scheduler(config: ExperimentConfig, mode: str) -> Any:
     return FIFOScheduler()
 
 
-def rank_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Leaderboard rows best first, each given its ``rank``; trials without a finished epoch last.
-
-    Ties on the metric (common with small validation sets, where several trials score 36/36) go to the
-    lower validation log loss: the better calibrated of the equally accurate models.
-    """
-    sign = 1 if METRIC_MODES[metric] == "max" else -1
-
-    def key(row: dict[str, Any]) -> tuple[bool, float, float]:
-        score, loss = row.get(f"best_{metric}"), row.get("best_val_log_loss")
-        return score is None, -sign * (score or 0.0), loss if loss is not None else math.inf
-
-    ranked = sorted(rows, key=key)
-    for rank, row in enumerate(ranked, start=1):
-        row["rank"] = rank
-    return ranked
-
-
 def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log) -> SearchOutcome:
     from automl_tl.sweep.progress import read_stop_reasons
 
@@ -440,9 +431,7 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
     val = info.get("val_metrics", {})
     row: dict[str, Any] = {
         "trial_id": trial_id,
-        **{k: params.get(k) for k in ("backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
-                                      "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size",
-                                      "head", "head_dropout")},  # fmt: skip
+        **{k: params.get(k) for k in HYPERPARAMETERS},
         "best_val_accuracy": val.get("val_accuracy"),
         "best_val_macro_f1": val.get("val_macro_f1"),
         "best_val_log_loss": val.get("val_log_loss"),

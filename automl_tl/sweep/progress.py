@@ -15,6 +15,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from automl_tl.evaluate.ranking import metric_mode, rank_key
+
 __all__ = ["SweepProgress", "read_stop_reasons"]
 
 
@@ -47,12 +49,14 @@ class SweepProgress(Callback):
         self.scheduler, self.time_budget_s, self.reasons_file = scheduler, time_budget_s, reasons_file
         self.started = time.time()
         self.best: float | None = None
+        self.best_log_loss: float | None = None
         self.best_trial = ""
         self.finished = self.stopped = self.errored = 0
         self.running: set[str] = set()
 
-    def _better(self, value: float) -> bool:
-        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+    def _better(self, value: float, log_loss: float | None) -> bool:
+        mode = metric_mode(self.metric)
+        return rank_key(value, log_loss, mode) < rank_key(self.best, self.best_log_loss, mode)
 
     def _status(self) -> str:
         elapsed = time.time() - self.started
@@ -75,8 +79,10 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and self._better(float(value)):
-            self.best, self.best_trial = float(value), trial.trial_id
+        loss = result.get("val_log_loss")
+        loss = float(loss) if isinstance(loss, (int, float)) else None
+        if isinstance(value, (int, float)) and self._better(float(value), loss):
+            self.best, self.best_log_loss, self.best_trial = float(value), loss, trial.trial_id
         self.log(f"[search] trial {trial.trial_id} epoch {result.get('epoch')}: {self.metric}={_fmt(value)} | {self._status()}")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

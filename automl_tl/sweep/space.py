@@ -20,6 +20,7 @@ from ray.tune.search.sample import Categorical, Domain, Float
 from automl_tl.backbones import resolve_spec
 from automl_tl.config import ExperimentConfig, FloatRange
 from automl_tl.errors import ConfigError
+from automl_tl.train.loop import HYPERPARAMETERS
 
 __all__ = ["build_param_space", "freeze_depth_choices", "frozen_start_points"]
 
@@ -66,29 +67,29 @@ def _range(rng: FloatRange) -> Any:
 
 
 def build_param_space(config: ExperimentConfig) -> dict[str, Any]:
-    """Tune's ``param_space`` for the trial function: one key per :class:`TrialConfig` field."""
+    """Tune's ``param_space`` for the trial function: one key per :class:`TrialConfig` field.
+
+    Each hyperparameter (:data:`HYPERPARAMETERS`) is drawn from its ``space`` field: a list is a choice, a
+    range a distribution; the rest of the trial's settings are constants of the run.
+    """
     space = config.space
     for name in space.backbones:
         resolve_spec(name)  # an unknown backbone fails here, naming it
+    drawn = {name: _dimension(getattr(space, key)) for name, key in HYPERPARAMETERS.items()}
+    drawn["freeze_depth"] = _choice(freeze_depth_choices(config))  # empty means every depth of the backbones
+    drawn["image_size"] = _choice(space.image_sizes) if space.image_sizes else None  # empty: each one's own
     return {
-        "backbone": _choice(space.backbones),
-        "freeze_depth": _choice(freeze_depth_choices(config)),
-        "learning_rate": _range(space.learning_rate),
-        "backbone_lr_ratio": _range(space.backbone_lr_ratio),
-        "augmentation": _choice(space.augmentations),
-        "optimizer": _choice(space.optimizers),
-        "weight_decay": _range(space.weight_decay),
-        "label_smoothing": _range(space.label_smoothing),
-        "batch_size": _choice(space.batch_sizes),
+        **drawn,
         "max_epochs": space.max_epochs,
-        "image_size": _choice(space.image_sizes) if space.image_sizes else None,
-        "head": _choice(space.heads),
-        "head_dropout": _range(space.mlp_dropout),
         "seed": config.search.seed,
         "class_balance": config.search.class_balance,
         "plateau_patience": config.search.plateau_patience_epochs,
         "metric": config.search.metric,
     }
+
+
+def _dimension(values: FloatRange | tuple[Any, ...]) -> Any:
+    return _range(values) if isinstance(values, FloatRange) else _choice(values)
 
 
 def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:

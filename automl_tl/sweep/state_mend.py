@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from automl_tl.errors import SearchError
-from automl_tl.runs.storage import filesystem
+from automl_tl.runs.storage import filesystem, write_atomic_fs
 
 __all__ = ["mend_stale_checkpoints"]
 
@@ -46,10 +46,7 @@ def mend_stale_checkpoints(tune_location: str) -> list[str]:
                 state = json.loads(src.read().decode("utf-8"))
             mended = [note for entry in state["trial_data"] if (note := _mend_trial(entry))]
             if mended:
-                partial = f"{path}.partial"  # moved over the original: a kill mid-write loses nothing
-                with fs.open_output_stream(partial) as out:
-                    out.write(json.dumps(state).encode("utf-8"))
-                fs.move(partial, path)
+                write_atomic_fs(fs, path, json.dumps(state).encode("utf-8"))  # a kill mid-write loses nothing
                 notes += mended
         return notes
     except (OSError, pa.ArrowException) as exc:

@@ -19,6 +19,7 @@ import torch
 from automl_tl.train.augment import array_to_tensor, train_transform
 from automl_tl.backbones import TransferNet, memory_format_for
 from automl_tl.inference.transforms import Preprocessing
+from automl_tl.runs.storage import atomic_path
 
 if TYPE_CHECKING:
     from automl_tl.train.trial_data import TrialData
@@ -54,9 +55,8 @@ def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: T
                 return FeatureSet(torch.from_numpy(stored["train"]), torch.from_numpy(stored["val"]), hit=True)
         train = _compute(data, data.train_idx, pre, model, batch_size)
         val = _compute(data, data.val_idx, pre, model, batch_size)
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, train=train, val=val)
-        partial.replace(path)
+        with atomic_path(path) as partial:
+            np.savez(partial, train=train, val=val)
     return FeatureSet(torch.from_numpy(train), torch.from_numpy(val), hit=False)
 
 

@@ -35,12 +35,21 @@ from automl_tl.train.trial_data import TrialData
 from automl_tl.train.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.evaluate.metrics import classification_metrics
+from automl_tl.evaluate.ranking import metric_mode, rank_key
+from automl_tl.runs.storage import atomic_path, write_atomic
 from automl_tl.inference.transforms import Preprocessing
 
-__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
+__all__ = ["HYPERPARAMETERS", "TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
            "Reporter"]
 
-METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_log_loss": "min"}
+# The searched hyperparameters: the TrialConfig fields the sweep varies, each with the ``space`` section field
+# that lists its values. The search space, leaderboard, summary, report and demo read the names from here.
+HYPERPARAMETERS: dict[str, str] = {
+    "backbone": "backbones", "freeze_depth": "freeze_depths", "learning_rate": "learning_rate",
+    "backbone_lr_ratio": "backbone_lr_ratio", "augmentation": "augmentations", "optimizer": "optimizers",
+    "weight_decay": "weight_decay", "label_smoothing": "label_smoothing", "batch_size": "batch_sizes",
+    "image_size": "image_sizes", "head": "heads", "head_dropout": "mlp_dropout",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +208,7 @@ def train_trial(
     if resume_dir is not None:
         state = _load_checkpoint(resume_dir, model, optimizer, schedule)
 
-    mode = METRIC_MODES[cfg.metric]
+    mode = metric_mode(cfg.metric)
     last: EpochResult | None = None
     ended = dict(state.get("last_metrics") or {})
     if ended.get("stop_reason"):
@@ -215,11 +224,10 @@ def train_trial(
         scores = {"val_accuracy": val["accuracy"], "val_macro_f1": val["f1"]["macro"], "val_log_loss": val["log_loss"]}
         score = scores[cfg.metric]
         best = state["best_score"]
-        improved = best is None or (score > best if mode == "max" else score < best)
-        # An epoch that only ties the best score still replaces it when its log loss is lower (the better
-        # calibrated model), but it does not reset the plateau count: the score did not move.
-        tie_better = not improved and score == best and scores["val_log_loss"] < state.get("best_log_loss", math.inf)
-        if improved or tie_better:
+        # An epoch that only ties the best score still replaces it when its log loss is lower (the ranking
+        # rule), but it does not reset the plateau count: the score did not move.
+        improved = rank_key(score, None, mode)[:2] < rank_key(best, None, mode)[:2]
+        if rank_key(score, scores["val_log_loss"], mode) < rank_key(best, state.get("best_log_loss"), mode):
             state.update(best_score=score, best_epoch=epoch, best_log_loss=scores["val_log_loss"])
             if rank == 0 and out_dir is not None:
                 _write_best(out_dir, model, val_probs, cfg, data, epoch, scores)
@@ -475,10 +483,8 @@ def _load_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Opti
 
 
 def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int, scores: dict[str, float]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "model.safetensors.partial"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as partial:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(partial))
     np.save(out_dir / "val_probs.npy", val_probs.astype(np.float32))
     spec = resolve_spec(cfg.backbone)
     info = {
@@ -491,7 +497,7 @@ def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: T
         "val_metrics": scores,
         "data_id": data.data_id,
     }
-    (out_dir / "trial.json").write_text(json.dumps(info, indent=2, default=_json_default), encoding="utf-8")
+    write_atomic(out_dir / "trial.json", json.dumps(info, indent=2, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

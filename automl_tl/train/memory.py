@@ -8,14 +8,16 @@ runs side by side the trials that fit.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MALLOC_ENV", "tune_malloc", "trim_heap", "activation_share", "estimate_trial_bytes", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = ["MALLOC_ENV", "malloc_env", "scoped_env", "tune_malloc", "trim_heap", "activation_share", "estimate_trial_bytes", "peak_rss_bytes", "reset_peak_rss"]
 
 GIB = 2**30
 # The process before training: torch, timm, the model and optimizer, Python (0.75 GB measured), plus room
@@ -117,12 +119,37 @@ MALLOC_ENV = {
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
+@contextlib.contextmanager
+def scoped_env(settings: Mapping[str, str] | None = None) -> Iterator[None]:
+    """``settings`` in this process's environment for the block (names already set keep their value); after
+    it the environment is exactly as it was before, including what the libraries the block loads or starts set
+    there (Ray and torch do): the library leaves its caller's process as it found it."""
+    saved = dict(os.environ)
+    for key, value in (settings or {}).items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def malloc_env() -> dict[str, str]:
+    """:data:`MALLOC_ENV` for the processes we start (Ray's workers, Serve's replicas), less what the user
+    exported: those are inherited and win. glibc reads them when a process starts."""
+    return {key: value for key, value in MALLOC_ENV.items() if key not in os.environ}
+
+
 def tune_malloc() -> None:
     """Apply :data:`MALLOC_ENV` to this process (``mallopt``), and export it to the processes it starts.
 
-    glibc reads the variables only at start-up, so a running process sets the same values with ``mallopt``;
-    threads that already own an arena keep it, so call this early. Settings the user exported win. A no-op
-    where there is no glibc.
+    Only for a process automl_tl owns (the CLI): the library never changes its caller's process, and hands
+    :func:`malloc_env` to the processes it starts instead. glibc reads the variables only at start-up, so a
+    running process sets the same values with ``mallopt``; threads that already own an arena keep it, so call
+    this early. Settings the user exported win. A no-op where there is no glibc.
     """
     for key, value in MALLOC_ENV.items():
         os.environ.setdefault(key, value)
