@@ -4,7 +4,7 @@ A config file has up to four sections; every key is optional and has a documente
 
     data:       {source: builtin:animal-shapes, val_fraction: 0.15, test_fraction: 0.15, seed: 0}
     space:      {backbones: [tf_efficientnet_lite0, mobilenetv2_100], learning_rate: {low: 1.0e-4, high: 3.0e-2}}
-    search:     {num_samples: 12, time_budget_s: 600, scheduler: asha, metric: val_accuracy}
+    search:     {time_budget_s: 600, scheduler: asha, metric: val_accuracy}
     resources:  {workers_per_trial: 1, gpus_per_trial: 0}
 
 Run ``automl-tl config --show`` to print the full default config.
@@ -39,11 +39,14 @@ __all__ = [
 ]
 
 Augmentation = Literal["none", "light", "medium", "heavy"]
-Optimizer = Literal["adamw", "sgd"]
+# "lbfgs": the head is first fitted to convergence on frozen features (a logistic-regression probe, its L2
+# strength chosen on validation); a trial that trains more than the head then goes on with AdamW (LP-FT).
+Optimizer = Literal["adamw", "sgd", "lbfgs"]
 Head = Literal["linear", "mlp"]
 AUGMENTATIONS: tuple[str, ...] = ("none", "light", "medium", "heavy")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "lbfgs")
 HEADS: tuple[str, ...] = ("linear", "mlp")
+DEFAULT_TRIALS = 12  # the cap of a sweep that has neither num_samples nor a time budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ class SearchSpaceConfig:
     # Pretrained layers learn at learning_rate * backbone_lr_ratio: smaller than the new head's rate.
     backbone_lr_ratio: FloatRange = FloatRange(0.01, 0.5, log=True)
     augmentations: tuple[Augmentation, ...] = bounded(("none", "light", "medium", "heavy"), min_len=1)
-    optimizers: tuple[Optimizer, ...] = bounded(("adamw", "sgd"), min_len=1)
+    optimizers: tuple[Optimizer, ...] = bounded(("adamw", "sgd", "lbfgs"), min_len=1)
     weight_decay: FloatRange = FloatRange(1e-6, 1e-2, log=True)
     label_smoothing: FloatRange = FloatRange(0.0, 0.2)
     batch_sizes: tuple[int, ...] = bounded((16, 32, 64), ge=1, min_len=1)
@@ -160,7 +163,8 @@ class SearchConfig:
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "hyperband", "pbt", "none"] = "asha"
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
-    num_samples: int = bounded(12, ge=1, le=100_000)
+    # Trials to run at most. None: as many as the time budget allows (DEFAULT_TRIALS when there is no budget).
+    num_samples: int | None = bounded(None, ge=1, le=100_000)
     max_concurrent_trials: int | None = bounded(None, ge=1)
     time_budget_s: float | None = bounded(600.0, gt=0)
     seed: int = bounded(0, ge=0)
@@ -172,6 +176,16 @@ class SearchConfig:
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
     # Start with one frozen-feature-extractor trial per backbone (cheap through the feature cache), then search.
     frozen_first: bool = True
+    # A validation split of fewer images than this is too small to choose on: heads on cached features are
+    # then ranked, and the ensemble chosen, on cv_folds-fold cross-validated predictions over train + val.
+    cv_below_images: int = bounded(500, ge=0)
+    cv_folds: int = bounded(5, ge=2, le=20)
+
+    def max_trials(self) -> int | None:
+        """The trial cap: ``num_samples`` when given; none when a time budget bounds the sweep, else DEFAULT_TRIALS."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return None if self.time_budget_s is not None else DEFAULT_TRIALS
 
 
 @dataclasses.dataclass(frozen=True)

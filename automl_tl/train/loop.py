@@ -51,7 +51,7 @@ class TrialConfig:
     learning_rate: float
     backbone_lr_ratio: float
     augmentation: Literal["none", "light", "medium", "heavy"]
-    optimizer: Literal["adamw", "sgd"]
+    optimizer: Literal["adamw", "sgd", "lbfgs"]
     weight_decay: float
     label_smoothing: float
     batch_size: int
@@ -175,9 +175,12 @@ def train_trial(
         from automl_tl.train.features import cached_features
 
         features = cached_features(data, cfg.backbone, pre, model)
-        steps: _Steps = _FeatureSteps(model, features.train, features.val, cfg, data, weight, balance)
+        probe = cfg.optimizer == "lbfgs"  # the logistic-regression probe: the head fitted to convergence
+        steps: _Steps = (_ProbeSteps if probe else _FeatureSteps)(model, features.train, features.val, cfg, data, weight, balance)
         cache_note = "hit" if features.hit else "miss"
     else:
+        if cfg.optimizer == "lbfgs" and cfg.pretrained and resume_dir is None:
+            _probe_start(model, cfg.backbone, data, pre, weight)  # LP-FT: fine-tuning starts from a converged head
         steps = _ImageSteps(model, pre, cfg, data, weight, balance, device, rank, world_size)
         cache_note = "unused"
 
@@ -212,11 +215,12 @@ def train_trial(
         if improved or tie_better:
             state.update(best_score=score, best_epoch=epoch, best_log_loss=scores["val_log_loss"])
             if rank == 0 and out_dir is not None:
-                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores)
+                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores, steps.notes())
         state["since_best"] = 0 if improved else int(state["since_best"]) + 1
         state["epoch"] = epoch
         plateau = int(state["since_best"]) >= cfg.plateau_patience
         stop_reason = "plateau" if plateau and epoch < cfg.max_epochs else ("max_epochs" if epoch == cfg.max_epochs else "")
+        stop_reason = "converged" if steps.converged else stop_reason
         if not stop_reason and max_seconds is not None and time.perf_counter() - started_at >= max_seconds:
             stop_reason = "time_budget"
         metrics = {
@@ -252,6 +256,12 @@ def _mib(size: int | None) -> int | None:
 
 
 class _Steps:
+    converged = False  # True once the trial has nothing left to train (a probe after its fit)
+
+    def notes(self) -> dict[str, Any]:
+        """What the trial's ``trial.json`` should also record about how it trained."""
+        return {}
+
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
 
@@ -290,6 +300,7 @@ class _FeatureSteps(_Steps):
         self.head: nn.Module = model.net.get_classifier()  # type: ignore[operator]
         self.train_x, self.val_x = train_x, val_x
         self.train_y = torch.from_numpy(data.labels[data.train_idx]).long()
+        self.val_labels = data.labels[data.val_idx]
         self.cfg, self.weight, self.balance = cfg, weight, balance
 
     def steps_per_epoch(self) -> int:
@@ -318,6 +329,35 @@ class _FeatureSteps(_Steps):
         self.head.eval()
         probs: np.ndarray = torch.softmax(self.head(self.val_x).float(), dim=1).numpy()
         return probs
+
+
+class _ProbeSteps(_FeatureSteps):
+    """The logistic-regression probe: one "epoch" fits the head to convergence on the cached features."""
+
+    l2: float | None = None
+
+    def train_epoch(self, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
+        from automl_tl.train.probe import fit_probe, head_probs
+
+        val_y = self.val_labels
+        fit = fit_probe(self.head, self.train_x, self.train_y, self.val_x, val_y, self.weight)
+        self.l2, self.converged = fit.l2, True
+        probs = head_probs(self.head, self.train_x)
+        y = self.train_y.numpy()
+        return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()), float(np.mean(probs.argmax(1) == y))
+
+    def notes(self) -> dict[str, Any]:
+        return {"probe_l2": self.l2}
+
+
+def _probe_start(model: TransferNet, backbone: str, data: TrialData, pre: Preprocessing, weight: torch.Tensor | None) -> None:
+    """Fit ``model``'s head as the probe on its frozen pretrained features (computed once, shared)."""
+    from automl_tl.train.features import cached_features
+    from automl_tl.train.probe import fit_probe
+
+    features = cached_features(data, backbone, pre, model)
+    train_y = torch.from_numpy(data.labels[data.train_idx]).long()
+    fit_probe(model.net.get_classifier(), features.train, train_y, features.val, data.labels[data.val_idx], weight)  # type: ignore[operator]
 
 
 class _ImageSteps(_Steps):
@@ -421,7 +461,7 @@ def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimiz
     groups = [{"params": head, "lr": cfg.learning_rate}]
     if body:  # pretrained layers move more slowly than the new head
         groups.append({"params": body, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer in ("adamw", "lbfgs"):  # lbfgs fits the head first; what trains after it uses AdamW
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
@@ -464,7 +504,10 @@ def _load_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Opti
     return resumed
 
 
-def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int, scores: dict[str, float]) -> None:
+def _write_best(
+    out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int,
+    scores: dict[str, float], notes: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "model.safetensors.partial"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -480,6 +523,7 @@ def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: T
         "best_epoch": epoch,
         "val_metrics": scores,
         "data_id": data.data_id,
+        **(notes or {}),
     }
     (out_dir / "trial.json").write_text(json.dumps(info, indent=2, default=_json_default), encoding="utf-8")
 
