@@ -33,6 +33,7 @@ __all__ = [
     "apply_temperature",
     "combine",
     "fit_temperature",
+    "no_worse_than_best",
     "select_ensemble",
     "select_greedy",
     "select_top_k",
@@ -211,6 +212,29 @@ def select_ensemble(
     if method == "greedy":
         return select_greedy(val_probs, labels, size, metric)
     raise ConfigError(f"ensemble method must be 'top_k' or 'greedy', got {method!r}")
+
+
+def no_worse_than_best(
+    selection: EnsembleSelection, probs: Mapping[str, np.ndarray], labels: np.ndarray, best_id: str
+) -> tuple[EnsembleSelection, str]:
+    """``selection``, or the best member alone when the ensemble does not beat it on ``probs``; and why.
+
+    Both are calibrated first (each its own temperature, fitted on the same predictions); the ensemble beats
+    the member with a higher accuracy, or an equal one and a lower log loss.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if selection.members == (best_id,):
+        return selection, f"the selection kept the best member {best_id} alone"
+    ens = combine([probs[t] for t in selection.members], selection.weights)
+    mine = apply_temperature(ens, fit_temperature(ens, labels))
+    theirs = apply_temperature(probs[best_id], fit_temperature(probs[best_id], labels))
+    acc = [float(np.mean(p.argmax(axis=1) == labels)) for p in (mine, theirs)]
+    loss = [log_loss(labels, p) for p in (mine, theirs)]
+    if acc[0] > acc[1] or (acc[0] == acc[1] and loss[0] < loss[1]):
+        return selection, f"the ensemble beat its best member {best_id} (accuracy {acc[0]:.4f} vs {acc[1]:.4f})"
+    why = (f"the ensemble of {len(selection.members)} did not beat its best member {best_id} (accuracy {acc[0]:.4f} "
+           f"vs {acc[1]:.4f}, log loss {loss[0]:.4f} vs {loss[1]:.4f}): the best member is served alone")  # fmt: skip
+    return EnsembleSelection((best_id,), (1.0,), "best_member", selection.metric, selection.val_score), why
 
 
 # --- temperature scaling --------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from automl_tl.backbones import TransferNet, create_backbone, memory_format_for,
 from automl_tl.evaluate.metrics import classification_metrics
 from automl_tl.inference.transforms import Preprocessing
 
-__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
-           "Reporter"]
+__all__ = ["TrialConfig", "TrialData", "EpochResult", "train_trial", "refit_head", "amp_dtype", "memory_format_for",
+           "select_device", "Reporter"]
 
 METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_log_loss": "min"}
 
@@ -176,7 +176,10 @@ def train_trial(
 
         features = cached_features(data, cfg.backbone, pre, model)
         probe = cfg.optimizer == "lbfgs"  # the logistic-regression probe: the head fitted to convergence
-        steps: _Steps = (_ProbeSteps if probe else _FeatureSteps)(model, features.train, features.val, cfg, data, weight, balance)
+        steps: _Steps = (_ProbeSteps if probe else _FeatureSteps)(
+            model.net.get_classifier(), features.train, data.labels[data.train_idx], features.val,  # type: ignore[operator]
+            data.labels[data.val_idx], cfg, weight, balance,
+        )  # fmt: skip
         cache_note = "hit" if features.hit else "miss"
     else:
         if cfg.optimizer == "lbfgs" and cfg.pretrained and resume_dir is None:
@@ -185,9 +188,7 @@ def train_trial(
         cache_note = "unused"
 
     optimizer = _make_optimizer(model, cfg)
-    steps_per_epoch = steps.steps_per_epoch()
-    total_steps = max(1, cfg.max_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    schedule = _cosine_schedule(optimizer, cfg.max_epochs * steps.steps_per_epoch())
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "since_best": 0}
     if resume_dir is not None:
         state = _load_checkpoint(resume_dir, model, optimizer, schedule)
@@ -289,18 +290,19 @@ class _FeatureSteps(_Steps):
 
     def __init__(
         self,
-        model: TransferNet,
+        head: nn.Module,
         train_x: torch.Tensor,
+        train_labels: np.ndarray,
         val_x: torch.Tensor,
+        val_labels: np.ndarray,
         cfg: TrialConfig,
-        data: TrialData,
         weight: torch.Tensor | None,
         balance: str,
     ) -> None:
-        self.head: nn.Module = model.net.get_classifier()  # type: ignore[operator]
+        self.head = head
         self.train_x, self.val_x = train_x, val_x
-        self.train_y = torch.from_numpy(data.labels[data.train_idx]).long()
-        self.val_labels = data.labels[data.val_idx]
+        self.train_y = torch.from_numpy(np.asarray(train_labels)).long()
+        self.val_labels = val_labels
         self.cfg, self.weight, self.balance = cfg, weight, balance
 
     def steps_per_epoch(self) -> int:
@@ -451,6 +453,33 @@ class _ImageSteps(_Steps):
 # --- optimizer, checkpoints and the best epoch's files ---------------------------------------------------
 
 
+def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+def refit_head(cfg: TrialConfig, head: nn.Module, x: torch.Tensor, labels: np.ndarray, epochs: int,
+               num_classes: int, probe_l2: float | None = None) -> None:  # fmt: skip
+    """Train ``head`` on features ``x`` as the trial ``cfg`` trained its own, for ``epochs`` epochs (its best
+    epoch): same optimizer, schedule, batches and class balance; a probe (``lbfgs``) at its chosen L2.
+
+    Cross-validation trains one such head per fold, and the artifact one on train + validation together.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    balance = resolve_class_balance(cfg.class_balance, labels, num_classes)
+    weight = torch.tensor(class_weights(labels, num_classes), dtype=torch.float32) if balance == "weighted_loss" else None
+    if cfg.optimizer == "lbfgs":
+        from automl_tl.train.probe import L2_GRID, fit_head
+
+        fit_head(head, x, torch.from_numpy(labels), probe_l2 if probe_l2 is not None else L2_GRID[len(L2_GRID) // 2], weight)
+        return
+    steps = _FeatureSteps(head, x, labels, x[:0], labels[:0], cfg, weight, balance)
+    optimizer = _optimizer(list(head.parameters()), [], cfg)
+    schedule = _cosine_schedule(optimizer, cfg.max_epochs * steps.steps_per_epoch())
+    for epoch in range(1, epochs + 1):
+        steps.train_epoch(optimizer, schedule, epoch)
+
+
 def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimizer:
     head_ids = {id(p) for p in model.net.get_classifier().parameters()}  # type: ignore[operator]
     head: list[nn.Parameter] = []
@@ -458,6 +487,10 @@ def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimiz
     for param in model.net.parameters():
         if param.requires_grad:
             (head if id(param) in head_ids else body).append(param)
+    return _optimizer(head, body, cfg)
+
+
+def _optimizer(head: list[nn.Parameter], body: list[nn.Parameter], cfg: TrialConfig) -> torch.optim.Optimizer:
     groups = [{"params": head, "lr": cfg.learning_rate}]
     if body:  # pretrained layers move more slowly than the new head
         groups.append({"params": body, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})

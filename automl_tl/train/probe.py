@@ -11,8 +11,10 @@ random gradients back into the pretrained layers).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 
 from automl_tl.evaluate.metrics import log_loss
 
-__all__ = ["L2_GRID", "ProbeFit", "fit_head", "fit_probe", "head_probs"]
+__all__ = ["L2_GRID", "ProbeFit", "fit_head", "fit_probe", "head_probs", "one_thread"]
 
 # Strengths of the L2 penalty on the mean cross-entropy (sklearn's C is 1 / (l2 * n_train)), strongest first:
 # each fit starts from the previous, more regularised one, so the path is cheap to follow.
@@ -39,14 +41,14 @@ class ProbeFit:
 
 def fit_head(
     head: nn.Module, x: torch.Tensor, y: torch.Tensor, l2: float, weight: torch.Tensor | None = None,
-    max_iter: int = 300,
+    max_iter: int = 200,
 ) -> float:  # fmt: skip
     """Minimise mean cross-entropy + ``l2 / 2 * ||W||^2`` (weight matrices, not biases) with L-BFGS; the loss."""
     head.eval()  # no dropout: a deterministic objective that L-BFGS can converge on
     params = [p for p in head.parameters() if p.requires_grad]
     penalised = [p for p in params if p.ndim > 1]
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-7, tolerance_change=1e-10)  # fmt: skip
+                                  tolerance_grad=1e-6, tolerance_change=1e-9)  # fmt: skip
     x, y = x.float(), y.long()
 
     def closure() -> torch.Tensor:
@@ -56,9 +58,20 @@ def fit_head(
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), one_thread():
         optimizer.step(closure)  # type: ignore[no-untyped-call]
         return float(closure().detach())
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """A head's matrices are small: one thread runs them without waiting on busy cores for the others."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.inference_mode()
