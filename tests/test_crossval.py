@@ -6,6 +6,9 @@ answer is known (and, for the probe, checked against scikit-learn, a test-only d
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +170,29 @@ def test_a_time_budget_bounds_trials_and_an_explicit_count_caps_them() -> None:
     assert load_config(None).search.max_trials() is None  # the default 600 s budget ends the sweep
     assert load_config({"search": {"num_samples": 7}}).search.max_trials() == 7
     assert load_config({"search": {"time_budget_s": None}}).search.max_trials() == DEFAULT_TRIALS
+
+
+# --- the probe as a trial ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_probe_trial_converges_in_one_step_and_records_its_penalty(
+    hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    from automl_tl.runs.rundir import RunDir
+    from automl_tl.sweep.driver import prepare_data
+    from automl_tl.train.loop import TrialConfig, train_trial
+
+    config = load_config({"data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)}})
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    data = prepare_data(config, run, None, progress=False)
+    reports: list[dict[str, object]] = []
+    cfg = TrialConfig.from_params({**_params(label_smoothing=0.1), "image_size": 64})
+    last = train_trial(cfg, data, lambda metrics, ckpt: reports.append(metrics), tmp_path / "probe")
+    assert last is not None and len(reports) == 1  # one fit to convergence, not max_epochs epochs
+    assert reports[0]["stop_reason"] == "converged" and float(reports[0]["val_accuracy"]) > 0.7  # type: ignore[arg-type]
+    info = json.loads((tmp_path / "probe" / "trial.json").read_text(encoding="utf-8"))
+    assert info["optimizer"] == "lbfgs" and info["probe_l2"] in L2_GRID
+    trial = head_trial("probe", info)
+    assert trial is not None and trial.probe_l2 == info["probe_l2"]
