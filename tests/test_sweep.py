@@ -101,6 +101,14 @@ def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
     assert sweep_end(finite, build_param_space(finite), 2, 20.0)["stop_reason"].startswith("space_exhausted")
     assert sweep_end(config, space, 3, 100.0)["stop_reason"].startswith("trials_ended")  # early, and says so
 
+    from automl_tl.sweep.progress import SweepProgress
+
+    uncapped = SweepProgress(lambda line: None, "val_accuracy", "max", -1, time_budget_s=600.0)
+    uncapped.started -= 60.0
+    uncapped.finished = 3
+    status = uncapped._status()
+    assert " of " not in status and re.search(r"1m00s, ~(8m59|9m00)s left$", status)  # the budget is the estimate
+
 
 def test_progress_estimate_never_exceeds_the_time_budget() -> None:
     from automl_tl.sweep.progress import SweepProgress
