@@ -455,7 +455,7 @@ def test_killed_driver_resumes_without_repeating_finished_trials(
     config_file.write_text(
         f"data: {{source: '{hymenoptera_dir}', cache_dir: '{data_cache_dir}'}}\n"
         "space: {backbones: [mobilenetv2_100], image_sizes: [64], max_epochs: 2, batch_sizes: [32], "
-        "freeze_depths: [8], augmentations: [none]}\n"
+        "freeze_depths: [8], augmentations: [none], optimizers: [adamw, sgd]}\n"  # epoch by epoch: no probe
         "search: {num_samples: 4, max_concurrent_trials: 1, scheduler: none}\n",
         encoding="utf-8",
     )
