@@ -4,7 +4,7 @@ A config file has up to four sections; every key is optional and has a documente
 
     data:       {source: builtin:animal-shapes, val_fraction: 0.15, test_fraction: 0.15, seed: 0}
     space:      {backbones: [tf_efficientnet_lite0, mobilenetv2_100], learning_rate: {low: 1.0e-4, high: 3.0e-2}}
-    search:     {num_samples: 12, time_budget_s: 600, scheduler: asha, metric: val_accuracy}
+    search:     {time_budget_s: 600, scheduler: asha, metric: val_accuracy}
     resources:  {workers_per_trial: 1, gpus_per_trial: 0}
 
 Run ``automl-tl config --show`` to print the full default config.
@@ -78,11 +78,14 @@ Float = Annotated[float, Strict(), BeforeValidator(_number_text)]
 Choices = Annotated[tuple[T, ...], BeforeValidator(_listed)]
 
 Augmentation = Literal["none", "light", "medium", "heavy"]
-Optimizer = Literal["adamw", "sgd"]
+# "lbfgs": the head is first fitted to convergence on frozen features (a logistic-regression probe, its L2
+# strength chosen on validation); a trial that trains more than the head then goes on with AdamW (LP-FT).
+Optimizer = Literal["adamw", "sgd", "lbfgs"]
 Head = Literal["linear", "mlp"]
 AUGMENTATIONS: tuple[Augmentation, ...] = get_args(Augmentation)
 OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 HEADS: tuple[Head, ...] = get_args(Head)
+DEFAULT_TRIALS = 12  # the cap of a sweep that has neither num_samples nor a time budget
 
 
 class _Model(BaseModel):
@@ -207,7 +210,8 @@ class SearchConfig(_Section):
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "hyperband", "pbt", "none"] = "asha"
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
-    num_samples: Annotated[Int, Field(ge=1, le=100_000)] = 12
+    # Trials to run at most. None: as many as the time budget allows (DEFAULT_TRIALS when there is no budget).
+    num_samples: Annotated[Int, Field(ge=1, le=100_000)] | None = None
     max_concurrent_trials: Annotated[Int, Field(ge=1)] | None = None
     time_budget_s: Annotated[Float, Field(gt=0)] | None = 600.0
     seed: Annotated[Int, Field(ge=0)] = 0
@@ -219,6 +223,16 @@ class SearchConfig(_Section):
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
     # Start with one frozen-feature-extractor trial per backbone (cheap through the feature cache), then search.
     frozen_first: Bool = True
+    # A validation split of fewer images than this is too small to choose on: heads on cached features are
+    # then ranked, and the ensemble chosen, on cv_folds-fold cross-validated predictions over train + val.
+    cv_below_images: Annotated[Int, Field(ge=0)] = 500
+    cv_folds: Annotated[Int, Field(ge=2, le=20)] = 5
+
+    def max_trials(self) -> int | None:
+        """The trial cap: ``num_samples`` when given; none when a time budget bounds the sweep, else DEFAULT_TRIALS."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return None if self.time_budget_s is not None else DEFAULT_TRIALS
 
 
 class ResourcesConfig(_Section):

@@ -5,7 +5,7 @@ Run from the repository root; each writes its figures to ``benchmarks/results/sw
     .venv/bin/python benchmarks/bench_sweep.py overhead        # per-trial seconds outside training, per engine
     .venv/bin/python benchmarks/bench_sweep.py train_vs_bare   # Ray Train throughput / bare torch loop
     .venv/bin/python benchmarks/bench_sweep.py feature_cache   # frozen trial: cached features vs images
-    .venv/bin/python benchmarks/bench_sweep.py accuracy        # 15-minute sweeps on hymenoptera and flowers5
+    .venv/bin/python benchmarks/bench_sweep.py accuracy        # 15-minute sweeps x 3 seeds, beside the LR probe
     .venv/bin/python benchmarks/bench_sweep.py efficiency      # TPE+ASHA vs random search without stopping
 
 They need ``../shared/datasets`` beside the checkout.
@@ -191,15 +191,29 @@ ACCURACY_SPACE: dict[str, Any] = {
 }
 
 
-TOP_KEYS = ("backbone", "freeze_depth", "augmentation", "learning_rate", "best_val_accuracy", "epochs_run", "stop_reason",
-            "wall_s", "feature_cache")
+TOP_KEYS = ("backbone", "freeze_depth", "augmentation", "optimizer", "learning_rate", "best_val_accuracy", "epochs_run",
+            "stop_reason", "wall_s", "feature_cache")  # fmt: skip
+
+# name: (data, test data, test_fraction, issue 22's target test accuracy); animal-shapes runs the demo's sweep
+ACCURACY_CASES: dict[str, tuple[str, str | None, float, float]] = {
+    "hymenoptera": (str(SHARED / "hymenoptera" / "train"), str(SHARED / "hymenoptera" / "val"), 0.0, 0.97),
+    "flowers5": (str(SHARED / "flowers5"), None, 0.2, 0.82),
+    "animal-shapes": ("builtin:animal-shapes", None, 0.15, 0.975),
+}
 
 
-def _accuracy_config(data: str, budget_s: float, cache: Path, test_fraction: float) -> ExperimentConfig:
+def _accuracy_config(name: str, budget_s: float, cache: Path, seed: int) -> ExperimentConfig:
+    """The benchmark's sweep: all four backbones and defaults otherwise; animal-shapes runs the demo's own."""
+    data, _, test_fraction, _ = ACCURACY_CASES[name]
+    if name == "animal-shapes":
+        from automl_tl.demo import demo_config
+
+        demo = demo_config(budget_s=budget_s)
+        return demo.replace("data", cache_dir=str(cache), seed=seed).replace("search", num_samples=None, seed=seed)
     return load_config({
-        "data": {"source": data, "cache_dir": str(cache), "test_fraction": test_fraction},
+        "data": {"source": data, "cache_dir": str(cache), "test_fraction": test_fraction, "seed": seed},
         "space": ACCURACY_SPACE,
-        "search": {"num_samples": 1000, "time_budget_s": budget_s, "seed": 0},
+        "search": {"time_budget_s": budget_s, "seed": seed},
     })  # fmt: skip
 
 
@@ -226,41 +240,113 @@ def _memory_fit(rows: list[dict[str, Any]], config: ExperimentConfig, run_dir: P
                                         "trial": worst[3]}}  # fmt: skip
 
 
+def _probe_figures(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
+    """The plain frozen-backbone logistic-regression probe of each backbone on the sweep's own split.
+
+    Trained on the train split, its L2 strength chosen on validation log loss, scored once on the test split:
+    the baseline a transfer-learning sweep must not end below. ``chosen`` is the backbone whose probe did best
+    on validation (a user without test labels would pick it); ``best_on_test`` is the stricter bar.
+    """
+    import torch
+
+    from automl_tl.backbones import create_backbone, resolve_spec
+    from automl_tl.inference.transforms import Preprocessing
+    from automl_tl.runs.storage import local_data_cache
+    from automl_tl.train.features import cached_features
+    from automl_tl.train.probe import fit_probe, head_probs
+    from automl_tl.train.trial_data import TrialData
+
+    info = json.loads((run_dir / "data.json").read_text(encoding="utf-8"))
+    cache_path = local_data_cache(info)
+    labels = np.asarray(info["labels"], dtype=np.int64)
+    train, val, test = (np.asarray(info[s], dtype=np.int64) for s in ("train", "val", "test"))
+
+    def split(train_idx: np.ndarray, val_idx: np.ndarray) -> TrialData:
+        return TrialData(cache_path, str(info["data_id"]), tuple(info["class_names"]), train_idx, val_idx, labels,
+                         str(Path(cache_path).parent / "features"))  # fmt: skip
+
+    per_backbone: dict[str, Any] = {}
+    for name in config.space.backbones:
+        spec = resolve_spec(name)
+        sizes = config.space.image_sizes or (spec.input_size,)
+        pre = Preprocessing.from_spec(spec, sizes[0])
+        model = create_backbone(name, num_classes=len(info["class_names"]), freeze_depth=spec.max_freeze_depth)
+        fitted = cached_features(split(train, val), name, pre, model)
+        test_x = cached_features(split(test, test[:0]), name, pre, model).train
+        head = model.net.get_classifier()  # type: ignore[operator]
+        fit = fit_probe(head, fitted.train, torch.from_numpy(labels[train]), fitted.val, labels[val])
+        per_backbone[name] = {"image_size": pre.input_size, "l2": fit.l2,
+                              "val_accuracy": hits(fit.val_probs, labels[val]),
+                              "test_accuracy": hits(head_probs(head, test_x), labels[test])}  # fmt: skip
+    chosen = max(per_backbone, key=lambda n: per_backbone[n]["val_accuracy"])
+    return {"per_backbone": per_backbone, "chosen": {"backbone": chosen, **per_backbone[chosen]},
+            "best_on_test": max(p["test_accuracy"] for p in per_backbone.values())}  # fmt: skip
+
+
+def hits(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else 0.0,
+            "min": round(min(values), 4), "max": round(max(values), 4)}  # fmt: skip
+
+
 def bench_accuracy(args: argparse.Namespace) -> None:
-    """``search --data hymenoptera/train --test hymenoptera/val`` and flowers5 with a held-out 20%."""
+    """Budget-bound sweeps (train -> test), seed by seed, each beside its logistic-regression probe."""
     from automl_tl.evaluate.results import build_results
 
-    figures: dict[str, Any] = {"budget_s": args.budget_s, "space": ACCURACY_SPACE, "other_settings": "defaults"}
+    figures: dict[str, Any] = {"budget_s": args.budget_s, "seeds": list(args.seeds), "space": ACCURACY_SPACE,
+                               "other_settings": "defaults; animal-shapes runs the demo's sweep at this budget"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
-        cases = {
-            "hymenoptera": (str(SHARED / "hymenoptera" / "train"), str(SHARED / "hymenoptera" / "val"), 0.0, 0.96),
-            "flowers5": (str(SHARED / "flowers5"), None, 0.2, 0.90),
-        }
         for name in args.datasets:
-            data, test, test_fraction, target = cases[name]
-            run_dir = Path(tmp) / name
-            config = _accuracy_config(data, args.budget_s, cache, test_fraction)
-            started = time.perf_counter()
-            outcome = run_search(config, run_dir, test_source=test, log=print, progress=False)
-            results = build_results(run_dir, log=print)
+            _, test, _, target = ACCURACY_CASES[name]
+            runs = []
+            for seed in args.seeds:
+                run_dir = Path(tmp) / f"{name}-{seed}"
+                config = _accuracy_config(name, args.budget_s, cache, seed)
+                started = time.perf_counter()
+                outcome = run_search(config, run_dir, test_source=test, log=print, progress=False)
+                results = build_results(run_dir, log=print)
+                summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+                probe = _probe_figures(run_dir, config)
+                run = {
+                    "seed": seed,
+                    "wall_s": round(time.perf_counter() - started, 1),
+                    "trials": len(outcome.rows),
+                    "sweep": summary["sweep"],
+                    "selection": {k: v for k, v in results["selection"].items() if k != "cross_validation"},
+                    "cross_validation_top": dict(list(((results["selection"]["cross_validation"] or {}).get("trials") or {}).items())[:5]),
+                    "best_trial": {k: results["best"]["config"].get(k) for k in ("backbone", "freeze_depth", "augmentation", "optimizer", "image_size")},
+                    "best_test_accuracy": results["best"]["test"]["accuracy"],
+                    "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
+                    "probe_test_accuracy": probe["chosen"]["test_accuracy"],
+                    "probe": probe,
+                    "n_test": results["best"]["test"]["n"],
+                    "top_trials": [{k: r.get(k) for k in TOP_KEYS} for r in outcome.rows[:6]],
+                    "memory": _memory_fit(outcome.rows, config, run_dir),
+                }  # fmt: skip
+                runs.append(run)
+                print(f"[bench] {name} seed {seed}: best {run['best_test_accuracy']:.4f}, ensemble "
+                      f"{run['ensemble_test_accuracy']:.4f}, probe {run['probe_test_accuracy']:.4f} "
+                      f"(best probe on test {probe['best_on_test']:.4f}); {run['trials']} trials, "
+                      f"{summary['sweep']['budget_used']:.0%} of the budget ({summary['sweep']['stop_reason']})")  # fmt: skip
             figures[name] = {
-                "wall_s": round(time.perf_counter() - started, 1),
-                "trials": len(outcome.rows),
-                "best_trial": {k: outcome.best.get(k) for k in ("backbone", "freeze_depth", "augmentation", "image_size", "best_val_accuracy")},
-                "best_test_accuracy": results["best"]["test"]["accuracy"],
-                "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
-                "n_test": results["best"]["test"]["n"],
-                "target_test_accuracy": target,
                 "date": time.strftime("%Y-%m-%d %H:%M"),
-                "top_trials": [{k: r.get(k) for k in TOP_KEYS} for r in outcome.rows[:6]],
-                "memory": _memory_fit(outcome.rows, config, run_dir),
+                "target_test_accuracy": target,
+                "best_test_accuracy": _spread([r["best_test_accuracy"] for r in runs]),
+                "ensemble_test_accuracy": _spread([r["ensemble_test_accuracy"] for r in runs]),
+                "probe_test_accuracy": _spread([r["probe_test_accuracy"] for r in runs]),
+                "budget_used": _spread([float(r["sweep"]["budget_used"] or 0.0) for r in runs]),
+                "runs": runs,
             }
-    earlier = RESULTS / "sweep_accuracy.json"
+    earlier = RESULTS / f"sweep_{args.results_name}.json"
     if earlier.is_file():  # a run of some data sets keeps the others' last figures, each with its own date
         previous = json.loads(earlier.read_text(encoding="utf-8"))
-        figures.update({k: previous[k] for k in cases if k not in figures and k in previous})
-    _write("accuracy", figures)
+        if previous.get("budget_s") == args.budget_s:
+            figures.update({k: previous[k] for k in ACCURACY_CASES if k not in figures and k in previous})
+    _write(args.results_name, figures)
 
 
 def bench_efficiency(args: argparse.Namespace) -> None:
@@ -309,7 +395,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p = sub.add_parser("accuracy")
     p.add_argument("--budget-s", type=float, default=900.0, dest="budget_s")
-    p.add_argument("--datasets", nargs="+", default=["hymenoptera", "flowers5"])
+    p.add_argument("--datasets", nargs="+", default=list(ACCURACY_CASES), choices=list(ACCURACY_CASES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--results-name", default="accuracy", dest="results_name",
+                   help="results file sweep_<name>.json (e.g. accuracy_smoke)")
     p = sub.add_parser("efficiency")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -113,7 +113,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
 def test_cli_shows_default_config() -> None:
     proc = subprocess.run([sys.executable, "-m", "automl_tl.cli", "config", "--show"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "num_samples: 12" in proc.stdout
+    assert "num_samples: null" in proc.stdout  # no cap: the time budget bounds the trials
+    assert "time_budget_s: 600.0" in proc.stdout
 
 
 def test_several_mistakes_are_reported_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -152,3 +152,30 @@ def test_selection_does_not_depend_on_pool_order_when_scores_differ() -> None:
         select_greedy(dict(order), ALL_ONE, 4).members for order in itertools.permutations(pool.items())
     }
     assert results == {("A", "B")}
+
+
+# --- the ensemble never serves worse than its best member -----------------------------------------------------
+
+
+def test_an_ensemble_that_does_not_beat_its_best_member_serves_the_member_alone() -> None:
+    from automl_tl.evaluate.ensemble import no_worse_than_best
+
+    labels = np.array([1] * 10)
+    strong = _binary([0.9] * 10, labels)  # right everywhere
+    weak = _binary([0.05] * 10, labels)  # so wrong everywhere that the average is wrong too
+    forced = EnsembleSelection(("strong", "weak"), (0.5, 0.5), "top_k", "log_loss", 0.0)
+    served, why = no_worse_than_best(forced, {"strong": strong, "weak": weak}, labels, "strong")
+    assert served.members == ("strong",) and served.weights == (1.0,) and served.method == "best_member"
+    assert "did not beat its best member strong" in why and "accuracy 0.0000 vs 1.0000" in why
+
+
+def test_an_ensemble_that_beats_its_best_member_is_kept() -> None:
+    from automl_tl.evaluate.ensemble import no_worse_than_best
+
+    pool = {"a": EXPERT_A, "b": EXPERT_B, "c": POOR_C}
+    chosen = select_greedy(pool, ALL_ONE, size=4, metric="log_loss")
+    assert set(chosen.members) == {"a", "b"}  # the two experts complement each other
+    served, why = no_worse_than_best(chosen, pool, ALL_ONE, "a")
+    assert served == chosen and "beat its best member a" in why
+    alone = select_top_k(pool, ALL_ONE, 1)
+    assert no_worse_than_best(alone, pool, ALL_ONE, alone.members[0])[0] == alone  # nothing to compare

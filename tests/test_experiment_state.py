@@ -134,7 +134,7 @@ def test_resume_after_the_kill_window_finishes_every_trial(
     config = load_config({
         "data": {"source": str(hymenoptera_dir), "cache_dir": str(data_cache_dir)},
         "space": {"backbones": ["mobilenetv2_100"], "image_sizes": [64], "max_epochs": 2, "batch_sizes": [32],
-                  "freeze_depths": [8], "augmentations": ["none"]},
+                  "freeze_depths": [8], "augmentations": ["none"], "optimizers": ["adamw"]},  # epochs: no probe
         "search": {"num_samples": 1, "scheduler": "none"},
     })  # fmt: skip
     run_dir = tmp_path / "run"

@@ -63,18 +63,52 @@ def test_param_space_covers_every_dimension() -> None:
 def test_frozen_start_points_lie_in_the_space() -> None:
     config = load_config(None)
     points = frozen_start_points(config, build_param_space(config))
-    assert [p["backbone"] for p in points] == list(config.space.backbones)
+    # The logistic-regression probe of every backbone first, then an AdamW-trained frozen head of each.
+    assert [p["backbone"] for p in points] == list(config.space.backbones) * 2
+    assert [p["optimizer"] for p in points] == ["lbfgs"] * 2 + ["adamw"] * 2
     assert all(p["freeze_depth"] == 8 and p["augmentation"] == "none" and p["head"] == "linear" for p in points)
     narrowed = load_config({"space": {"learning_rate": [0.01, 0.02], "batch_sizes": [48, 64], "backbones": ["mobilenetv2_100"]}})
-    (point,) = frozen_start_points(narrowed, build_param_space(narrowed))
+    probe, point = frozen_start_points(narrowed, build_param_space(narrowed))
+    assert probe["optimizer"] == "lbfgs" and point["optimizer"] == "adamw"
     assert point["learning_rate"] == 0.01 and point["batch_size"] == 48  # clipped into the narrowed space
+    no_probe = load_config({"space": {"optimizers": ["adamw", "sgd"]}})
+    assert [p["optimizer"] for p in frozen_start_points(no_probe, build_param_space(no_probe))] == ["adamw"] * 2
     assert "backbone" not in point  # a fixed dimension is not the searcher's to propose
     for raw in ({"space": {"augmentations": ["light"]}}, {"space": {"freeze_depths": [0, 4]}},
                 {"search": {"frozen_first": False}}):  # fmt: skip
         off = load_config(raw)
         assert frozen_start_points(off, build_param_space(off)) == []
     capped = load_config({"search": {"num_samples": 3}})
-    assert len(frozen_start_points(capped, build_param_space(capped))) == 1  # at most half the trials
+    (first,) = frozen_start_points(capped, build_param_space(capped))  # at most half the trials
+    assert first["optimizer"] == "lbfgs"
+
+
+def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
+    from automl_tl.sweep.driver import _trial_cap, sweep_end
+
+    config = load_config(None)
+    space = build_param_space(config)
+    assert _trial_cap(config, space) == -1  # Tune's "no cap": the 600 s budget ends the sweep
+    assert _trial_cap(config.replace("search", num_samples=5), space) == 5
+    finite = load_config({"space": {"backbones": ["mobilenetv2_100"], "freeze_depths": [7, 8], "learning_rate": 0.01,
+                                    "backbone_lr_ratio": 0.1, "augmentations": ["none"], "optimizers": ["adamw"],
+                                    "weight_decay": 1e-4, "label_smoothing": 0.0, "batch_sizes": [32],
+                                    "heads": ["linear"], "mlp_dropout": 0.0}})  # fmt: skip
+    assert _trial_cap(finite, build_param_space(finite)) == 2  # two freeze depths, nothing else searched
+
+    assert sweep_end(config, space, 40, 590.0)["stop_reason"] == "time_budget"
+    assert sweep_end(config, space, 40, 590.0)["budget_used"] == pytest.approx(590 / 600, abs=1e-3)
+    assert sweep_end(config.replace("search", num_samples=12), space, 12, 130.0)["stop_reason"].startswith("trial_cap")
+    assert sweep_end(finite, build_param_space(finite), 2, 20.0)["stop_reason"].startswith("space_exhausted")
+    assert sweep_end(config, space, 3, 100.0)["stop_reason"].startswith("trials_ended")  # early, and says so
+
+    from automl_tl.sweep.progress import SweepProgress
+
+    uncapped = SweepProgress(lambda line: None, "val_accuracy", "max", -1, time_budget_s=600.0)
+    uncapped.started -= 60.0
+    uncapped.finished = 3
+    status = uncapped._status()
+    assert " of " not in status and re.search(r"1m00s, ~(8m59|9m00)s left$", status)  # the budget is the estimate
 
 
 def test_progress_estimate_never_exceeds_the_time_budget() -> None:
@@ -422,7 +456,7 @@ def test_killed_driver_resumes_without_repeating_finished_trials(
     config_file.write_text(
         f"data: {{source: '{hymenoptera_dir}', cache_dir: '{data_cache_dir}'}}\n"
         "space: {backbones: [mobilenetv2_100], image_sizes: [64], max_epochs: 2, batch_sizes: [32], "
-        "freeze_depths: [8], augmentations: [none]}\n"
+        "freeze_depths: [8], augmentations: [none], optimizers: [adamw, sgd]}\n"  # epoch by epoch: no probe
         "search: {num_samples: 4, max_concurrent_trials: 1, scheduler: none}\n",
         encoding="utf-8",
     )

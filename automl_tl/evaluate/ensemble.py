@@ -24,12 +24,13 @@ import numpy as np
 
 from automl_tl.errors import ConfigError, SearchError
 from automl_tl.evaluate.metrics import classification_metrics, log_loss
-from automl_tl.evaluate.ranking import metric_mode, rank_key
-from automl_tl.inference.calibrate import combine
+from automl_tl.evaluate.ranking import beats, metric_mode, metric_value, rank_key
+from automl_tl.inference.calibrate import apply_temperature, combine, fit_temperature
 
 __all__ = [
     "ENSEMBLE_METRICS",
     "EnsembleSelection",
+    "no_worse_than_best",
     "select_ensemble",
     "select_greedy",
     "select_top_k",
@@ -191,3 +192,34 @@ def select_ensemble(
     if method == "greedy":
         return select_greedy(val_probs, labels, size, metric)
     raise ConfigError(f"ensemble method must be 'top_k' or 'greedy', got {method!r}")
+
+
+def no_worse_than_best(
+    selection: EnsembleSelection,
+    probs: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    best_id: str,
+    metric: str = "val_accuracy",
+) -> tuple[EnsembleSelection, str]:
+    """``selection``, or the best member alone when the ensemble does not beat it on ``probs``; and why.
+
+    Both are calibrated first (each its own temperature, fitted on the same predictions) and compared by the
+    ranking rule (:func:`~automl_tl.evaluate.ranking.beats`) on the search's ``metric``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if selection.members == (best_id,):
+        return selection, f"the selection kept the best member {best_id} alone"
+    ens = combine([probs[t] for t in selection.members], selection.weights)
+    names = [str(c) for c in range(ens.shape[1])]
+    mine, theirs = (
+        classification_metrics(labels, apply_temperature(p, fit_temperature(p, labels)), names, top_k=())
+        for p in (ens, np.asarray(probs[best_id], dtype=np.float64))
+    )
+    name = metric.removeprefix("val_")
+    shown = f"{name} {metric_value(mine, metric):.4f} vs {metric_value(theirs, metric):.4f}, log loss " \
+        f"{mine['log_loss']:.4f} vs {theirs['log_loss']:.4f}"
+    if beats(mine, theirs, metric):
+        return selection, f"the ensemble beat its best member {best_id} ({shown})"
+    why = f"the ensemble of {len(selection.members)} did not beat its best member {best_id} ({shown}): " \
+        "the best member is served alone"
+    return EnsembleSelection((best_id,), (1.0,), "best_member", selection.metric, selection.val_score), why

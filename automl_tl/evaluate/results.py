@@ -17,7 +17,8 @@ import numpy as np
 
 from automl_tl.inference.artifact import member_from_trial, write_artifact
 from automl_tl.config import load_config
-from automl_tl.evaluate.ensemble import select_ensemble
+from automl_tl.evaluate.crossval import decide_on_folds, spread_note, use_cross_validation
+from automl_tl.evaluate.ensemble import no_worse_than_best, select_ensemble
 from automl_tl.inference.calibrate import apply_temperature, combine, fit_temperature
 from automl_tl.errors import SearchError
 from automl_tl.evaluate.metrics import classification_metrics, format_metrics_table
@@ -50,26 +51,40 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
         raise SearchError(f"{run.path}: no trial saved a model, so there is nothing to ensemble")
     val_probs = {t: np.load(run.trial_dir(t) / "val_probs.npy") for t in candidates}
     best_id = str(summary["best"]["trial_id"])
-    log(f"[ensemble] selecting from {len(candidates)} trials ({config.search.ensemble_method}, size {config.search.ensemble_size})")
-    selection = select_ensemble(val_probs, y_val, config.search.ensemble_method, config.search.ensemble_size, SELECTION_METRIC)
+    pool, pool_labels, folds = val_probs, y_val, None
+    if use_cross_validation(len(val_idx), config.search.cv_below_images):
+        log(f"[ensemble] {len(val_idx)} validation images (search.cv_below_images={config.search.cv_below_images}): "
+            f"cross-validating heads on cached features, {config.search.cv_folds} folds over train + val")  # fmt: skip
+        infos = {t: run.read_json(f"trials/{t}/trial.json") for t in candidates}
+        folds = decide_on_folds(data, local_data_cache(data), infos, val_probs, config.search.cv_folds, config.search.seed)
+        log(f"[ensemble] {folds.why}" + (f"; fold accuracy (mean +/- sd): {spread_note(folds.scores)}" if folds.scores else ""))
+        if folds.used and folds.best_id is not None:
+            pool, pool_labels, best_id = folds.probs, folds.labels, folds.best_id
+    chosen_on = f"{'cross-validated' if pool is not val_probs else 'validation'} predictions on {pool_labels.size} images"
+    log(f"[ensemble] selecting from {len(pool)} trials ({config.search.ensemble_method}, size {config.search.ensemble_size}) on {chosen_on}")
+    selection = select_ensemble(pool, pool_labels, config.search.ensemble_method, config.search.ensemble_size, SELECTION_METRIC)
+    selection, why = no_worse_than_best(selection, pool, pool_labels, best_id, config.search.metric)
+    served = {"mode": "best_member" if selection.members == (best_id,) else "ensemble", "why": f"{why}, on {chosen_on}"}
+    log(f"[ensemble] serves the {served['mode'].replace('_', ' ')}: {served['why']}")
+    temperatures = {t: fit_temperature(pool[t], pool_labels) for t in {*selection.members, best_id}}
+    ens_val_raw = combine([pool[t] for t in selection.members], selection.weights)
+    ens_temperature = fit_temperature(ens_val_raw, pool_labels)
+    best_val = classification_metrics(pool_labels, apply_temperature(pool[best_id], temperatures[best_id]), class_names)
+    ens_val = classification_metrics(pool_labels, apply_temperature(ens_val_raw, ens_temperature), class_names)
 
     member_ids = list(selection.members) + ([best_id] if best_id not in selection.members else [])
     weights = list(selection.weights) + ([0.0] if best_id not in selection.members else [])
-    temperatures = {t: fit_temperature(val_probs[t], y_val) for t in member_ids}
-    ens_val_raw = combine([val_probs[t] for t in selection.members], selection.weights)
-    ens_temperature = fit_temperature(ens_val_raw, y_val)
-
     members = []
     for t in member_ids:
         record, state = member_from_trial(run.trial_dir(t), member_id=t)
+        if folds is not None and folds.used and t in folds.probs:  # chosen on folds: served refitted on train + val
+            state = {**state, **folds.refit(t, len(class_names))}
         members.append((dataclasses.replace(record, temperature=temperatures[t]), state))
     artifact_dir = run.path / ARTIFACT_DIR
     max_side = config.data.cache_max_side
     write_artifact(artifact_dir, class_names, members, weights, ens_temperature, {"best_member": best_id},
                    method=selection.method, decode_max_side=max_side)  # fmt: skip
 
-    best_val = classification_metrics(y_val, apply_temperature(val_probs[best_id], temperatures[best_id]), class_names)
-    ens_val = classification_metrics(y_val, apply_temperature(ens_val_raw, ens_temperature), class_names)
     best_test: dict[str, Any] | None = None
     ens_test: dict[str, Any] | None = None
     if len(test_idx):
@@ -85,7 +100,10 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     ens_beats = beats(ens_test or ens_val, best_test or best_val, config.search.metric)
     results: dict[str, Any] = {
         "metric": config.search.metric,
-        "best": {**summary["best"], "temperature": temperatures[best_id], "val_calibrated": best_val, "test": best_test},
+        "best": {**_best_entry(summary, best_id), "temperature": temperatures[best_id], "val_calibrated": best_val,
+                 "test": best_test},  # fmt: skip
+        "selection": {"on": chosen_on, "served": served["mode"], "why": served["why"],
+                      "cross_validation": folds.to_dict() if folds is not None else None},  # fmt: skip
         "ensemble": {
             "method": selection.method,
             "selection_metric": SELECTION_METRIC,
@@ -111,6 +129,16 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     verdict = "beat" if ens_beats else "did not beat"
     log(f"[results] the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: {results['artifact']}")
     return results
+
+
+def _best_entry(summary: dict[str, Any], best_id: str) -> dict[str, Any]:
+    """The summary's ``best`` entry for ``best_id``: the sweep's own best, or the best on folds."""
+    if str(summary["best"]["trial_id"]) == best_id:
+        return dict(summary["best"])
+    row = next(r for r in summary["trials"] if str(r["trial_id"]) == best_id)
+    return {"trial_id": best_id, "config": {k: row.get(k) for k in summary["best"].get("config", {})},
+            "val": {k: row.get(f"best_val_{k}") for k in ("accuracy", "macro_f1", "log_loss")}}  # fmt: skip
+
 
 
 def _member_test_probs(artifact_dir: Path, cache_path: str, test_idx: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:

@@ -200,8 +200,9 @@ def run_search(
     with ray_for_search(log):
         check_storage(run, shared_fs)
         tuner = _build_tuner(config, run, data, param_space, log, restore=False)
+        fit_started = time.time()
         grid = fit(tuner, run)
-        return _finish(config, run, grid, started, log)
+        return _finish(config, run, grid, started, log, sweep_end(config, param_space, len(grid), time.time() - fit_started))
 
 
 def resume_search(
@@ -222,9 +223,11 @@ def resume_search(
         check_storage(run, shared_fs)
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
             log(f"[resume] {note}")
-        tuner = _build_tuner(config, run, data, build_param_space(config), log, restore=True)
+        param_space = build_param_space(config)
+        tuner = _build_tuner(config, run, data, param_space, log, restore=True)
+        fit_started = time.time()
         grid = fit(tuner, run)
-        return _finish(config, run, grid, started, log)
+        return _finish(config, run, grid, started, log, sweep_end(config, param_space, len(grid), time.time() - fit_started))
 
 
 def fit(tuner: Any, run: RunDir) -> Any:
@@ -319,7 +322,7 @@ def _build_tuner(
             mode=mode,
             search_alg=_search_alg(config, param_space),
             scheduler=_scheduler(config, mode),
-            num_samples=search.num_samples,
+            num_samples=_trial_cap(config, param_space),
             max_concurrent_trials=search.max_concurrent_trials or _default_concurrency(res),
             time_budget_s=search.time_budget_s,
             reuse_actors=res.engine() == "inline",
@@ -328,12 +331,38 @@ def _build_tuner(
             name="tune",
             storage_path=run.location,
             verbose=0,
-            callbacks=[SweepProgress(log, search.metric, mode, search.num_samples, search.scheduler,
+            callbacks=[SweepProgress(log, search.metric, mode, _trial_cap(config, param_space), search.scheduler,
                                      search.time_budget_s, run.path / STOP_REASONS)],  # fmt: skip
             failure_config=tune.FailureConfig(max_failures=res.max_failures if res.engine() == "inline" else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def _trial_cap(config: ExperimentConfig, param_space: dict[str, Any]) -> int:
+    """Tune's ``num_samples``: the config's trial cap, at most the space's distinct points; -1 (no cap) when the
+    time budget alone ends the sweep."""
+    from automl_tl.sweep.space import count_points
+
+    caps = [n for n in (config.search.max_trials(), count_points(param_space)) if n is not None]
+    return min(caps) if caps else -1
+
+
+def sweep_end(config: ExperimentConfig, param_space: dict[str, Any], trials: int, fit_s: float) -> dict[str, Any]:
+    """Why the sweep stopped and how much of its time budget it used (``summary.json``'s ``sweep``)."""
+    from automl_tl.sweep.space import count_points
+
+    budget, cap, points = config.search.time_budget_s, config.search.max_trials(), count_points(param_space)
+    if points is not None and trials >= points and (cap is None or points <= cap):
+        reason = f"space_exhausted: the search space has {points} distinct point(s) and each ran"
+    elif cap is not None and trials >= cap:
+        reason = f"trial_cap: search.num_samples={cap} trials ran"
+    elif budget is not None and fit_s >= 0.9 * budget:
+        reason = "time_budget"
+    else:
+        reason = "trials_ended: every trial ended before the budget or the cap (errors or a finished searcher)"
+    return {"stop_reason": reason, "trials": trials, "fit_s": round(fit_s, 1), "time_budget_s": budget,
+            "budget_used": round(fit_s / budget, 3) if budget else None}  # fmt: skip
 
 
 def _largest_node_memory() -> int | None:
@@ -362,7 +391,8 @@ def _search_alg(config: ExperimentConfig, param_space: dict[str, Any]) -> Any:
     if config.search.algorithm == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, config.search.num_samples // 3)))
+        cap = config.search.max_trials()
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, cap // 3)) if cap else 5)
     return OptunaSearch(sampler=sampler, points_to_evaluate=frozen_start_points(config, param_space) or None)
 
 
@@ -386,7 +416,9 @@ def _scheduler(config: ExperimentConfig, mode: str) -> Any:
     return FIFOScheduler()
 
 
-def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log) -> SearchOutcome:
+def _finish(
+    config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log, end: dict[str, Any]
+) -> SearchOutcome:
     from automl_tl.sweep.progress import read_stop_reasons
 
     metric = config.search.metric
@@ -404,7 +436,10 @@ def _finish(config: ExperimentConfig, run: RunDir, grid: Any, started: float, lo
     wall_s = time.time() - started
     write_leaderboard(run, rows)
     write_summary(run, config, rows, best, wall_s)
+    run.write_json("summary.json", {**run.read_json("summary.json"), "sweep": end})
     run.push("leaderboard.csv", "summary.json", STOP_REASONS)
+    used = f", {end['budget_used']:.0%} of the time budget" if end["budget_used"] is not None else ""
+    log(f"[search] the sweep stopped: {end['stop_reason']} ({end['trials']} trials in {end['fit_s']:.0f}s{used})")
     log(f"[search] done in {wall_s:.0f}s: {len(done)} of {len(rows)} trials finished; best {best['trial_id']} "
         f"{metric}={best[f'best_{metric}']:.4f} ({best['backbone']}, freeze {best['freeze_depth']})")  # fmt: skip
     return SearchOutcome(run.path, rows, best, wall_s)

@@ -62,15 +62,16 @@ class SweepProgress(Callback):
         elapsed = time.time() - self.started
         ended = self.finished + self.stopped + self.errored
         left: float | None = None
-        if 0 < ended < self.num_samples:
+        capped = self.num_samples > 0  # Tune's -1: no trial cap, the time budget ends the sweep
+        if capped and 0 < ended < self.num_samples:
             left = elapsed / ended * (self.num_samples - ended)
-        if self.time_budget_s is not None and ended < self.num_samples:  # the budget may end the sweep first
+        if self.time_budget_s is not None and (not capped or ended < self.num_samples):  # the budget may end it first
             left = min(left if left is not None else math.inf, max(self.time_budget_s - elapsed, 0.0))
         eta = f", ~{_clock(left)} left" if left is not None else ""
         best = f"{self.best:.4f} ({self.best_trial})" if self.best is not None else "-"
         return (
             f"running {len(self.running)}, finished {self.finished}, stopped {self.stopped}, errored {self.errored}"
-            f" of {self.num_samples} | best {self.metric} {best} | {_clock(elapsed)}{eta}"
+            f"{f' of {self.num_samples}' if capped else ''} | best {self.metric} {best} | {_clock(elapsed)}{eta}"
         )
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

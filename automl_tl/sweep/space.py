@@ -22,7 +22,7 @@ from automl_tl.config import ExperimentConfig, FloatRange
 from automl_tl.errors import ConfigError
 from automl_tl.train.loop import HYPERPARAMETERS
 
-__all__ = ["build_param_space", "freeze_depth_choices", "frozen_start_points"]
+__all__ = ["build_param_space", "count_points", "freeze_depth_choices", "frozen_start_points"]
 
 # The trial each backbone starts with when ``search.frozen_first`` is on: a frozen feature extractor, no
 # augmentation and a linear head. Its pooled features are computed once and shared (``automl_tl.train.features``),
@@ -92,12 +92,24 @@ def _dimension(values: FloatRange | tuple[Any, ...]) -> Any:
     return _range(values) if isinstance(values, FloatRange) else _choice(values)
 
 
+def count_points(param_space: dict[str, Any]) -> int | None:
+    """How many distinct trials the space holds when it is finite (no continuous dimension), else None."""
+    count = 1
+    for domain in param_space.values():
+        if isinstance(domain, Categorical):
+            count *= len(domain.categories)
+        elif isinstance(domain, Domain):
+            return None
+    return count
+
+
 def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tune's ``points_to_evaluate``: one frozen-extractor trial per backbone, in the order configured.
+    """Tune's ``points_to_evaluate``: the probe (optimizer ``lbfgs``) of each backbone, when the space offers
+    that optimizer, then one AdamW-trained frozen-extractor trial per backbone, in the order configured.
 
     Only the searched dimensions appear (the searcher never sees constants). Empty when the space has no
     fully frozen depth or no ``none`` augmentation (such a start would not be cheap), and at most half of
-    ``num_samples`` (at least one) so the searcher keeps most trials to itself.
+    the trial cap (at least one) so the searcher keeps most trials to itself.
     """
     if not config.search.frozen_first:
         return []
@@ -107,12 +119,18 @@ def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -
     if "none" not in config.space.augmentations:
         return []
     searched = {key: dom for key, dom in param_space.items() if isinstance(dom, Domain)}
-    points = []
-    for name in config.space.backbones[: max(1, config.search.num_samples // 2)]:
-        wanted = {**_FROZEN_START, "backbone": name, "freeze_depth": deepest,
-                  "image_size": resolve_spec(name).input_size}  # fmt: skip
-        points.append({key: _nearest(dom, wanted[key]) for key, dom in searched.items()})
-    return points
+    # The logistic-regression probe of each backbone first: the sweep's floor, which it must never end below.
+    starts = [{**_FROZEN_START, "optimizer": "lbfgs"}] if "lbfgs" in config.space.optimizers else []
+    starts.append(_FROZEN_START)
+    points: list[dict[str, Any]] = []
+    for start in starts:
+        for name in config.space.backbones:
+            wanted = {**start, "backbone": name, "freeze_depth": deepest, "image_size": resolve_spec(name).input_size}
+            point = {key: _nearest(dom, wanted[key]) for key, dom in searched.items()}
+            if point not in points:
+                points.append(point)
+    cap = config.search.max_trials()
+    return points[: max(1, cap // 2)] if cap else points
 
 
 def _nearest(domain: Domain, value: Any) -> Any:

@@ -39,8 +39,8 @@ from automl_tl.evaluate.ranking import metric_mode, rank_key
 from automl_tl.runs.storage import atomic_path, write_atomic
 from automl_tl.inference.transforms import Preprocessing
 
-__all__ = ["HYPERPARAMETERS", "TrialConfig", "TrialData", "EpochResult", "train_trial", "amp_dtype", "memory_format_for", "select_device",
-           "Reporter"]
+__all__ = ["HYPERPARAMETERS", "TrialConfig", "TrialData", "EpochResult", "train_trial", "refit_head", "amp_dtype",
+           "memory_format_for", "select_device", "Reporter"]
 
 # The searched hyperparameters: the TrialConfig fields the sweep varies, each with the ``space`` section field
 # that lists its values. The search space, leaderboard, summary, report and demo read the names from here.
@@ -61,7 +61,7 @@ class TrialConfig:
     learning_rate: Float
     backbone_lr_ratio: Float
     augmentation: Literal["none", "light", "medium", "heavy"]
-    optimizer: Literal["adamw", "sgd"]
+    optimizer: Literal["adamw", "sgd", "lbfgs"]
     weight_decay: Float
     label_smoothing: Float
     batch_size: Int
@@ -194,16 +194,20 @@ def train_trial(
         from automl_tl.train.features import cached_features
 
         features = cached_features(data, cfg.backbone, pre, model)
-        steps: _Steps = _FeatureSteps(model, features.train, features.val, cfg, data, weight, balance)
+        probe = cfg.optimizer == "lbfgs"  # the logistic-regression probe: the head fitted to convergence
+        steps: _Steps = (_ProbeSteps if probe else _FeatureSteps)(
+            model.net.get_classifier(), features.train, data.labels[data.train_idx], features.val,  # type: ignore[operator]
+            data.labels[data.val_idx], cfg, weight, balance,
+        )  # fmt: skip
         cache_note = "hit" if features.hit else "miss"
     else:
+        if cfg.optimizer == "lbfgs" and cfg.pretrained and resume_dir is None:
+            _probe_start(model, cfg.backbone, data, pre, weight)  # LP-FT: fine-tuning starts from a converged head
         steps = _ImageSteps(model, pre, cfg, data, weight, balance, device, rank, world_size)
         cache_note = "unused"
 
     optimizer = _make_optimizer(model, cfg)
-    steps_per_epoch = steps.steps_per_epoch()
-    total_steps = max(1, cfg.max_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    schedule = _cosine_schedule(optimizer, cfg.max_epochs * steps.steps_per_epoch())
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "since_best": 0}
     if resume_dir is not None:
         state = _load_checkpoint(resume_dir, model, optimizer, schedule)
@@ -230,11 +234,12 @@ def train_trial(
         if rank_key(score, scores["val_log_loss"], mode) < rank_key(best, state.get("best_log_loss"), mode):
             state.update(best_score=score, best_epoch=epoch, best_log_loss=scores["val_log_loss"])
             if rank == 0 and out_dir is not None:
-                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores)
+                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores, steps.notes())
         state["since_best"] = 0 if improved else int(state["since_best"]) + 1
         state["epoch"] = epoch
         plateau = int(state["since_best"]) >= cfg.plateau_patience
         stop_reason = "plateau" if plateau and epoch < cfg.max_epochs else ("max_epochs" if epoch == cfg.max_epochs else "")
+        stop_reason = "converged" if steps.converged else stop_reason
         if not stop_reason and max_seconds is not None and time.perf_counter() - started_at >= max_seconds:
             stop_reason = "time_budget"
         metrics = {
@@ -270,6 +275,12 @@ def _mib(size: int | None) -> int | None:
 
 
 class _Steps:
+    converged = False  # True once the trial has nothing left to train (a probe after its fit)
+
+    def notes(self) -> dict[str, Any]:
+        """What the trial's ``trial.json`` should also record about how it trained."""
+        return {}
+
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
 
@@ -297,17 +308,19 @@ class _FeatureSteps(_Steps):
 
     def __init__(
         self,
-        model: TransferNet,
+        head: nn.Module,
         train_x: torch.Tensor,
+        train_labels: np.ndarray,
         val_x: torch.Tensor,
+        val_labels: np.ndarray,
         cfg: TrialConfig,
-        data: TrialData,
         weight: torch.Tensor | None,
         balance: str,
     ) -> None:
-        self.head: nn.Module = model.net.get_classifier()  # type: ignore[operator]
+        self.head = head
         self.train_x, self.val_x = train_x, val_x
-        self.train_y = torch.from_numpy(data.labels[data.train_idx]).long()
+        self.train_y = torch.from_numpy(np.asarray(train_labels)).long()
+        self.val_labels = val_labels
         self.cfg, self.weight, self.balance = cfg, weight, balance
 
     def steps_per_epoch(self) -> int:
@@ -336,6 +349,35 @@ class _FeatureSteps(_Steps):
         self.head.eval()
         probs: np.ndarray = torch.softmax(self.head(self.val_x).float(), dim=1).numpy()
         return probs
+
+
+class _ProbeSteps(_FeatureSteps):
+    """The logistic-regression probe: one "epoch" fits the head to convergence on the cached features."""
+
+    l2: float | None = None
+
+    def train_epoch(self, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
+        from automl_tl.train.probe import fit_probe, head_probs
+
+        val_y = self.val_labels
+        fit = fit_probe(self.head, self.train_x, self.train_y, self.val_x, val_y, self.weight)
+        self.l2, self.converged = fit.l2, True
+        probs = head_probs(self.head, self.train_x)
+        y = self.train_y.numpy()
+        return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()), float(np.mean(probs.argmax(1) == y))
+
+    def notes(self) -> dict[str, Any]:
+        return {"probe_l2": self.l2}
+
+
+def _probe_start(model: TransferNet, backbone: str, data: TrialData, pre: Preprocessing, weight: torch.Tensor | None) -> None:
+    """Fit ``model``'s head as the probe on its frozen pretrained features (computed once, shared)."""
+    from automl_tl.train.features import cached_features
+    from automl_tl.train.probe import fit_probe
+
+    features = cached_features(data, backbone, pre, model)
+    train_y = torch.from_numpy(data.labels[data.train_idx]).long()
+    fit_probe(model.net.get_classifier(), features.train, train_y, features.val, data.labels[data.val_idx], weight)  # type: ignore[operator]
 
 
 class _ImageSteps(_Steps):
@@ -429,6 +471,33 @@ class _ImageSteps(_Steps):
 # --- optimizer, checkpoints and the best epoch's files ---------------------------------------------------
 
 
+def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+def refit_head(cfg: TrialConfig, head: nn.Module, x: torch.Tensor, labels: np.ndarray, epochs: int,
+               num_classes: int, probe_l2: float | None = None) -> None:  # fmt: skip
+    """Train ``head`` on features ``x`` as the trial ``cfg`` trained its own, for ``epochs`` epochs (its best
+    epoch): same optimizer, schedule, batches and class balance; a probe (``lbfgs``) at its chosen L2.
+
+    Cross-validation trains one such head per fold, and the artifact one on train + validation together.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    balance = resolve_class_balance(cfg.class_balance, labels, num_classes)
+    weight = torch.tensor(class_weights(labels, num_classes), dtype=torch.float32) if balance == "weighted_loss" else None
+    if cfg.optimizer == "lbfgs":
+        from automl_tl.train.probe import L2_GRID, fit_head
+
+        fit_head(head, x, torch.from_numpy(labels), probe_l2 if probe_l2 is not None else L2_GRID[len(L2_GRID) // 2], weight)
+        return
+    steps = _FeatureSteps(head, x, labels, x[:0], labels[:0], cfg, weight, balance)
+    optimizer = _optimizer(list(head.parameters()), [], cfg)
+    schedule = _cosine_schedule(optimizer, cfg.max_epochs * steps.steps_per_epoch())
+    for epoch in range(1, epochs + 1):
+        steps.train_epoch(optimizer, schedule, epoch)
+
+
 def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimizer:
     head_ids = {id(p) for p in model.net.get_classifier().parameters()}  # type: ignore[operator]
     head: list[nn.Parameter] = []
@@ -436,10 +505,14 @@ def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimiz
     for param in model.net.parameters():
         if param.requires_grad:
             (head if id(param) in head_ids else body).append(param)
+    return _optimizer(head, body, cfg)
+
+
+def _optimizer(head: list[nn.Parameter], body: list[nn.Parameter], cfg: TrialConfig) -> torch.optim.Optimizer:
     groups = [{"params": head, "lr": cfg.learning_rate}]
     if body:  # pretrained layers move more slowly than the new head
         groups.append({"params": body, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer in ("adamw", "lbfgs"):  # lbfgs fits the head first; what trains after it uses AdamW
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
@@ -482,7 +555,11 @@ def _load_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Opti
     return resumed
 
 
-def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int, scores: dict[str, float]) -> None:
+def _write_best(
+    out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int,
+    scores: dict[str, float], notes: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as partial:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(partial))
     np.save(out_dir / "val_probs.npy", val_probs.astype(np.float32))
@@ -496,6 +573,7 @@ def _write_best(out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: T
         "best_epoch": epoch,
         "val_metrics": scores,
         "data_id": data.data_id,
+        **(notes or {}),
     }
     write_atomic(out_dir / "trial.json", json.dumps(info, indent=2, default=_json_default))
 
