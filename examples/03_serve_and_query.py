@@ -1,4 +1,4 @@
-"""Serve an artifact with Ray Serve on 127.0.0.1 and query it with `requests` in every request form.
+r"""Serve an artifact with Ray Serve on 127.0.0.1 and query it with `requests` in every request form.
 
     .venv/bin/python examples/03_serve_and_query.py runs/quickstart --images a.jpg b.jpg
     .venv/bin/python examples/03_serve_and_query.py runs/quickstart --smoke-test    # images from ../shared/datasets

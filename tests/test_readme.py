@@ -1,4 +1,5 @@
-"""Every command in the README's ``bash`` blocks is exercised, so the README cannot drift from the code.
+"""Every command in the ``bash`` blocks of README.md and docs/*.md is exercised, so the docs cannot drift from
+the code. Each test is parametrized over (file, command); the curl lines of every file share one server.
 
 * ``automl-tl ...``: parsed by the CLI's own argparse parser (parsing only: placeholder paths are fine);
 * ``curl ...``: run as written through bash against a real Serve app on a free port of 127.0.0.1, with
@@ -9,9 +10,11 @@
 * ``serve run automl_tl.serve:app k=v ...``: Serve's parser, then the app builder with those arguments;
 * ``.venv/bin/python SCRIPT ...``: the script exists and declares the subcommand and flags used; an example
   script must be one tests/test_examples.py smoke-tests;
+* ``.venv/bin/python -m automl_tl.MODULE ...``: the module exists and its argparse declares what is used;
 * ``export VAR=...`` / ``VAR=... cmd``: the variable is one the code or an example reads (or a --token-env).
 
 Any other command fails ``test_every_readme_command_is_covered``: a new kind needs a mechanism here first.
+benchmarks/README.md is rendered from benchmarks/results/*.json; it must equal what they render today.
 
     .venv/bin/python -m pytest -q tests/test_readme.py
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -41,7 +45,10 @@ from tests.scenarios._common import free_port
 from .conftest import REPO_ROOT
 from .test_artifact import CLASSES, make_member
 
-README_TEXT = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+DOC_FILES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+DOC_TEXTS = {p.relative_to(REPO_ROOT).as_posix(): p.read_text(encoding="utf-8") for p in DOC_FILES}
+README_TEXT = DOC_TEXTS["README.md"]
+README_MAX_LINES = 250
 EXAMPLES = REPO_ROOT / "examples"
 README_ADDRESS = "http://127.0.0.1:8000"
 TOKEN = "readme-token-2c9e41"
@@ -81,14 +88,18 @@ def kind(command: str) -> str:
         return "serve-run"
     if argv[0] == ".venv/bin/python" and argv[1:2] and argv[1].endswith(".py"):
         return "script"
+    if argv[0] == ".venv/bin/python" and argv[1:3] and argv[1] == "-m" and argv[2].startswith("automl_tl."):
+        return "module"
     return "uncovered"
 
 
-COMMANDS = readme_commands(README_TEXT)
+COMMANDS = [(name, command) for name, text in DOC_TEXTS.items() for command in readme_commands(text)]
+TOKEN_ENVS = sorted({v for text in DOC_TEXTS.values() for v in re.findall(r"--token-env (\w+)", text)})
 
 
-def of_kind(name: str) -> list[str]:
-    return [c for c in COMMANDS if kind(c) == name]
+def of_kind(name: str) -> list[Any]:
+    """pytest params of the commands of one kind, each named by its file and text."""
+    return [pytest.param(c, id=f"{f}: {c}") for f, c in COMMANDS if kind(c) == name]
 
 
 def assert_cli_parses(argv: list[str], command: str) -> None:
@@ -100,9 +111,27 @@ def assert_cli_parses(argv: list[str], command: str) -> None:
 
 
 def test_every_readme_command_is_covered() -> None:
-    uncovered = [c for c in COMMANDS if kind(c) == "uncovered"]
-    assert not uncovered, f"README command(s) that no test covers: {uncovered}; add a mechanism to {__file__}"
-    assert {"automl-tl", "make"} <= {kind(c) for c in COMMANDS}, "no bash block found: is the extractor broken?"
+    uncovered = [f"{f}: {c}" for f, c in COMMANDS if kind(c) == "uncovered"]
+    assert not uncovered, f"command(s) that no test covers: {uncovered}; add a mechanism to {__file__}"
+    readme_kinds = {kind(c) for f, c in COMMANDS if f == "README.md"}
+    assert {"automl-tl", "make", "curl"} <= readme_kinds, "no bash block found: is the extractor broken?"
+    assert {f for f, _ in COMMANDS} == set(DOC_TEXTS), "a docs page without a bash block: give it a real command"
+
+
+def test_readme_is_short_and_links_every_docs_page() -> None:
+    lines = README_TEXT.count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it under {README_MAX_LINES}, the rest in docs/"
+    assert README_TEXT.startswith("# automl_tl\n") and "make demo" in README_TEXT.split("## ")[0]
+    for name in DOC_TEXTS:
+        assert name == "README.md" or f"]({name})" in README_TEXT, f"README.md does not link {name}"
+
+
+@pytest.mark.parametrize("name", sorted(DOC_TEXTS))
+def test_relative_links_point_to_files_that_exist(name: str) -> None:
+    base = (REPO_ROOT / name).parent
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", DOC_TEXTS[name]):
+        if "://" not in target:
+            assert (base / target).exists(), f"{name}: link to {target}, which does not exist"
 
 
 @pytest.mark.parametrize("command", of_kind("automl-tl"))
@@ -117,12 +146,12 @@ def test_make_target_exists(command: str) -> None:
         assert target in targets, f"{command!r}: the Makefile has no target {target!r}"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if split_command(c)[0]])
+@pytest.mark.parametrize("command", [pytest.param(c, id=f"{f}: {c}") for f, c in COMMANDS if split_command(c)[0]])
 def test_environment_variables_are_ones_something_reads(command: str) -> None:
     """A misspelt variable (RAY_AUTH_MOD) would be silently ignored by every program: catch it here."""
     files = [*(REPO_ROOT / "automl_tl").rglob("*.py"), *EXAMPLES.iterdir()]
     corpus = "\n".join(p.read_text(encoding="utf-8") for p in files if p.is_file())
-    named = set(re.findall(r"--token-env (\w+)", README_TEXT))
+    named = set(TOKEN_ENVS)
     for name in split_command(command)[0]:
         assert name in named or re.search(rf"\b{name}\b", corpus), f"{command!r}: nothing reads ${name}"
 
@@ -170,13 +199,63 @@ def test_script_declares_what_the_command_uses(command: str) -> None:
         assert path.name in (REPO_ROOT / "tests" / "test_examples.py").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("block", re.findall(r"^```python\n(.*?)^```", README_TEXT, re.S | re.M))
+@pytest.mark.parametrize("command", of_kind("module"))
+def test_module_declares_what_the_command_uses(command: str) -> None:
+    module, *rest = split_command(command)[1][2:]
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    assert path.is_file(), f"{command!r}: no module {module} (at {path.relative_to(REPO_ROOT)})"
+    source = path.read_text(encoding="utf-8")
+    assert re.search(r"^if __name__ == .__main__.:", source, re.M), f"{command!r}: {module} cannot run with -m"
+    subcommands, options = _argparse_surface(path)
+    if subcommands:
+        assert rest and rest[0] in subcommands, f"{command!r}: subcommand must be one of {sorted(subcommands)}"
+    unknown = [w for w in rest if w.startswith("-") and w.split("=", 1)[0] not in options]
+    assert not unknown, f"{command!r}: {module} declares no {unknown}; it has {sorted(options)}"
+
+
+PYTHON_BLOCKS = [pytest.param(block, id=f"{name}: python block {i}") for name, text in DOC_TEXTS.items()
+                 for i, block in enumerate(re.findall(r"^```python\n(.*?)^```", text, re.S | re.M))]  # fmt: skip
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS)
 def test_python_snippet_compiles_and_names_the_public_api(block: str) -> None:
     import automl_tl
 
     for node in ast.walk(ast.parse(block)):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "automl_tl":
             assert hasattr(automl_tl, node.attr), f"automl_tl.{node.attr} does not exist"
+
+
+# --- benchmarks/README.md, rendered from benchmarks/results/*.json ------------------------------------------
+
+
+def _renderer() -> Any:
+    spec = importlib.util.spec_from_file_location("render_readme", REPO_ROOT / "benchmarks" / "render_readme.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_readme_is_what_the_committed_results_render() -> None:
+    page = (REPO_ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    assert page == _renderer().render(), "benchmarks/README.md is stale: run .venv/bin/python benchmarks/render_readme.py"
+
+
+def test_benchmarks_readme_shows_every_result_file_with_its_date(tmp_path: Path) -> None:
+    render = _renderer().render
+    results = sorted(p.name for p in (REPO_ROOT / "benchmarks" / "results").glob("*.json"))
+    page = render()
+    for name in results:
+        if not name.endswith("_smoke.json"):
+            assert f"(results/{name})" in page, f"{name} is not on the page"
+    (tmp_path / "sweep_overhead.json").write_text(json.dumps({"date": "2030-01-02", "machine": "8 CPUs"}))
+    (tmp_path / "new_bench.json").write_text(json.dumps({"date": "2030-01-03", "speed": {"a": 12.345, "b": [1, 2]}}))
+    (tmp_path / "serve_smoke.json").write_text(json.dumps({"date": "2030-01-04"}))
+    page = render(tmp_path)
+    assert "measured 2030-01-02 on 8 CPUs" in page  # an older file without the expected keys still renders
+    assert "| speed.a | 12.3 |" in page and "| speed.b | 1, 2 |" in page  # an unknown benchmark: its numbers
+    assert "2030-01-04" not in page  # smoke-test runs are not published
 
 
 # --- the commands that need an artifact, and a server ------------------------------------------------------
@@ -227,7 +306,7 @@ def server(ray_session: Any, run_dir: Path, tmp_path_factory: pytest.TempPathFac
 def run_curl(command: str, base: str, cwd: Path, token: str) -> tuple[str, Any]:
     """(HTTP status, parsed body) of the command run through bash with only its address changed."""
     line = command.replace(README_ADDRESS, base).replace("curl ", "curl -w '\\n%{http_code}' ", 1)
-    env = {**os.environ, **{name: token for name in re.findall(r"--token-env (\w+)", README_TEXT)}}
+    env = {**os.environ, **{name: token for name in TOKEN_ENVS}}
     proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{line}\nfailed ({proc.returncode}): {proc.stderr}"
     body, _, status = proc.stdout.rpartition("\n")
