@@ -46,7 +46,7 @@ def demo_config(data: str | None = None, budget_s: float = DEMO_BUDGET_S) -> Exp
                 "batch_sizes": [64],
                 "max_epochs": 3,
             },
-            "search": {"num_samples": 12, "time_budget_s": budget_s, "ensemble_size": 3, "grace_period_epochs": 1},
+            "search": {"time_budget_s": budget_s, "ensemble_size": 3, "grace_period_epochs": 1},
         }
     )
 

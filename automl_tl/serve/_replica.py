@@ -82,8 +82,8 @@ class Counters:
 
 # libgomp (torch's OpenMP) lets a team's idle threads spin between parallel regions only while it manages no
 # more threads than there are cores; past that they sleep and wake on every region. A second thread that runs
-# multi-threaded torch ops (the replica's constructor, a decode thread) tips it over: a tf_efficientnet_lite0
-# forward at batch 1 with 2 threads on 2 cores took 22-25 ms instead of 12.4-12.8 ms. So a replica's models
+# multi-threaded torch ops (the replica's constructor, a decode thread) tips it over and slows every forward
+# (figures in benchmarks/results/serve.json). So a replica's models
 # are built, warmed up and run multi-threaded only in its first forward lane, and every other thread (decode
 # threads, other lanes) runs torch single-threaded.
 
@@ -92,9 +92,8 @@ class Counters:
 # from any thread (ATen's ``lazy_init_num_threads``), and that overrides an earlier ``set_num_threads`` of the
 # thread's own. A decode thread that set 1 but ran its first resize just after lane 0 set 2 for a lone request
 # thus ran on 2 threads and started a second OpenMP team: libgomp then manages more threads than cores and
-# stops spinning, and lane 0's forward took twice as long for the rest of the replica's life (lone requests to
-# a 1 x 2 replica: 24.2 instead of 12.8 ms server-side for the best member, 45.4 instead of 23 for the
-# ensemble; reproduced in-process, 38.4 against 14.8-19.2 ms). Reading the count first runs that lazy step,
+# stops spinning, and lane 0's forward took about twice as long for the rest of the replica's life (a test
+# reproduces the race). Reading the count first runs that lazy step,
 # so the count set next stays.
 def pin_torch_threads(threads: int) -> None:
     """This thread's torch ops run on ``threads`` threads, whatever other threads set later."""
@@ -139,9 +138,8 @@ class Forward:
     threads. With several (a CPU replica of several cores), batches run side by side on one torch thread
     each, and a request that finds the replica idle (:meth:`solo`) runs on all ``threads`` in lane 0 while
     nothing else is admitted; or, for several members, with the members spread over the lanes on one thread
-    each, where the replica measured that faster when it started (:attr:`member_lanes`). On 2 cores a
-    batch-1 forward took 13.5 ms on 2 threads against 18.7 ms on 1,
-    while under load two one-thread batches side by side served more than one two-thread batch at a time
+    each, where the replica measured that faster when it started (:attr:`member_lanes`). A batch-1 forward
+    is faster on all threads, while under load two one-thread batches side by side served more than one two-thread batch at a time
     (``benchmarks/bench_serve.py``). Our reading: an OpenMP team waits at every barrier for whichever of its
     threads decoding or HTTP work has preempted, while a one-thread lane only slows itself.
     """
@@ -172,9 +170,8 @@ class Forward:
             one = self._lanes[0].submit(example).result()
             batch = [one] * batch_size
             # A few batch sizes, twice each: a member that runs as a TorchScript graph specialises it on its
-            # first runs and again for the first new shapes, then keeps a general one (a first batch-1 forward
-            # took 17.3 ms, the next ones 6.8 ms; a first batch of 8 81.8 ms, the next 52.9 ms; a first batch
-            # of 3 after those, 20.1 ms, no longer slow).
+            # first runs and again for the first new shapes, then keeps a general one: the first forwards of a
+            # shape are several times slower than the later ones.
             for size in [n for n in sorted({1, 2, max(1, batch_size // 2), batch_size}) for _ in range(2)]:
                 self._lanes[0].submit(_on_threads, threads, self.runner.run, batch[:size]).result()
             if lanes > 1:
@@ -204,8 +201,8 @@ class Forward:
         members on one thread, all lanes at once, than with every member in turn on all threads; else None.
 
         Timed here, on the replica's own cores, since which is faster depends on the members: two members of
-        similar cost gain from running side by side (on 2 cores, mobilenetv2_100 at 160 px beside
-        tf_efficientnet_lite0 at 224 px: 20.6-21.2 against 23.8-23.9 ms in turn), while one large member and a
+        similar cost gain from running side by side (mobilenetv2_100 at 160 px beside tf_efficientnet_lite0 at
+        224 px), while one large member and a
         small one would wait on the large member's slower single-thread forward.
         """
         one = [example]
@@ -256,8 +253,8 @@ class Forward:
     async def solo(self, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]) -> list[Row]:
         """Prepare and forward one request's images as one batch while nothing else runs: on every thread in
         lane 0, or with :attr:`member_lanes`, each lane forwarding its members on one thread, all at once.
-        A lone request skips the decode pool and the batcher (two thread hand-offs and a queue: a lone
-        request's p50 fell from 34.8 to 32.1 ms on 2 cores). Requests arriving meanwhile wait at
+        A lone request skips the decode pool and the batcher (two thread hand-offs and a queue on its
+        critical path). Requests arriving meanwhile wait at
         :meth:`admit` as they would for a batch. Call it only while :attr:`idle`."""
         if not self.idle:
             raise RuntimeError("Forward.solo needs an idle replica")

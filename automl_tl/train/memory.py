@@ -1,8 +1,7 @@
 """A trial's memory: what it will need (asked of Ray before it starts), what it used, and handing freed heap back.
 
 Ray's memory monitor kills a worker when the node passes 95 % of its memory, and Tune 2.60 then stops the
-whole sweep. Two tf_efficientnet_lite2 fine-tuning trials at 260 px scheduled side by side did that on a
-24 GiB machine. Each trial therefore asks Ray for its estimated peak as the ``memory`` resource, so Ray only
+whole sweep (two large fine-tuning trials scheduled side by side on a small machine do that). Each trial therefore asks Ray for its estimated peak as the ``memory`` resource, so Ray only
 runs side by side the trials that fit.
 """
 
@@ -20,7 +19,7 @@ import numpy as np
 __all__ = ["MALLOC_ENV", "malloc_env", "scoped_env", "tune_malloc", "trim_heap", "activation_share", "estimate_trial_bytes", "peak_rss_bytes", "reset_peak_rss"]
 
 GIB = 2**30
-# The process before training: torch, timm, the model and optimizer, Python (0.75 GB measured), plus room
+# The process before training: torch, timm, the model and optimizer, Python, plus room
 # for the memory-mapped image cache's resident pages.
 BASE_BYTES = 1 * GIB
 # Activation memory relative to fine-tuning everything, by the frozen fraction of the stages. Measured with
@@ -32,16 +31,14 @@ BASE_BYTES = 1 * GIB
 _FROZEN_FRACTION = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
 _ACTIVATION_SHARE = (1.0, 0.97, 0.57, 0.35, 0.21, 0.19, 0.12)
 # The validation pass runs at the training batch size, and an inference batch holds about 0.3 of a
-# training image's activations per image (tf_efficientnet_lite0 at 224 px, batch 64: 0.98 GB above the model
-# with glibc's defaults, 1.35 GB with MALLOC_ENV, whose heap keeps freed blocks): a nearly frozen network
-# peaks there, not in its training step.
+# training image's activations per image (more with MALLOC_ENV, whose heap keeps freed blocks): a nearly
+# frozen network peaks there, not in its training step.
 INFERENCE_SHARE = 0.3
 # The measured step peak leaves out augmentation buffers and allocator slack (MALLOC_ENV's heap adds 4-8 % to a
 # training step's peak).
 MARGIN = 1.3
 # A head on cached features may first have to compute them: one inference pass over the images in batches
-# of 32, which peaked 0.6-1.3 GB above a cache hit in a sweep on this machine at batch 64 (mobilenetv2_100 at
-# 160 px to tf_efficientnet_lite2 at 260 px): as much as training on 14 images.
+# of 32, which peaks about as high above a cache hit as training on 14 images does.
 EXTRACTION_IMAGES = 14
 STEP_BYTES = GIB // 2  # requests are rounded up to this, so trials that ask alike share Tune's reused actors
 
@@ -68,7 +65,7 @@ def estimate_trial_bytes(
     process and the pass that may first compute the features. On a GPU a training step's activations live in
     device memory, so the host needs the process and the validation tensor.
 
-    >>> estimate_trial_bytes(2.35, 260, 32, 0, 8, 36, False) / GIB  # lite2, all trained: one step peaked at 4.9 GB
+    >>> estimate_trial_bytes(2.35, 260, 32, 0, 8, 36, False) / GIB  # lite2, everything trained
     7.5
     """
     pixels = image_size * image_size
@@ -102,12 +99,10 @@ def reset_peak_rss(pid: int | str = "self") -> None:
         pass
 
 
-# glibc malloc settings for processes that run torch on the CPU. By default every allocation over 32 MiB at
-# most (an activation of a batch) is a fresh mmap, whose pages the kernel faults in and zeroes one by one, and
-# free() unmaps it again: the next step pays the same again. A tf_efficientnet_lite0 forward at 224 px,
-# batch 64, 2 threads, spent more time in the kernel than in torch: 41 img/s, 3.2 M page faults per 256
-# images; with these settings 97-105 img/s and 25-47 k faults, and fine-tuning steps 1.35-1.56x faster
-# (lite0 at 128 and 224 px, mobilenetv2 at 160 px) for 4-8 % more peak memory. Large blocks then come from
+# glibc malloc settings for processes that run torch on the CPU. By default every large allocation (an
+# activation of a batch) is a fresh mmap, whose pages the kernel faults in and zeroes one by one, and
+# free() unmaps it again: the next step pays the same again, so a CPU forward spends more time in the kernel
+# than in torch (tests/test_sweep.py counts the page faults). Large blocks then come from
 # the heap and stay there between steps; one arena keeps threads other than the main one (Tune runs a trial
 # function in its own thread, Serve its replicas' code) off per-thread arenas, which mmap large blocks
 # regardless. ``trim_heap`` still hands the free heap back between trials and batches.
@@ -165,9 +160,8 @@ def tune_malloc() -> None:
 def trim_heap(collect: bool = False) -> None:
     """``malloc_trim(0)``: return free heap pages to the system (glibc only; elsewhere a no-op).
 
-    A trial actor that Tune reuses keeps the peak of the last trial's training step otherwise: after a
-    tf_efficientnet_lite2 fine-tuning step at 260 px (5.5 GB peak) the process held 1.9 GB, and 0.7 GB
-    after trimming. ``collect`` runs the garbage collector first.
+    A trial actor that Tune reuses keeps the peak of the last trial's training step otherwise.
+    ``collect`` runs the garbage collector first.
     """
     if collect:
         gc.collect()
