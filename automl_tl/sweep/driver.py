@@ -34,9 +34,9 @@ import yaml
 
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
 from automl_tl.train.memory import tune_malloc
-from automl_tl.backbones import resolve_spec, source_status
+from automl_tl.backbones import check_backbones as check_backbone_weights
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
-from automl_tl.errors import BackboneError, SearchError
+from automl_tl.errors import SearchError
 from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
 from automl_tl.train.loop import METRIC_MODES
 from automl_tl.train.trial_data import TrialData
@@ -57,12 +57,8 @@ class SearchOutcome:
 
 
 def check_backbones(config: ExperimentConfig) -> None:
-    """Every backbone of the space must have its weights before anything trains."""
-    for name in config.space.backbones:
-        spec = resolve_spec(name)
-        status = source_status(spec.weights)
-        if status != "ready" and not status.startswith("hub"):
-            raise BackboneError(f"backbone '{name}': {spec.weights.describe()}: {status}")
+    """Every backbone of the space must have its weights before anything trains (hub lookups bounded)."""
+    check_backbone_weights(config.space.backbones)
 
 
 def ensure_ray(log: Log) -> bool:

@@ -64,6 +64,9 @@ class TrialConfig:
     plateau_patience: int = 3
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
     pretrained: bool = True
+    # Layer-wise learning-rate decay: each stage learns layer_decay times as fast as the one above it
+    # (the stem slowest); 1.0 is off.
+    layer_decay: float = dataclasses.field(default=1.0, metadata={"gt": 0.0, "le": 1.0})
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrialConfig:
@@ -165,6 +168,7 @@ def train_trial(
         freeze_depth=min(cfg.freeze_depth, spec.max_freeze_depth),
         head=cfg.head,
         head_dropout=cfg.head_dropout,
+        image_size=pre.input_size,
     )
     train_labels = data.labels[data.train_idx]
     balance = resolve_class_balance(cfg.class_balance, train_labels, num_classes)
@@ -287,7 +291,7 @@ class _FeatureSteps(_Steps):
         weight: torch.Tensor | None,
         balance: str,
     ) -> None:
-        self.head: nn.Module = model.net.get_classifier()  # type: ignore[operator]
+        self.head: nn.Module = model.head
         self.train_x, self.val_x = train_x, val_x
         self.train_y = torch.from_numpy(data.labels[data.train_idx]).long()
         self.cfg, self.weight, self.balance = cfg, weight, balance
@@ -412,15 +416,17 @@ class _ImageSteps(_Steps):
 
 
 def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimizer:
-    head_ids = {id(p) for p in model.net.get_classifier().parameters()}  # type: ignore[operator]
-    head: list[nn.Parameter] = []
-    body: list[nn.Parameter] = []
-    for param in model.net.parameters():
-        if param.requires_grad:
-            (head if id(param) in head_ids else body).append(param)
-    groups = [{"params": head, "lr": cfg.learning_rate}]
-    if body:  # pretrained layers move more slowly than the new head
-        groups.append({"params": body, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
+    groups = [{"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    layers = model.trainable_layers()
+    body_lr = cfg.learning_rate * cfg.backbone_lr_ratio  # pretrained layers move more slowly than the new head
+    if cfg.layer_decay == 1.0:
+        body = [p for layer in layers for p in layer]
+        if body:
+            groups.append({"params": body, "lr": body_lr})
+    else:  # the last stage learns at body_lr, each one below it layer_decay times slower
+        deepest = len(layers) - 1
+        groups += [{"params": layer, "lr": body_lr * cfg.layer_decay ** (deepest - i)}
+                   for i, layer in enumerate(layers) if layer]  # fmt: skip
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
