@@ -253,7 +253,10 @@ def create_backbone(
         net = _create_with_weights(spec, source, kwargs)
     if num_classes is not None:
         net.reset_classifier(num_classes)
-        _set_module(net, _classifier_path(net), make_head(head, spec.feature_width, num_classes, head_dropout))
+        new_head = make_head(head, spec.feature_width, num_classes, head_dropout)
+        if isinstance(_classifier(net), nn.Conv2d):  # a 1x1 convolution on pooled maps (ResNetV2): flatten them
+            new_head = nn.Sequential(nn.Flatten(1), new_head)
+        _set_module(net, _classifier_path(net), new_head)
     elif not keep_head:
         net.reset_classifier(0)  # pooled features out
     net.eval()

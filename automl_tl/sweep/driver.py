@@ -152,11 +152,11 @@ def run_search(
 
     ``out`` is a local path or a URI (``s3://...``); ``shared_fs`` says a local ``out`` is mounted on every node.
     """
-    from automl_tl.sweep.space import build_param_space
-
     started = time.time()
     run = RunDir.open(out)
-    check_backbones(config)
+    check_backbones(config)  # before Ray is imported, the data read or the run directory written
+    from automl_tl.sweep.space import build_param_space
+
     param_space = build_param_space(config)  # a bad space fails here, before data or Ray
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
