@@ -57,14 +57,18 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(24, *(len(r["name"]) + 2 for r in rows))
-    print(f"{'name':<{width}}{'input':>6}{'features':>9}{'freeze':>7}  {'license':<24}{'status':<10}source")
     for r in rows:
         terms = r["license_terms"]
-        mark = "" if terms == "permissive" else f" ({terms.upper() if terms == 'non-commercial' else terms})"
+        r["license_shown"] = f"{r['license']}" + ("" if terms == "permissive" else
+                                                   f" ({terms.upper() if terms == 'non-commercial' else terms})")  # fmt: skip
+    width = max(24, *(len(r["name"]) + 2 for r in rows))
+    lic = max(12, *(len(r["license_shown"]) + 2 for r in rows))
+    print(f"{'name':<{width}}{'input':>6}{'features':>9}{'freeze':>7}  {'license':<{lic}}{'status':<8}source")
+    for r in rows:
+        status = r["status"].split(" ")[0] if r["status"].startswith(("ready", "hub")) else "missing"
         print(
             f"{r['name']:<{width}}{r['input_size']:>6}{r['feature_width']:>9}{'0-' + str(r['max_freeze_depth']):>7}"
-            f"  {str(r['license']) + mark:<24}{r['status'].split(' ')[0] if r['status'].startswith(('ready', 'hub')) else 'missing':<10}{r['source']}"
+            f"  {r.pop('license_shown'):<{lic}}{status:<8}{r['source']}"
         )
     for r in rows:
         if r["status"] != "ready":

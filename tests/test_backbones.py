@@ -26,7 +26,7 @@ from automl_tl.backbones import (
     weights_dir,
 )
 from automl_tl.backbones._weights import convert_keras_mobilenetv2
-from automl_tl.errors import BackboneError
+from automl_tl.errors import BackboneError, ConfigError
 from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
 from .conftest import DATA_DIR
@@ -261,12 +261,28 @@ def test_cli_backbones_json() -> None:
     import json
 
     exe = shutil.which("automl-tl", path=str(Path(sys.executable).parent)) or "automl-tl"
-    proc = subprocess.run([exe, "backbones", "--json"], capture_output=True, text=True, timeout=120)
+    hub_name = "timm:convnextv2_atto.fcmae_ft_in1k"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([exe, "backbones", hub_name, "--json"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["name"] for r in rows] == BACKBONES
-    assert all(r["status"] == "ready" for r in rows)
-    assert {r["max_freeze_depth"] for r in rows} == {8}
+    assert [r["name"] for r in rows] == [*BACKBONES, hub_name]
+    assert all(r["status"] == "ready" for r in rows[:-1]) and rows[-1]["status"].startswith("hub")
+    assert {r["max_freeze_depth"] for r in rows[:-1]} == {8}
+    assert [r["license"] for r in rows] == ["Apache-2.0"] * 3 + ["MIT", "cc-by-nc-4.0"]
+    assert [r["license_terms"] for r in rows] == ["permissive"] * 4 + ["non-commercial"]
+    text = subprocess.run([exe, "backbones", hub_name], capture_output=True, text=True, timeout=120, env=env).stdout
+    assert "cc-by-nc-4.0 (NON-COMMERCIAL)" in text
+
+
+def test_license_terms() -> None:
+    from automl_tl.backbones import license_terms
+
+    assert [license_terms(x) for x in ("apache-2.0", "MIT", "bsd-3-clause", "cc-by-4.0")] == ["permissive"] * 4
+    for non_commercial in ("cc-by-nc-4.0", "cc-by-nc-sa-4.0", "fair-noncommercial-research-license", "apple-amlr"):
+        assert license_terms(non_commercial) == "non-commercial", non_commercial
+    assert license_terms("fastvit-license") == "custom" and license_terms("dinov3-license") == "custom"
+    assert license_terms(None) == "unknown" and license_terms("unknown") == "unknown"
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -389,3 +405,20 @@ def test_hub_weights_in_the_local_cache_need_no_network(tmp_path: Path, silent_h
     checked_s, weight_sum = map(float, proc.stdout.split())
     assert checked_s < 2.0  # asking the silent hub takes its whole deadline
     assert weight_sum == pytest.approx(float(reference.conv1[0].weight.sum()), abs=1e-6)
+
+
+def test_layer_wise_decay_gives_each_stage_its_own_rate() -> None:
+    from automl_tl.train.loop import TrialConfig, _make_optimizer
+
+    base = {"backbone": "mobilenetv2_100", "freeze_depth": 3, "learning_rate": 0.01, "backbone_lr_ratio": 0.5,
+            "augmentation": "none", "optimizer": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0,
+            "batch_size": 2, "max_epochs": 1, "head": "linear", "head_dropout": 0.0}  # fmt: skip
+    net = create_backbone("mobilenetv2_100", num_classes=2, freeze_depth=3, pretrained=False)
+    plain = _make_optimizer(net, TrialConfig.from_params(base))  # off: the head's rate and one for the body
+    assert [g["lr"] for g in plain.param_groups] == [0.01, 0.005]
+    decayed = _make_optimizer(net, TrialConfig.from_params({**base, "layer_decay": 0.5}))
+    # Stages 4..8 train (the stem and stages 1-3 are frozen); the last learns at 0.005, each below at half.
+    assert [g["lr"] for g in decayed.param_groups] == pytest.approx([0.01, 0.005 / 16, 0.005 / 8, 0.005 / 4, 0.005 / 2, 0.005])
+    assert sum(len(g["params"]) for g in decayed.param_groups) == len(list(net.trainable_parameters()))
+    with pytest.raises(ConfigError, match="trial.layer_decay"):
+        TrialConfig.from_params({**base, "layer_decay": 0.0})
