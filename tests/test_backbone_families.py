@@ -26,7 +26,7 @@ from automl_tl.backbones import LocalFile, create_backbone, layer_index, resolve
 from automl_tl.backbones._builder import frozen_names
 from automl_tl.train.trial_data import TrialData
 
-# family -> the smallest pretrained variant timm 1.0.31 has of it
+# family -> the smallest pretrained variant timm 1.0.31 has of it (and LCNet, HGNetV2: convolutional heads)
 FAMILIES = {
     "resnet": "resnet10t.c3_in1k",
     "resnetv2": "resnetv2_18.ra4_e3600_r224_in1k",
@@ -47,7 +47,9 @@ FAMILIES = {
     "clip_vit": "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m",
     "siglip": "vit_base_patch16_siglip_224.webli",
     "swin": "swin_tiny_patch4_window7_224.ms_in1k",
-    "maxvit": "maxvit_rmlp_pico_rw_256.sw_in1k",
+    # The smaller 'rw' MaxViTs attend in channels-last layout, which torch 2.14's ONNX exporter cannot
+    # reshape with a dynamic batch: the smallest that exports is the original (tf) layout's.
+    "maxvit": "maxvit_tiny_tf_224.in1k",
     "tiny_vit": "tiny_vit_5m_224.in1k",
     "fastvit": "fastvit_t8.apple_in1k",
 }
