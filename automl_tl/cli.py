@@ -36,17 +36,19 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
-    from automl_tl.backbones import get_backbone_spec, list_backbones, source_status
+    from automl_tl.backbones import license_terms, list_backbones, resolve_spec, weights_status
 
     rows = []
-    for name in list_backbones():
-        spec = get_backbone_spec(name)
+    for name in [*list_backbones(), *args.names]:
+        spec = resolve_spec(name)
         rows.append(
             {
                 "name": name,
                 "architecture": spec.architecture,
                 "source": spec.weights.describe(),
-                "status": source_status(spec.weights),
+                "status": weights_status(spec.weights),
+                "license": spec.license,
+                "license_terms": license_terms(spec.license),
                 "input_size": spec.input_size,
                 "feature_width": spec.feature_width,
                 "max_freeze_depth": spec.max_freeze_depth,
@@ -55,14 +57,26 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = f"{'name':<24}{'input':>6}{'features':>9}{'freeze':>7}  {'status':<10}source"
-    print(header)
     for r in rows:
+        terms = r["license_terms"]
+        r["license_shown"] = f"{r['license']}" + ("" if terms == "permissive" else
+                                                   f" ({terms.upper() if terms == 'non-commercial' else terms})")  # fmt: skip
+    width = max(24, *(len(r["name"]) + 2 for r in rows))
+    lic = max(12, *(len(r["license_shown"]) + 2 for r in rows))
+    print(f"{'name':<{width}}{'input':>6}{'features':>9}{'freeze':>7}  {'license':<{lic}}{'status':<8}source")
+    for r in rows:
+        status = r["status"].split(" ")[0] if r["status"].startswith(("ready", "hub")) else "missing"
         print(
-            f"{r['name']:<24}{r['input_size']:>6}{r['feature_width']:>9}{'0-' + str(r['max_freeze_depth']):>7}"
-            f"  {r['status']:<10}{r['source']}"
+            f"{r['name']:<{width}}{r['input_size']:>6}{r['feature_width']:>9}{'0-' + str(r['max_freeze_depth']):>7}"
+            f"  {r.pop('license_shown'):<{lic}}{status:<8}{r['source']}"
         )
-    print("\nOther timm models with pretrained weights: timm:<architecture> (needs the hub or a local HF cache).")
+    for r in rows:
+        if r["status"] != "ready":
+            print(f"  {r['name']}: {r['status']}")
+    if any(r["license_terms"] == "non-commercial" for r in rows):
+        print("\nNON-COMMERCIAL weights may not be used in a commercial product; custom licenses: read their terms.")
+    print("\nAny timm model with pretrained weights: timm:<architecture>[.<tag>] (from $AUTOML_TL_WEIGHTS_DIR, "
+          "the HF cache or the hub); name some after `backbones` to see them here.")
     return 0
 
 
@@ -243,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="automl-tl", description="AutoML for transfer-learning image classification.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("backbones", help="list registered backbones and the status of their weights")
+    p = sub.add_parser("backbones", help="list backbones: their weights' status and license")
+    p.add_argument("names", nargs="*", help="timm:<architecture>[.<tag>] backbones to show besides the registered ones")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_backbones)
 

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from automl_tl.backbones import (
     weights_dir,
 )
 from automl_tl.backbones._weights import convert_keras_mobilenetv2
-from automl_tl.errors import BackboneError
+from automl_tl.errors import BackboneError, ConfigError
 from automl_tl.inference.transforms import Preprocessing, to_tensor_batch
 
 from .conftest import DATA_DIR
@@ -259,12 +261,28 @@ def test_cli_backbones_json() -> None:
     import json
 
     exe = shutil.which("automl-tl", path=str(Path(sys.executable).parent)) or "automl-tl"
-    proc = subprocess.run([exe, "backbones", "--json"], capture_output=True, text=True, timeout=120)
+    hub_name = "timm:convnextv2_atto.fcmae_ft_in1k"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([exe, "backbones", hub_name, "--json"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["name"] for r in rows] == BACKBONES
-    assert all(r["status"] == "ready" for r in rows)
-    assert {r["max_freeze_depth"] for r in rows} == {8}
+    assert [r["name"] for r in rows] == [*BACKBONES, hub_name]
+    assert all(r["status"] == "ready" for r in rows[:-1]) and rows[-1]["status"].startswith("hub")
+    assert {r["max_freeze_depth"] for r in rows[:-1]} == {8}
+    assert [r["license"] for r in rows] == ["Apache-2.0"] * 3 + ["MIT", "cc-by-nc-4.0"]
+    assert [r["license_terms"] for r in rows] == ["permissive"] * 4 + ["non-commercial"]
+    text = subprocess.run([exe, "backbones", hub_name], capture_output=True, text=True, timeout=120, env=env).stdout
+    assert "cc-by-nc-4.0 (NON-COMMERCIAL)" in text
+
+
+def test_license_terms() -> None:
+    from automl_tl.backbones import license_terms
+
+    assert [license_terms(x) for x in ("apache-2.0", "MIT", "bsd-3-clause", "cc-by-4.0")] == ["permissive"] * 4
+    for non_commercial in ("cc-by-nc-4.0", "cc-by-nc-sa-4.0", "fair-noncommercial-research-license", "apple-amlr"):
+        assert license_terms(non_commercial) == "non-commercial", non_commercial
+    assert license_terms("fastvit-license") == "custom" and license_terms("dinov3-license") == "custom"
+    assert license_terms(None) == "unknown" and license_terms("unknown") == "unknown"
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -296,3 +314,111 @@ def test_a_network_whose_python_reads_its_input_is_served_as_it_is() -> None:
         assert graph_of(net, 8, torch.channels_last) is net
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
     assert isinstance(graph_of(plain, 8, torch.channels_last), torch.jit.ScriptModule)  # the control
+
+
+@pytest.fixture()
+def silent_hub() -> Iterator[str]:
+    """A hub endpoint that accepts connections and never answers: what an offline machine's network often
+    does (a firewall or a proxy that swallows requests), where a request waits instead of failing."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def _offline_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    root = str(Path(__file__).resolve().parents[1])
+    return {**env, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "AUTOML_TL_WEIGHTS_DIR": str(tmp_path / "w"),
+            "PYTHONPATH": os.pathsep.join([root, env.get("PYTHONPATH", "")])}  # fmt: skip
+
+
+def test_a_sweep_naming_an_unreachable_hub_backbone_exits_2_within_5_s_leaving_no_run_directory(
+    tmp_path: Path, silent_hub: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text('data: {source: /nowhere/images}\nspace: {backbones: ["timm:resnet18.a1_in1k"]}\n')
+    env = _offline_env(tmp_path, silent_hub)
+    # The CLI's own entry point, timed apart from importing torch and timm and from the interpreter's exit,
+    # which no check can shorten (seconds on an idle machine, far more on a busy one).
+    code = ("import sys, time; t0 = time.monotonic(); import automl_tl.cli as cli, automl_tl.sweep.driver, "
+            "automl_tl.evaluate.results; t1 = time.monotonic(); code = cli.main(); "
+            "print(t1 - t0, time.monotonic() - t1); sys.exit(code)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, "search", "--config", str(config), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    imports_s, command_s = map(float, proc.stdout.split())
+    assert command_s < 5.0, (command_s, imports_s)
+    assert proc.returncode == 2, proc.stderr
+    assert not (tmp_path / "run").exists()
+    message = proc.stderr.strip()
+    assert message.startswith("automl-tl: error: backbone 'timm:resnet18.a1_in1k': no pretrained weights reachable")
+    assert str(tmp_path / "w" / "resnet18.a1_in1k.safetensors") in message  # where to put the file
+    assert f"{silent_hub}/timm/resnet18.a1_in1k (no answer within" in message and "AUTOML_TL_WEIGHTS_DIR" in message
+    assert "/nowhere/images" not in message  # the data was never read
+
+
+def test_every_unreachable_backbone_is_named_at_once_within_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, silent_hub: str
+) -> None:
+    from huggingface_hub import constants
+
+    from automl_tl.config import load_config
+    from automl_tl.sweep.driver import run_search
+
+    monkeypatch.setattr(constants, "ENDPOINT", silent_hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("AUTOML_TL_WEIGHTS_DIR", str(tmp_path))
+    config = load_config({"data": {"source": str(tmp_path / "none")},
+                          "space": {"backbones": ["timm:resnet10t.c3_in1k", "mobilenetv2_100", "timm:convnext_atto"]}})  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(BackboneError) as info:
+        run_search(config, tmp_path / "run", log=lambda line: None, progress=False)
+    assert time.monotonic() - started < 5.0  # the two hub lookups ran side by side, each bounded
+    message = str(info.value)
+    for name in ("timm:resnet10t.c3_in1k", "timm:convnext_atto", "mobilenetv2_100"):
+        assert f"backbone '{name}'" in message
+    assert "automl-tl fetch-weights" in message  # the registered backbone's own fix
+    assert not (tmp_path / "run").exists()
+
+
+def test_hub_weights_in_the_local_cache_need_no_network(tmp_path: Path, silent_hub: str) -> None:
+    from safetensors.torch import save_file
+
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--resnet10t.c3_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet10t", pretrained=False)
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+    code = ("import time; from automl_tl.backbones import check_backbones, create_backbone; t = time.monotonic(); "
+            "check_backbones(['timm:resnet10t.c3_in1k']); checked = time.monotonic() - t; "
+            "net = create_backbone('timm:resnet10t.c3_in1k', num_classes=2); "
+            "print(checked, float(net.net.conv1[0].weight.sum()))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_offline_env(tmp_path, silent_hub),
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # building did not wait on the hub either: it would fail there
+    checked_s, weight_sum = map(float, proc.stdout.split())
+    assert checked_s < 2.0  # asking the silent hub takes its whole deadline
+    assert weight_sum == pytest.approx(float(reference.conv1[0].weight.detach().sum()), abs=1e-6)
+
+
+def test_layer_wise_decay_gives_each_stage_its_own_rate() -> None:
+    from automl_tl.train.loop import TrialConfig, _make_optimizer
+
+    base = {"backbone": "mobilenetv2_100", "freeze_depth": 3, "learning_rate": 0.01, "backbone_lr_ratio": 0.5,
+            "augmentation": "none", "optimizer": "adamw", "weight_decay": 0.0, "label_smoothing": 0.0,
+            "batch_size": 2, "max_epochs": 1, "head": "linear", "head_dropout": 0.0}  # fmt: skip
+    net = create_backbone("mobilenetv2_100", num_classes=2, freeze_depth=3, pretrained=False)
+    plain = _make_optimizer(net, TrialConfig.from_params(base))  # off: the head's rate and one for the body
+    assert [g["lr"] for g in plain.param_groups] == [0.01, 0.005]
+    decayed = _make_optimizer(net, TrialConfig.from_params({**base, "layer_decay": 0.5}))
+    # Stages 4..8 train (the stem and stages 1-3 are frozen); the last learns at 0.005, each below at half.
+    assert [g["lr"] for g in decayed.param_groups] == pytest.approx([0.01, 0.005 / 16, 0.005 / 8, 0.005 / 4, 0.005 / 2, 0.005])
+    assert sum(len(g["params"]) for g in decayed.param_groups) == len(list(net.trainable_parameters()))
+    with pytest.raises(ConfigError, match="trial.layer_decay"):
+        TrialConfig.from_params({**base, "layer_decay": 0.0})

@@ -14,7 +14,16 @@ True
 
 from __future__ import annotations
 
-from automl_tl.backbones._builder import HUB_PREFIX, TransferNet, create_backbone, memory_format_for, resolve_spec
+from automl_tl.backbones._builder import (
+    HUB_PREFIX,
+    TransferNet,
+    check_backbones,
+    create_backbone,
+    layer_index,
+    memory_format_for,
+    resolve_spec,
+)
+from automl_tl.backbones._hub import weights_status
 from automl_tl.backbones._inference import fold_batch_norms, graph_of, ready_for_inference
 from automl_tl.backbones._registry import (
     BackboneSpec,
@@ -24,6 +33,7 @@ from automl_tl.backbones._registry import (
     TimmHub,
     WeightSource,
     get_backbone_spec,
+    license_terms,
     list_backbones,
     register_backbone,
 )
@@ -42,7 +52,10 @@ __all__ = [
     "list_backbones",
     "get_backbone_spec",
     "resolve_spec",
+    "check_backbones",
     "create_backbone",
+    "layer_index",
+    "license_terms",
     "graph_of",
     "memory_format_for",
     "fold_batch_norms",
@@ -50,6 +63,7 @@ __all__ = [
     "fetch_weights",
     "fetched_sources",
     "source_status",
+    "weights_status",
     "weights_dir",
 ]
 

@@ -23,6 +23,7 @@ __all__ = [
     "register_backbone",
     "list_backbones",
     "get_backbone_spec",
+    "license_terms",
 ]
 
 
@@ -57,10 +58,16 @@ class FetchedFile:
 
 @dataclasses.dataclass(frozen=True)
 class TimmHub:
-    """timm's own pretrained weights from the Hugging Face hub or a local HF cache."""
+    """timm's own pretrained weights: a Hugging Face hub repository (or its local HF cache), or a URL."""
+
+    repo_id: str = ""  # e.g. "timm/resnet18.a1_in1k"
+    filenames: tuple[str, ...] = ()  # the files timm would read from the repository, preferred first
+    url: str = ""  # weights that live at a plain URL instead (torch hub cache)
+    license: str | None = None
 
     def describe(self) -> str:
-        return "timm pretrained weights (hub or local HF cache; HF_HUB_OFFLINE honoured)"
+        where = f"hub repository {self.repo_id}" if self.repo_id else (self.url or "timm's hub")
+        return f"timm pretrained weights ({where} or the local HF cache; HF_HUB_OFFLINE honoured)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +75,7 @@ class LocalFile:
     """A local safetensors file or torch state dict (loaded with ``weights_only=True``) in timm's key layout."""
 
     path: str
+    license: str | None = None  # the license of the weights the file holds, where known
 
     def describe(self) -> str:
         return f"local file {self.path}"
@@ -89,13 +97,23 @@ class BackboneSpec:
     interpolation: str  # "bilinear" or "bicubic"
     crop_pct: float  # evaluation resize: side / crop_pct, then centre crop
     feature_width: int  # width of the pooled features the head sees
-    stem: tuple[str, ...]  # modules frozen by any freeze_depth >= 1
-    stages: tuple[tuple[str, ...], ...]  # freeze_depth=k freezes stem + stages[:k]
+    # Module or parameter names (a name covers everything under it): freeze_depth=k freezes stem + stages[:k];
+    # together with the classifier they cover every parameter of the network.
+    stem: tuple[str, ...]
+    stages: tuple[tuple[str, ...], ...]
     pretrained_classes: int | None = None  # classes of the kept pretrained head, if any
     timm_kwargs: tuple[tuple[str, Any], ...] = ()
     # Training activation memory in KiB per input pixel of one image when every layer trains (fp32, CPU):
     # what a trial's memory request is estimated from. Measured for the registry; 2.5 for others.
     train_kb_per_pixel: float = 2.5
+    # timm builds the network for one input side (``img_size``: position embeddings, attention windows): it
+    # is built at the trial's image size, and pretrained weights are resampled to it as timm loads them.
+    sized_at_build: bool = False
+
+    @property
+    def license(self) -> str | None:
+        """The license of the pretrained weights, as their source states it."""
+        return getattr(self.weights, "license", None)
 
     @property
     def max_freeze_depth(self) -> int:
@@ -142,3 +160,21 @@ def get_backbone_spec(name: str) -> BackboneSpec:
             f"unknown backbone '{name}'{hint}; registered: {', '.join(_REGISTRY)}. "
             "Other timm models with pretrained weights are named 'timm:<architecture>'."
         ) from None
+
+
+# Licenses that allow commercial use as they stand; the rest is either non-commercial or custom terms.
+_PERMISSIVE = frozenset({"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc0-1.0"})
+_NON_COMMERCIAL = frozenset({"apple-amlr", "seer-license", "fair-noncommercial-research-license"})
+
+
+def license_terms(license: str | None) -> str:
+    """'permissive', 'non-commercial', 'custom' (read its terms) or 'unknown', for a license id as timm or
+    Hugging Face write it (``apache-2.0``, ``cc-by-nc-4.0``)."""
+    if not license or license.lower() == "unknown":
+        return "unknown"
+    key = license.lower()
+    if key in _PERMISSIVE:
+        return "permissive"
+    if key in _NON_COMMERCIAL or "noncommercial" in key or "nc" in key.split("-"):
+        return "non-commercial"
+    return "custom"

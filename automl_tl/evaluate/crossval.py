@@ -144,7 +144,7 @@ def fresh_head(trial: HeadTrial, num_classes: int) -> tuple[torch.nn.Module, str
     seed_everything(cfg.seed)
     model = create_backbone(cfg.backbone, num_classes=num_classes, pretrained=False, head=cfg.head,
                             head_dropout=cfg.head_dropout)  # fmt: skip
-    head = model.net.get_classifier()  # type: ignore[operator]
+    head = model.head
     name = next(n for n, m in model.named_modules() if m is head)
     return copy.deepcopy(head), name
 

@@ -367,6 +367,7 @@ class Artifact:
                 pretrained=False,
                 head=member.head,
                 head_dropout=member.head_dropout,
+                image_size=member.image_size,
             )
         except ArtifactError:
             raise

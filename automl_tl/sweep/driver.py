@@ -33,9 +33,9 @@ import yaml
 
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
 from automl_tl.train.memory import malloc_env, scoped_env
-from automl_tl.backbones import resolve_spec, source_status
+from automl_tl.backbones import check_backbones as check_backbone_weights
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
-from automl_tl.errors import BackboneError, SearchError
+from automl_tl.errors import SearchError
 from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
 from automl_tl.evaluate.ranking import metric_mode, rank_rows
 from automl_tl.train.loop import HYPERPARAMETERS
@@ -60,12 +60,8 @@ class SearchOutcome:
 
 
 def check_backbones(config: ExperimentConfig) -> None:
-    """Every backbone of the space must have its weights before anything trains."""
-    for name in config.space.backbones:
-        spec = resolve_spec(name)
-        status = source_status(spec.weights)
-        if status != "ready" and not status.startswith("hub"):
-            raise BackboneError(f"backbone '{name}': {spec.weights.describe()}: {status}")
+    """Every backbone of the space must have its weights before anything trains (hub lookups bounded)."""
+    check_backbone_weights(config.space.backbones)
 
 
 def check_search(config: ExperimentConfig) -> dict[str, Any]:
@@ -73,9 +69,9 @@ def check_search(config: ExperimentConfig) -> dict[str, Any]:
 
     ``automl-tl config FILE`` runs it too, so that it accepts exactly what ``search`` would start with.
     """
+    check_backbones(config)  # before Ray Tune is imported: an unreachable backbone fails in seconds
     from automl_tl.sweep.space import build_param_space
 
-    check_backbones(config)
     return build_param_space(config)
 
 
@@ -191,7 +187,7 @@ def run_search(
     """
     started = time.time()
     run = RunDir.open(out)
-    param_space = check_search(config)  # a bad backbone or space fails here, before data or Ray
+    param_space = check_search(config)  # a bad backbone or space fails here, before Ray, data or the run directory
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     data = prepare_data(config, run, test_source, progress)

@@ -20,10 +20,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -74,6 +74,9 @@ class TrialConfig:
     plateau_patience: Int = 3
     metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
     pretrained: Bool = True
+    # Layer-wise learning-rate decay: each stage learns layer_decay times as fast as the one above it
+    # (the stem slowest); 1.0 is off.
+    layer_decay: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrialConfig:
@@ -184,6 +187,7 @@ def train_trial(
         freeze_depth=min(cfg.freeze_depth, spec.max_freeze_depth),
         head=cfg.head,
         head_dropout=cfg.head_dropout,
+        image_size=pre.input_size,
     )
     train_labels = data.labels[data.train_idx]
     balance = resolve_class_balance(cfg.class_balance, train_labels, num_classes)
@@ -196,7 +200,7 @@ def train_trial(
         features = cached_features(data, cfg.backbone, pre, model)
         probe = cfg.optimizer == "lbfgs"  # the logistic-regression probe: the head fitted to convergence
         steps: _Steps = (_ProbeSteps if probe else _FeatureSteps)(
-            model.net.get_classifier(), features.train, data.labels[data.train_idx], features.val,  # type: ignore[operator]
+            model.head, features.train, data.labels[data.train_idx], features.val,
             data.labels[data.val_idx], cfg, weight, balance,
         )  # fmt: skip
         cache_note = "hit" if features.hit else "miss"
@@ -377,7 +381,7 @@ def _probe_start(model: TransferNet, backbone: str, data: TrialData, pre: Prepro
 
     features = cached_features(data, backbone, pre, model)
     train_y = torch.from_numpy(data.labels[data.train_idx]).long()
-    fit_probe(model.net.get_classifier(), features.train, train_y, features.val, data.labels[data.val_idx], weight)  # type: ignore[operator]
+    fit_probe(model.head, features.train, train_y, features.val, data.labels[data.val_idx], weight)
 
 
 class _ImageSteps(_Steps):
@@ -499,19 +503,23 @@ def refit_head(cfg: TrialConfig, head: nn.Module, x: torch.Tensor, labels: np.nd
 
 
 def _make_optimizer(model: TransferNet, cfg: TrialConfig) -> torch.optim.Optimizer:
-    head_ids = {id(p) for p in model.net.get_classifier().parameters()}  # type: ignore[operator]
-    head: list[nn.Parameter] = []
-    body: list[nn.Parameter] = []
-    for param in model.net.parameters():
-        if param.requires_grad:
-            (head if id(param) in head_ids else body).append(param)
-    return _optimizer(head, body, cfg)
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    return _optimizer(head, model.trainable_layers(), cfg)
 
 
-def _optimizer(head: list[nn.Parameter], body: list[nn.Parameter], cfg: TrialConfig) -> torch.optim.Optimizer:
+def _optimizer(head: list[nn.Parameter], layers: list[list[nn.Parameter]], cfg: TrialConfig) -> torch.optim.Optimizer:
+    """The head at ``learning_rate``; the trainable backbone ``layers`` (stem first) more slowly, each
+    ``layer_decay`` times as fast as the one above it when that is below 1."""
     groups = [{"params": head, "lr": cfg.learning_rate}]
-    if body:  # pretrained layers move more slowly than the new head
-        groups.append({"params": body, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
+    body_lr = cfg.learning_rate * cfg.backbone_lr_ratio  # pretrained layers move more slowly than the new head
+    if cfg.layer_decay == 1.0:
+        body = [p for layer in layers for p in layer]
+        if body:
+            groups.append({"params": body, "lr": body_lr})
+    else:  # the last stage learns at body_lr, each one below it layer_decay times slower
+        deepest = len(layers) - 1
+        groups += [{"params": layer, "lr": body_lr * cfg.layer_decay ** (deepest - i)}
+                   for i, layer in enumerate(layers) if layer]  # fmt: skip
     if cfg.optimizer in ("adamw", "lbfgs"):  # lbfgs fits the head first; what trains after it uses AdamW
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)

@@ -1,0 +1,190 @@
+"""Where the pretrained weights of a ``timm:`` backbone are, and whether they can be had at all.
+
+They are looked for in this order: a file in timm's key layout under ``$AUTOML_TL_WEIGHTS_DIR`` (what an
+air-gapped cluster uses, and what the tests write from a random init), the local Hugging Face cache, then
+the hub itself. Building a network never asks the hub about a file the cache already holds, and only the
+pre-flight check (:func:`check_weights`) asks whether the hub answers, with a deadline: without
+``HF_HUB_OFFLINE`` a machine with no network can leave one hub request waiting for minutes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from automl_tl.backbones._registry import BackboneSpec, TimmHub, WeightSource
+from automl_tl.backbones._weights import source_status, weights_dir
+from automl_tl.errors import BackboneError
+
+__all__ = ["HUB_TIMEOUT_S", "check_weights", "hub_source", "hub_weights_file", "local_weights_file", "weights_status"]
+
+HUB_TIMEOUT_S = 2.0  # how long the pre-flight check waits for the hub to answer
+
+
+def local_weights_file(names: Sequence[str]) -> Path | None:
+    """The first ``<name>.safetensors`` of ``names`` present in the weights folder."""
+    for name in dict.fromkeys(names):
+        path = weights_dir() / f"{name}.safetensors"
+        if path.is_file():
+            return path
+    return None
+
+
+def hub_source(pretrained_cfg: dict[str, Any]) -> TimmHub:
+    """Where timm itself would fetch the weights of ``pretrained_cfg`` from: a hub repository, else a URL."""
+    repo_id = str(pretrained_cfg.get("hf_hub_id") or "")
+    filenames: tuple[str, ...] = ()
+    if repo_id:
+        from timm.models._hub import _get_safe_alternatives
+
+        wanted = str(pretrained_cfg.get("hf_hub_filename") or "pytorch_model.bin")
+        filenames = (*_get_safe_alternatives(wanted), wanted)  # timm reads a safetensors twin first
+    return TimmHub(
+        repo_id=repo_id,
+        filenames=filenames,
+        url="" if repo_id else str(pretrained_cfg.get("url") or ""),
+        license=pretrained_cfg.get("license"),
+    )
+
+
+def _url_cache_file(url: str) -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def hub_weights_file(source: TimmHub) -> Path | None:
+    """The weight file of ``source`` already in the local Hugging Face (or torch hub) cache, if any."""
+    if source.url:
+        cached = _url_cache_file(source.url)
+        return cached if cached.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in source.filenames:
+        found = try_to_load_from_cache(source.repo_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def download_hub_file(source: TimmHub) -> Path:
+    """Fetch the weight file of ``source`` into the cache (where the pre-flight check found the hub)."""
+    if source.url:
+        from timm.models._hub import download_cached_file
+
+        return Path(download_cached_file(source.url))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for filename in source.filenames:
+        try:
+            return Path(hf_hub_download(source.repo_id, filename))
+        except EntryNotFoundError:
+            continue
+    raise BackboneError(f"hub repository {source.repo_id} has none of {', '.join(source.filenames)}")
+
+
+def _hub_answers(source: TimmHub, timeout_s: float) -> str | None:
+    """None when the hub holds the weights of ``source``, else why not (one short request, bounded)."""
+    try:
+        if source.url:
+            import urllib.request
+
+            request = urllib.request.Request(source.url, method="HEAD")
+            with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310 - timm's own https URL
+                return None
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import EntryNotFoundError
+
+        for filename in source.filenames:
+            try:
+                get_hf_file_metadata(hf_hub_url(source.repo_id, filename), timeout=timeout_s)
+                return None
+            except EntryNotFoundError:
+                continue
+        return f"the repository has none of {', '.join(source.filenames)}"
+    except Exception as exc:  # noqa: BLE001 - connection, DNS, HTTP and timeout errors come in many types
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {first[:160]}"
+
+
+def _within(checks: dict[str, Callable[[], str | None]], deadline_s: float) -> dict[str, str | None]:
+    """Run every check at once on daemon threads; one still waiting at the deadline counts as no answer.
+
+    A daemon thread, not an executor: a request stuck in name resolution cannot be cancelled, and must not
+    keep the process from exiting either."""
+    answers: dict[str, str | None] = {}
+    threads = []
+    for key, check in checks.items():
+
+        def run(key: str = key, check: Callable[[], str | None] = check) -> None:
+            answers[key] = check()
+
+        thread = threading.Thread(target=run, name=f"automl_tl-hub-{key}", daemon=True)
+        thread.start()
+        threads.append(thread)
+    end = time.monotonic() + deadline_s
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
+    return {key: answers.get(key, f"no answer within {deadline_s:g} s") for key in checks}
+
+
+def _unreachable(spec: BackboneSpec, source: TimmHub, reason: str) -> str:
+    from huggingface_hub import constants
+
+    arch = spec.architecture
+    where = f"{constants.ENDPOINT}/{source.repo_id}" if source.repo_id else source.url
+    cached = f"{constants.HF_HUB_CACHE}" if source.repo_id else str(_url_cache_file(source.url).parent)
+    return (
+        f"backbone '{spec.name}': no pretrained weights reachable. Looked for {weights_dir() / (arch + '.safetensors')} "
+        f"(absent), in the local cache {cached} (no {source.repo_id or source.url}) and at {where} ({reason}). "
+        f"Put the weights, in timm's key layout, at that .safetensors path ($AUTOML_TL_WEIGHTS_DIR sets the folder), "
+        f"or fill the cache on a machine that reaches the hub"
+        + (f" (`hf download {source.repo_id}`)" if source.repo_id else "")
+    )
+
+
+def check_weights(specs: Sequence[BackboneSpec], timeout_s: float = HUB_TIMEOUT_S) -> None:
+    """Every backbone of ``specs`` can get its pretrained weights, or one :class:`BackboneError` names each
+    one that cannot, where it looked and how to supply the file. Hub lookups run at once, each bounded."""
+    from huggingface_hub import constants
+
+    problems: dict[str, str] = {}
+    asks: dict[str, Callable[[], str | None]] = {}
+    hubs: dict[str, tuple[BackboneSpec, TimmHub]] = {}
+    for spec in specs:
+        source = spec.weights
+        if not isinstance(source, TimmHub):
+            status = source_status(source)
+            if status != "ready":
+                problems[spec.name] = f"backbone '{spec.name}': {source.describe()}: {status}"
+            continue
+        if hub_weights_file(source) is not None:
+            continue
+        hubs[spec.name] = (spec, source)
+        if constants.HF_HUB_OFFLINE:
+            problems[spec.name] = _unreachable(spec, source, "HF_HUB_OFFLINE is set")
+        elif not source.repo_id and not source.url:
+            problems[spec.name] = f"backbone '{spec.name}': timm has no pretrained weights for {spec.architecture}"
+        else:
+            asks[spec.name] = lambda source=source: _hub_answers(source, timeout_s)  # type: ignore[misc]
+    for name, reason in _within(asks, timeout_s + 0.5).items():
+        if reason is not None:
+            problems[name] = _unreachable(*hubs[name], reason)
+    if problems:
+        raise BackboneError("; ".join(problems[s.name] for s in specs if s.name in problems))
+
+
+
+
+def weights_status(source: WeightSource) -> str:
+    """'ready', or a short sentence saying what is missing and how to get it; a hub source is ready when the
+    local cache holds its file (the hub itself is only asked by :func:`check_weights`)."""
+    if not isinstance(source, TimmHub):
+        return source_status(source)
+    if hub_weights_file(source) is not None:
+        return "ready"
+    return "hub (needs network, or the file in $AUTOML_TL_WEIGHTS_DIR)"

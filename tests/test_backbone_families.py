@@ -1,0 +1,170 @@
+"""Every timm family a user picks from the hub works end to end, as ``timm:<architecture>.<tag>``.
+
+The smallest variant of each family, with weights written from a random init into a temporary
+``$AUTOML_TL_WEIGHTS_DIR`` (the loading path the hub's files take, with no network): built at an image size
+that is not its native one, every freeze depth trains one step, cached features, the artifact round trip,
+the Predictor and the ONNX export answer as the network does.
+
+    .venv/bin/python -m pytest -q tests/test_backbone_families.py
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from automl_tl.backbones import LocalFile, create_backbone, layer_index, resolve_spec
+from automl_tl.backbones._builder import frozen_names
+from automl_tl.train.trial_data import TrialData
+
+# family -> the smallest pretrained variant timm 1.0.31 has of it (and LCNet, HGNetV2: convolutional heads)
+FAMILIES = {
+    "resnet": "resnet10t.c3_in1k",
+    "resnetv2": "resnetv2_18.ra4_e3600_r224_in1k",
+    "efficientnet": "efficientnet_b0.ra_in1k",
+    "efficientnetv2": "tf_efficientnetv2_b0.in1k",
+    "mobilenetv3": "mobilenetv3_small_050.lamb_in1k",
+    "mobilenetv4": "mobilenetv4_conv_small_050.e3000_r224_in1k",
+    "ghostnet": "ghostnet_100.in1k",
+    "lcnet": "lcnet_050.ra2_in1k",
+    "hgnetv2": "hgnetv2_b0.ssld_stage2_ft_in1k",
+    "convnext": "convnext_atto.d2_in1k",
+    "convnextv2": "convnextv2_atto.fcmae_ft_in1k",
+    "regnet": "regnetx_002.pycls_in1k",
+    "vit": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "deit3": "deit3_small_patch16_224.fb_in1k",
+    "eva02": "eva02_tiny_patch14_224.mim_in22k",
+    "dinov2_registers": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "clip_vit": "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m",
+    "siglip": "vit_base_patch16_siglip_224.webli",
+    "swin": "swin_tiny_patch4_window7_224.ms_in1k",
+    # The smaller 'rw' MaxViTs attend in channels-last layout, which torch 2.14's ONNX exporter cannot
+    # reshape with a dynamic batch: the smallest that exports is the original (tf) layout's.
+    "maxvit": "maxvit_tiny_tf_224.in1k",
+    "tiny_vit": "tiny_vit_5m_224.in1k",
+    "fastvit": "fastvit_t8.apple_in1k",
+}
+SIZE = 64  # no family's native size: ViTs are built for it, with their position embeddings resampled
+CLASSES = ("a", "b")
+
+
+@pytest.fixture(scope="module")
+def weights_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Random-init weights of every family in timm's key layout, where a user puts downloaded ones."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    for arch in FAMILIES.values():
+        net = timm.create_model(arch, pretrained=False)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / f"{arch}.safetensors"))
+    before = os.environ.get("AUTOML_TL_WEIGHTS_DIR")
+    os.environ["AUTOML_TL_WEIGHTS_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["AUTOML_TL_WEIGHTS_DIR"]
+    else:
+        os.environ["AUTOML_TL_WEIGHTS_DIR"] = before
+
+
+@pytest.fixture(scope="module")
+def trial_data(tmp_path_factory: pytest.TempPathFactory) -> TrialData:
+    """A small decoded data set (two classes of noise images) as a trial sees it."""
+    from automl_tl.config import load_config
+    from automl_tl.runs.rundir import RunDir
+    from automl_tl.sweep.driver import prepare_data
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in CLASSES:
+        (root / label).mkdir()
+        for i in range(6):
+            pixels = rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    cache = tmp_path_factory.mktemp("cache")
+    run = tmp_path_factory.mktemp("run")
+    config = load_config({"data": {"source": str(root), "cache_dir": str(cache)}})
+    return prepare_data(config, RunDir(run), None, progress=False)
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_end_to_end(family: str, weights_folder: Path, trial_data: TrialData, tmp_path: Path) -> None:
+    from automl_tl.inference.artifact import MemberRecord, load_artifact, write_artifact
+    from automl_tl.inference.export import export_model
+    from automl_tl.inference.predictor import Predictor
+    from automl_tl.inference.transforms import Preprocessing
+    from automl_tl.train.features import cached_features
+    from automl_tl.train.loop import TrialConfig, _make_optimizer
+
+    started = time.perf_counter()
+    name = f"timm:{FAMILIES[family]}"
+    spec = resolve_spec(name)
+    assert spec.weights == LocalFile(str(weights_folder / f"{FAMILIES[family]}.safetensors"), license=spec.license)
+    assert spec.input_size != SIZE
+
+    # Every freeze depth trains one step: exactly the stages above the depth (and the head) move.
+    x, y = _batch(), torch.tensor([0, 1])
+    for depth in range(spec.max_freeze_depth + 1):
+        model = create_backbone(name, num_classes=2, freeze_depth=depth, image_size=SIZE)
+        frozen = frozen_names(spec, depth)
+        head = model.head_name + "."
+        for pname, param in model.net.named_parameters():
+            expect_frozen = not pname.startswith(head) and any(pname == f or pname.startswith(f + ".") for f in frozen)
+            assert param.requires_grad is not expect_frozen, (depth, pname)
+            if depth and not pname.startswith(head):  # the stages layer-wise decay sees are those frozen
+                assert (layer_index(spec, pname) <= depth) is expect_frozen, (depth, pname)
+        cfg = TrialConfig.from_params({
+            "backbone": name, "freeze_depth": depth, "learning_rate": 0.01, "backbone_lr_ratio": 0.5,
+            "augmentation": "none", "optimizer": "sgd", "weight_decay": 0.0, "label_smoothing": 0.0, "batch_size": 2,
+            "max_epochs": 1, "head": "linear", "head_dropout": 0.0, "image_size": SIZE, "layer_decay": 0.8,
+        })  # fmt: skip
+        optimizer = _make_optimizer(model, cfg)
+        before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        moved = {n for n, p in model.net.named_parameters() if not torch.equal(p, before[n])}
+        assert moved and all(model.net.get_parameter(n).requires_grad for n in moved), depth
+        assert any(n.startswith(head) for n in moved)
+    trainable = {n for n, _ in model.trainable_parameters()}
+    assert trainable == {f"net.{n}" for n, _ in model.net.named_parameters() if n.startswith(head)}  # the head alone
+    assert len(trainable) == 2
+
+    # Cached features of the fully frozen extractor: the head's input width, computed once.
+    pre = Preprocessing.from_spec(spec, SIZE)
+    features = cached_features(trial_data, name, pre, model.eval())
+    assert features.train.shape == (len(trial_data.train_idx), spec.feature_width) and not features.hit
+    assert cached_features(trial_data, name, pre, model).hit
+    with torch.inference_mode():
+        expected = torch.softmax(model(x), dim=1)
+        assert model.forward_features(x).shape == (2, spec.feature_width)
+
+    # Artifact round trip, the Predictor and the ONNX export answer as the network does.
+    record = MemberRecord.create("m0", name, num_classes=2, image_size=SIZE)
+    write_artifact(tmp_path / "artifact", CLASSES, [(record, model.state_dict())], [1.0], 1.0)
+    artifact = load_artifact(tmp_path / "artifact")
+    rebuilt = artifact.build_model(0)
+    with torch.inference_mode():
+        assert torch.allclose(torch.softmax(rebuilt(x), dim=1), expected, atol=1e-6)
+    predictor = Predictor(artifact, [rebuilt])
+    got = predictor.proba_from_preprocessed([x])
+    assert np.abs(got - expected.double().numpy()).max() < 1e-4
+    onnx_file = export_model(tmp_path / "artifact", "onnx", tmp_path / "model.onnx")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (onnx_probs,) = session.run(None, {"input": x.numpy()})
+    assert np.abs(onnx_probs - expected.numpy()).max() < 1e-4
+    print(f"{family}: {time.perf_counter() - started:.1f} s, {spec.max_freeze_depth + 1} freeze depths")
