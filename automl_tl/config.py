@@ -181,6 +181,9 @@ class SearchSpaceConfig(_Section):
     image_sizes: Choices[Annotated[Int, Field(ge=16, le=1024)]] = ()
     heads: Annotated[Choices[Head], Field(min_length=1)] = HEADS
     mlp_dropout: FloatRange = FloatRange(low=0.0, high=0.5)
+    # Layer-wise learning-rate decay: each backbone stage learns this many times as fast as the one above it;
+    # 1.0 (the default, fixed) is off. A range such as {low: 0.6, high: 1.0} searches it.
+    layer_decay: FloatRange = FloatRange(low=1.0, high=1.0)
 
     @field_validator("learning_rate", "backbone_lr_ratio", "weight_decay")
     @classmethod
@@ -194,6 +197,13 @@ class SearchSpaceConfig(_Section):
     def _no_faster_than_the_head(cls, rng: FloatRange) -> FloatRange:
         if rng.high > 1.0:
             raise ValueError(f"must be <= 1 (pretrained layers learn no faster than the head), got high={rng.high}")
+        return rng
+
+    @field_validator("layer_decay")
+    @classmethod
+    def _a_decay(cls, rng: FloatRange) -> FloatRange:
+        if rng.low <= 0 or rng.high > 1:
+            raise ValueError(f"must lie in (0, 1], got [{rng.low}, {rng.high}]")
         return rng
 
     @field_validator("label_smoothing", "mlp_dropout")

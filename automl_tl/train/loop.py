@@ -49,6 +49,7 @@ HYPERPARAMETERS: dict[str, str] = {
     "backbone_lr_ratio": "backbone_lr_ratio", "augmentation": "augmentations", "optimizer": "optimizers",
     "weight_decay": "weight_decay", "label_smoothing": "label_smoothing", "batch_size": "batch_sizes",
     "image_size": "image_sizes", "head": "heads", "head_dropout": "mlp_dropout",
+    "layer_decay": "layer_decay",
 }  # fmt: skip
 
 
