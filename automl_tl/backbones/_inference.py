@@ -1,11 +1,8 @@
 """A built member made ready to answer: eval mode, batch norms folded into their convolutions, on its device.
 
 In eval mode a batch norm that follows a convolution is an affine map per output channel, so it can be
-folded into the convolution's weight and bias, and the network reads and writes each activation once less.
-On 2 CPU cores, with the packaged ImageNet weights, a batch-1 forward of tf_efficientnet_lite0 at 224 px went
-from 21.3-22.0 to 16.9-17.6 ms, of mobilenetv2_100 at 160 px from 15.1-15.8 to 11.5-11.8 ms and of
-tf_efficientnet_lite2 at 260 px from 41.4-44.6 to 34.4-39.6 ms, with class probabilities within 1.2e-6 of
-the unfolded network's.
+folded into the convolution's weight and bias, and the network reads and writes each activation once less,
+with class probabilities equal to the unfolded network's to float precision.
 
 Which convolution feeds which batch norm is read from one traced forward, not from module names, so it holds
 for any timm architecture. A folded copy is kept only if it answers as the original does on a random input;
@@ -41,9 +38,8 @@ def ready_for_inference(model: torch.nn.Module, device: torch.device, input_size
 
 
 # Two forward lanes of one Serve replica are two threads of one process, and an eager forward takes the GIL
-# for every module call: in-process, two one-thread lanes forwarding ensemble batches of 6 served 76.9-87.7
-# img/s as threads against 87.3-101.6 img/s as two processes. A frozen TorchScript graph runs its ops without
-# the GIL: 97.5-106.3 img/s as threads (alternated runs on 2 cores). torch 2.14 marks torch.jit deprecated in
+# for every module call, so two lanes as threads serve less than two processes would. A frozen TorchScript
+# graph runs its ops without the GIL. torch 2.14 marks torch.jit deprecated in
 # favour of torch.export and torch.compile, whose CPU path compiles C++ when a process starts.
 def graph_of(model: torch.nn.Module, input_size: int, memory_format: torch.memory_format) -> torch.nn.Module:
     """Eval-mode ``model`` traced and frozen for ``input_size`` square inputs, or ``model`` itself where the
