@@ -44,6 +44,7 @@ from automl_tl.inference.artifact import Artifact, load_artifact
 from automl_tl.errors import AutoMLError
 from automl_tl.inference.predictor import top_predictions
 from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, read_token, resolve_artifact
+from automl_tl.serve._loopback import bind_loopback
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded
@@ -169,6 +170,7 @@ class MemberModel:
     """One ensemble member: batches its preprocessed inputs and returns its (uncalibrated) softmax rows."""
 
     def __init__(self, args: AppArgs, member_index: int) -> None:
+        bind_loopback()  # before Serve starts this replica's gRPC server
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
         self._forward = Forward.serving(artifact, [member_index], args)
         configure_batching(self._batched, args)
@@ -198,6 +200,7 @@ class Classifier:
     def __init__(
         self, args: AppArgs, token: Secret | None = None, members: list[DeploymentHandle] | None = None
     ) -> None:
+        bind_loopback()  # before Serve starts this replica's gRPC server
         self._args = args
         self._token = token if token is not None else read_token(args)
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI

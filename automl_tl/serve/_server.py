@@ -22,8 +22,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from automl_tl._owned import OWNER_ENV, check_leftovers, start_embedded_ray, stop_owned
 from automl_tl.train.memory import tune_malloc
 from automl_tl.errors import ConfigError
+from automl_tl.serve._loopback import haproxy_wrapper
 from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token, resolve_artifact
 
 __all__ = ["APP_NAME", "emit_config", "make_args", "start_server", "stop_server"]
@@ -113,9 +115,26 @@ def make_args(
 
 
 def check_port(host: str, port: int) -> None:
-    """Raise a ConfigError naming the port when something on this machine already listens there."""
+    """Raise a ConfigError naming what an earlier run left behind, or the port when something on this machine
+    already listens there."""
+    check_leftovers()
     if not _port_is_free(host, port):
         raise ConfigError(f"port {port} on {host} is already in use: pick another with --port")
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_exposure(host: str, has_token: bool, insecure: bool) -> None:
+    """A server reachable beyond this machine answers only bearer-token holders, unless told ``insecure``."""
+    if is_loopback_host(host) or has_token or insecure:
+        return
+    raise ConfigError(
+        f"host {host!r} is reachable beyond this machine and no token is set: anyone who reaches it could use "
+        "the model. Require a token (--token-env VAR or --token-file FILE), bind 127.0.0.1, or pass --insecure "
+        "to serve without one"
+    )
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -163,6 +182,7 @@ def start_server(
     route_prefix: str = "/",
     ready_timeout_s: float = 180.0,
     ingress: Ingress = "auto",
+    insecure: bool = False,
     **options: Any,
 ) -> str:
     """Deploy the app (``serve.run(..., blocking=False)``) and return its base URL once it answers healthz.
@@ -171,7 +191,8 @@ def start_server(
     ``options`` are further :class:`AppArgs` fields (``layout``, ``max_batch_size``, ``min_replicas``, ...).
     ``ingress`` (see ``INGRESS_ENV`` and :func:`resolve_ingress`) applies when this call starts Serve; a
     running Serve keeps its own.
-    ``token`` (or the ``token_env``/``token_file`` option, read here) turns on bearer-token auth.
+    ``token`` (or the ``token_env``/``token_file`` option, read here) turns on bearer-token auth; a ``host``
+    beyond loopback needs one, or ``insecure=True`` to serve anyone who reaches it.
     """
     import ray
     from ray import serve
@@ -182,6 +203,7 @@ def start_server(
     if token is not None and not token.strip():
         raise ConfigError("token must not be empty")
     secret = Secret(token.strip()) if token is not None else read_token(args)
+    check_exposure(host, secret is not None, insecure)
     if not route_prefix.startswith("/"):
         raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
     address = os.environ.get("RAY_ADDRESS") or "local"
@@ -190,8 +212,10 @@ def start_server(
         if local:
             check_port(host, port)
         tune_malloc()  # an embedded Ray's workers inherit the environment
-        # "local": an embedded instance, never some other local cluster that `ray start` left running.
-        ray.init(address=address, log_to_driver=False)
+        if local:  # an embedded instance, never some other local cluster that `ray start` left running
+            start_embedded_ray(log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
         _started["ray"] = True
         if local and "cpus_per_replica" not in options:
             args = _machine_split(args, int(ray.cluster_resources().get("CPU", 1)))
@@ -199,8 +223,10 @@ def start_server(
         if local:
             check_port(host, port)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        ingress_env = INGRESS_ENV[resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)]
-        env = {**_quiet_env(), **ingress_env}
+        chosen = resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)
+        env = {**_quiet_env(), **INGRESS_ENV[chosen]}
+        if local and chosen == "haproxy":
+            env.update(haproxy_wrapper())  # its stats and metrics off the network
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         _started.update(serve=True, replica_env=env)  # the replicas must run the ingress their controller runs
     client = serve.context._get_global_client()
@@ -249,6 +275,8 @@ def stop_server() -> None:
             serve.delete(name)
     if _started["ray"]:
         ray.shutdown()
+        # What outlives the shutdown (HAProxy, whose actor is gone), so the port is free when this returns.
+        stop_owned(os.environ.get(OWNER_ENV, "") or "-")
     _started.update(serve=False, ray=False, apps=[], replica_env={})
 
 

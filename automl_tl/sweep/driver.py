@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from automl_tl._owned import start_embedded_ray
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
 from automl_tl.train.memory import tune_malloc
 from automl_tl.backbones import resolve_spec, source_status
@@ -83,7 +84,7 @@ def ensure_ray(log: Log) -> bool:
     else:
         cpus = os.cpu_count() or 1
         log(f"[search] starting an embedded Ray with {cpus} CPUs")
-        ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING)
+        start_embedded_ray(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING)
     return True
 
 
