@@ -21,7 +21,7 @@ LEADERBOARD_COLUMNS = (
     "rank", "trial_id", "backbone", "freeze_depth", "learning_rate", "backbone_lr_ratio", "augmentation",
     "optimizer", "weight_decay", "label_smoothing", "batch_size", "image_size", "head", "head_dropout",
     "best_val_accuracy", "best_val_macro_f1", "best_val_log_loss", "best_epoch", "epochs_run", "stop_reason",
-    "wall_s", "feature_cache", "workers", "peak_rss_mb", "has_model",
+    "wall_s", "feature_cache", "workers", "peak_rss_mb", "accumulation_steps", "has_model",
 )  # fmt: skip
 
 

@@ -445,6 +445,7 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
         "feature_cache": metrics.get("feature_cache"),
         "workers": metrics.get("workers"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "accumulation_steps": metrics.get("accumulation_steps") or 1,  # above 1: backed off after out of memory
         "has_model": (run.path / "trials" / trial_id / "model.safetensors").is_file(),
     }
     return row
