@@ -54,12 +54,13 @@ class Owned:
 
 
 def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): with the pid, a process's identity."""
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): with the pid, a process's identity.
+    None once it ended (a zombie, not yet reaped, holds no memory and no socket)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] == "Z" else fields[19]
 
 
 def _environ_value(pid: int, name: str) -> str | None:

@@ -53,10 +53,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start_time(pid: int) -> str | None:
+    """The start time of a live process (None once it ended: a zombie holds no memory and no socket)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 def _descendants(root: int) -> set[int]:
@@ -243,7 +245,7 @@ def test_a_crashed_runs_leftover_is_named_with_how_to_clear_it(leftover: subproc
 
 
 def test_a_live_drivers_processes_are_not_leftovers() -> None:
-    me = Owned(os.getpid(), "python", f"{os.getpid()}.{_start_time(os.getpid())}.cafe")
+    me = Owned(os.getpid(), "python", f"{os.getpid()}.{Path(f'/proc/{os.getpid()}/stat').read_text().rsplit(')', 1)[1].split()[19]}.cafe")
     from automl_tl._owned import owner_alive
 
     assert owner_alive(me.owner) and not owner_alive(f"{os.getpid()}.0.cafe")

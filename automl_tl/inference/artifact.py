@@ -456,6 +456,28 @@ def _member(data: Any, where: str, num_classes: int) -> MemberRecord:
     return record
 
 
+def refuse_files_outside(manifest: Mapping[str, Any], store: ArtifactStore, where: str) -> None:
+    """Refuse a manifest that names a file outside its artifact folder (``../``, an absolute path, a symlink
+    leading out), before any file it names is read."""
+    members = manifest.get("members")
+    for i, member in enumerate(members if isinstance(members, list) else []):
+        name = member.get("weight_file") if isinstance(member, Mapping) else None
+        if not isinstance(name, str):
+            continue  # a missing or mistyped field is the field check's to report
+        if not name or name[0] == "." or "/" in name or "\\" in name or os.path.isabs(name):
+            raise ArtifactError(
+                f"{where}: members[{i}].weight_file {name!r:.80} is not a plain file name inside the artifact: "
+                "a manifest names only files in its own folder"
+            )
+        if isinstance(store, LocalStore):
+            target = (store.root / name).resolve()
+            if not target.is_relative_to(store.root.resolve()):
+                raise ArtifactError(
+                    f"{where}: members[{i}].weight_file {name!r:.80} leads to {target}, outside the artifact "
+                    "(a symlink): copy the file into the artifact folder instead"
+                )
+
+
 def _remote_store(uri: str) -> ArtifactStore:
     """The artifact folder at ``uri`` (or its manifest, or the ``artifact/`` folder of a run directory)."""
     from automl_tl.runs.storage import FileSystemStore
@@ -497,6 +519,7 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
         raise ArtifactError(f"{where}: not valid JSON: {exc}") from None
     if not isinstance(manifest, Mapping):
         raise ArtifactError(f"{where}: expected a JSON object at the top level")
+    refuse_files_outside(manifest, store, where)
     if manifest.get("format") != _FORMAT_TAG:
         raise ArtifactError(f"{where}: field 'format' must be {_FORMAT_TAG!r}, got {manifest.get('format')!r:.80}")
     version = manifest.get("format_version")
