@@ -233,21 +233,25 @@ def mark_and_guard() -> str:
 def stop_owned(tag: str, grace_s: float = STOP_GRACE_S) -> list[int]:
     """SIGTERM every process marked ``tag``, SIGKILL those still there after ``grace_s``; returns their pids.
 
-    Scans again until none is found: a dying raylet may still start a worker."""
-    stopped: set[int] = set()
+    Scans again until none is left: a dying raylet may still start a worker, and a process that is exiting
+    no longer shows its environment, so one seen once is followed by its pid and start time."""
+    seen: dict[int, str | None] = {}
+    termed: set[int] = set()
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline + 5 * grace_s:
-        left = [p.pid for p in owned_by(tag)]
+        for p in owned_by(tag):
+            seen.setdefault(p.pid, _start_time(p.pid))
+        left = [pid for pid, started in seen.items() if started is not None and _start_time(pid) == started]
         if not left:
             break
         late = time.monotonic() > deadline
         for pid in left:
-            if late or pid not in stopped:
+            if late or pid not in termed:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
-            stopped.add(pid)
-        time.sleep(0.1)
-    return sorted(stopped)
+                termed.add(pid)
+        time.sleep(0.2)
+    return sorted(seen)
 
 
 def start_embedded_ray(**init_kwargs: Any) -> None:

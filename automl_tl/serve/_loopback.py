@@ -14,6 +14,7 @@ automl_tl starts on a Ray embedded on this machine.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import sys
@@ -73,7 +74,12 @@ def haproxy_wrapper() -> dict[str, str]:
     real = real_haproxy()
     if real is None:
         return {}
-    script = f"#!{sys.executable}\nimport sys\nfrom automl_tl.serve._loopback import haproxy_main\nhaproxy_main(sys.argv[1:])\n"
+    # Self-contained and without site-packages (-I -S): it runs at every HAProxy start and reload, within
+    # Serve's start-up timeout, and must not pay for importing automl_tl.
+    source = inspect.getsource(local_haproxy_config) + "\n" + inspect.getsource(haproxy_main)
+    script = (f"#!{sys.executable} -IS\nfrom __future__ import annotations\nimport os, re, sys\nfrom pathlib import Path\n"
+              f"REAL_HAPROXY_ENV = {REAL_HAPROXY_ENV!r}\n_OPERATOR_SECTIONS = {_OPERATOR_SECTIONS!r}\n"
+              f"_BIND = re.compile({_BIND.pattern!r})\n{source}\nhaproxy_main(sys.argv[1:])\n")  # fmt: skip
     folder = Path(tempfile.gettempdir()) / f"automl-tl-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     path = folder / f"haproxy-{hashlib.sha256(script.encode()).hexdigest()[:12]}"
