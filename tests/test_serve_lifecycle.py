@@ -268,3 +268,14 @@ def test_haproxys_stats_and_metrics_move_to_unix_sockets() -> None:
     assert "bind /run/x/metrics.sock" in out and "bind /run/x/stats.sock" in out
     assert "bind *:8000" in out  # the request frontend binds what --host says
     assert ":9101" not in out and ":8404" not in out
+
+
+@pytest.mark.slow
+def test_two_servers_run_side_by_side_on_different_ports(run_dir: Path) -> None:
+    first, second = free_port(), free_port()
+    with serving(run_dir, first) as one, serving(run_dir, second) as two:
+        for port in (first, second):
+            assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).json()["status"] == "ready"
+        mine = [_ours(one.proc.pid), _ours(two.proc.pid)]
+    for snapshot, server in zip(mine, (one, two)):
+        _wait_gone(snapshot, server.proc.pid)

@@ -226,7 +226,7 @@ def start_server(
         chosen = resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)
         env = {**_quiet_env(), **INGRESS_ENV[chosen]}
         if local and chosen == "haproxy":
-            env.update(haproxy_wrapper())  # its stats and metrics off the network
+            env.update(_side_by_side_env(host))
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         _started.update(serve=True, replica_env=env)  # the replicas must run the ingress their controller runs
     client = serve.context._get_global_client()
@@ -244,6 +244,20 @@ def start_server(
     url = _url(host, port, route_prefix)
     _wait_ready(url, ready_timeout_s)
     return url
+
+
+def _side_by_side_env(host: str) -> dict[str, str]:
+    """What a Serve with HAProxy on this machine needs so that a second one can run beside it: HAProxy's stats
+    and metrics on UNIX sockets instead of fixed ports on every interface, and Serve's fallback proxy on a free
+    port instead of 8500 (unless the environment names one). A binary named by RAY_SERVE_HAPROXY_BINARY_PATH
+    is the one the wrapper runs."""
+    env = haproxy_wrapper()
+    if "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" not in os.environ:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(sock.getsockname()[1])
+    return env
 
 
 def _machine_split(args: AppArgs, cpus: int) -> AppArgs:
