@@ -29,6 +29,7 @@ from .test_artifact import make_member
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402  (schemathesis brings hypothesis)
+from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "fuzz-token-3b9e"
@@ -36,6 +37,9 @@ EVIL = "<img src=x onerror=alert(1)>"
 CLASSES = (EVIL, "bees")
 CASES_PER_OPERATION = 25
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Every default check of schemathesis but one: that any schema-valid body is accepted. A schema cannot say
+# "bytes that decode as an image", so random bytes are a schema-valid body that is rightly answered 422.
+UNSAYABLE = [positive_data_acceptance]
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +61,37 @@ def url(ray_session: Any, artifact: Path) -> Iterator[str]:
         stop_server()
 
 
-@pytest.fixture(scope="module")
-def api_schema(url: str) -> Any:
-    return schemathesis.openapi.from_url(f"{url}/openapi.json")
+def test_every_operation_answers_below_500_and_as_its_schema_says(url: str) -> None:
+    # Hypothesis drives schemathesis's strategies directly: its pytest plugin does not run under pytest 9.
+    from hypothesis import given
 
+    api_schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    seen: dict[str, dict[str, int]] = {}
+    failures: list[str] = []
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        name = f"{operation.method.upper()} {operation.path}"
+        counts = seen.setdefault(name, {})
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+        @given(case=operation.as_strategy())
+        @settings(max_examples=CASES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None)  # fmt: skip
+        def check(case: Any) -> None:
+            response = case.call(headers=AUTH, timeout=60)
+            key = f"{case.media_type or '-'} {response.status_code}"
+            counts[key] = counts.get(key, 0) + 1
+            if response.status_code >= 500:
+                failures.append(f"{name}: {response.status_code} {response.text[:300]}")
+            try:
+                case.validate_response(response, headers=AUTH, excluded_checks=UNSAYABLE)
+            except Exception as exc:  # noqa: BLE001 - every failed check is a finding
+                failures.append(f"{name}: {str(exc)[:500]}")
 
-
-@schema.parametrize()
-@settings(max_examples=CASES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
-def test_every_operation_answers_below_500_and_as_its_schema_says(case: Any) -> None:
-    response = case.call(headers=AUTH, timeout=60)
-    assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
-    case.validate_response(response, headers=AUTH)  # schemathesis's default checks, schema conformance among them
+        check()
+    assert set(seen) == {"POST /v1/predict", "GET /v1/healthz", "GET /v1/metadata", "GET /v1/stats"}
+    assert not failures, "\n".join(failures[:10])
+    bodies = {key.split()[0] for key in seen["POST /v1/predict"]}
+    assert {"image/*", "multipart/form-data", "application/json"} <= bodies, seen  # every body form was sent
 
 
 def test_every_operation_is_in_the_schema_with_its_answers(url: str) -> None:

@@ -57,6 +57,11 @@ Ingress = Literal["auto", "haproxy", "proxy"]
 # 3.0 s, since the controller moves a deployment on by one step per loop. Settings the environment names win.
 QUIET_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
+# Serve kills a proxy that has not answered its readiness check within 5 s three times over, and serve.start
+# then fails: on a busy 2-core machine an HAProxy proxy actor still importing was killed that way. A Serve
+# started here waits longer; the environment's own value wins.
+PATIENT_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
 # What start_server started, so stop_server stops exactly that.
 _started: dict[str, Any] = {"serve": False, "ray": False, "apps": [], "replica_env": {}}
 
@@ -224,7 +229,7 @@ def start_server(
             check_port(host, port)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         chosen = resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)
-        env = {**_quiet_env(), **INGRESS_ENV[chosen]}
+        env = {**_quiet_env(), **{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
         if local and chosen == "haproxy":
             env.update(_side_by_side_env(host))
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
