@@ -8,7 +8,10 @@ as text in the report, and a manifest naming a file outside its artifact is refu
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -129,3 +132,21 @@ def test_a_symlink_inside_the_artifact_is_fine(artifact: Path) -> None:
     (artifact / "alias.safetensors").symlink_to(weights.name)
     _rewrite(artifact, "alias.safetensors")
     assert load_artifact(artifact).members[0].weight_file == "alias.safetensors"
+
+
+# --- the drop-an-image page -------------------------------------------------------------------------------
+
+
+def test_the_page_writes_answers_as_text_and_runs_only_its_own_script() -> None:
+    from automl_tl.serve._app import _PAGE, page_policy
+
+    script = _PAGE.split("<script>", 1)[1].split("</script>", 1)[0]
+    # Text goes in through textContent; markup setters only ever clear.
+    assert "textContent = label" in script
+    for setter in ("innerHTML", "outerHTML"):
+        assert set(re.findall(rf"\.{setter}\s*=\s*([^;]+);", script)) <= {'""'}, setter
+    assert "insertAdjacentHTML" not in script and "document.write" not in script
+    policy = page_policy(_PAGE)
+    assert "'unsafe-inline'" not in policy.split("script-src", 1)[1].split(";")[0]  # no inline handler runs
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in policy  # the page's own script does
