@@ -106,6 +106,8 @@ def test_every_operation_is_in_the_schema_with_its_answers(url: str) -> None:
     assert spec["paths"]["/v1/predict"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorResponse"
     }
+    page = requests.get(f"{url}/", timeout=10)
+    assert page.status_code == 200 and "script-src 'sha256-" in page.headers["Content-Security-Policy"]
 
 
 def test_after_the_fuzz_a_real_image_is_answered_as_the_predictor_answers(

@@ -131,9 +131,20 @@ def _wait_gone(snapshot: dict[int, tuple[str | None, list[str]]], driver: int) -
     deadline = time.monotonic() + GONE_TIMEOUT_S
     while (_alive(snapshot) or owned_by(f"{driver}.")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = [(pid, Path(f"/proc/{pid}/comm").read_text().strip()) for pid in _alive(snapshot) if Path(f"/proc/{pid}").exists()]
+    left = [(pid, _describe(pid)) for pid in _alive(snapshot) if Path(f"/proc/{pid}").exists()]
     assert not left, f"still running after the driver stopped: {left}"
     assert not owned_by(f"{driver}.")
+
+
+def _describe(pid: int) -> str:
+    """Name, state, parent and mark of a process, for a failure message."""
+    try:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError as exc:
+        return f"gone ({exc.strerror})"
+    mark = next((e.decode(errors="replace") for e in environ.split(b"\0") if e.startswith(OWNER_ENV.encode())), "unmarked")
+    return f"{status['Name'].strip()} {status['State'].strip()} ppid {status['PPid'].strip()} {mark}"
 
 
 def _free(port: int) -> bool:
