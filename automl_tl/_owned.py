@@ -4,11 +4,13 @@ An embedded Ray, the Serve actors on it and the HAProxy they spawn all inherit t
 that started them, so ``AUTOML_TL_OWNER=<pid>.<start time>.<nonce>`` set there before ``ray.init`` marks
 every one of them, whoever their parent is by then (HAProxy outlives the actor that spawned it). A guardian
 process, started beside the driver, waits on a pipe only the driver holds: when the driver ends, however it
-ends (SIGKILL included, which runs no handler), the pipe closes and the guardian stops every marked process.
+ends (SIGKILL included, which runs no handler), the pipe closes and the guardian stops every marked process
+and every process of the driver's tree it last saw (a process that rewrites its title over its environment,
+as Ray's agents do, loses the mark).
 At start-up, marked processes whose driver is gone are an earlier crash's leftovers: they are named, with
 the command that clears them, before any work starts.
 
-    python -m automl_tl._owned FD TAG     # the guardian (started by start_guardian, not by hand)
+    python -m automl_tl._owned FD TAG     # the guardian (started by mark_and_guard, not by hand)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "listening",
     "mark_and_guard",
     "owned_by",
+    "descendants",
     "start_embedded_ray",
     "stop_owned",
 ]
@@ -230,12 +233,29 @@ def mark_and_guard() -> str:
     return tag
 
 
-def stop_owned(tag: str, grace_s: float = STOP_GRACE_S) -> list[int]:
-    """SIGTERM every process marked ``tag``, SIGKILL those still there after ``grace_s``; returns their pids.
+def descendants(root: int) -> dict[int, str | None]:
+    """Every live descendant of ``root``, with its start time."""
+    parent: dict[int, int] = {}
+    for pid in _pids():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return {pid: _start_time(pid) for pid in found}
 
-    Scans again until none is left: a dying raylet may still start a worker, and a process that is exiting
-    no longer shows its environment, so one seen once is followed by its pid and start time."""
-    seen: dict[int, str | None] = {}
+
+def stop_owned(tag: str, also: dict[int, str | None] | None = None, grace_s: float = STOP_GRACE_S) -> list[int]:
+    """SIGTERM every process marked ``tag`` (and those in ``also``: pid -> start time), SIGKILL those still
+    there after ``grace_s``; returns their pids.
+
+    Scans again until none is left: a dying raylet may still start a worker. A process seen once is followed
+    by its pid and start time: one that is exiting no longer shows its environment, and one that rewrote its
+    title over it (Ray's agents do) never did."""
+    seen: dict[int, str | None] = dict(also or {})
+    seen.pop(os.getpid(), None)
     termed: set[int] = set()
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline + 5 * grace_s:
@@ -280,13 +300,24 @@ def start_embedded_ray(**init_kwargs: Any) -> None:
 
 
 def _guard(fd: int, tag: str) -> None:
-    """Wait until the driver's end of the pipe closes, then stop what it started."""
+    """Until the driver's end of the pipe closes, note the driver's process tree each second; then stop what
+    it started: the marked processes and the tree last seen."""
+    import select
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    driver = int(tag.split(".", 1)[0])
+    tree: dict[int, str | None] = {}
     with contextlib.suppress(OSError):
-        while os.read(fd, 1):
-            pass
-    stop_owned(tag)
+        while True:
+            if select.select([fd], [], [], 1.0)[0]:
+                if not os.read(fd, 1):
+                    break
+                continue
+            # Kept while alive, so one orphaned meanwhile (reparented away from the driver) is still known.
+            kept: dict[int, str | None] = {pid: t for pid, t in tree.items() if t is not None and _start_time(pid) == t}
+            tree = {**kept, **descendants(driver)}
+    stop_owned(tag, also=tree)
 
 
 if __name__ == "__main__":
