@@ -419,6 +419,33 @@ def _record(entry: MemberEntry) -> MemberRecord:
     )
 
 
+def refuse_files_outside(raw: bytes, store: ArtifactStore, where: str) -> None:
+    """Refuse a manifest (its JSON bytes) that names a file outside its artifact folder (``../``, an absolute
+    path, a symlink leading out), before any file it names is read. A manifest that does not parse is
+    :func:`read_manifest`'s to report."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    members = manifest.get("members") if isinstance(manifest, Mapping) else None
+    for i, member in enumerate(members if isinstance(members, list) else []):
+        name = member.get("weight_file") if isinstance(member, Mapping) else None
+        if not isinstance(name, str):
+            continue  # a missing or mistyped field is the field check's to report
+        if not name or name[0] == "." or "/" in name or "\\" in name or os.path.isabs(name):
+            raise ArtifactError(
+                f"{where}: members[{i}].weight_file {name!r:.80} is not a plain file name inside the artifact: "
+                "a manifest names only files in its own folder"
+            )
+        if isinstance(store, LocalStore):
+            target = (store.root / name).resolve()
+            if not target.is_relative_to(store.root.resolve()):
+                raise ArtifactError(
+                    f"{where}: members[{i}].weight_file {name!r:.80} leads to {target}, outside the artifact "
+                    "(a symlink): copy the file into the artifact folder instead"
+                )
+
+
 def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = None) -> Artifact:
     """Read ``path`` (the artifact folder, its manifest.json or the run directory above it), check every sha256.
 
@@ -433,7 +460,9 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
     root = Path(path)
     if not store.exists(MANIFEST_NAME):
         raise ArtifactError(f"{store.describe(MANIFEST_NAME)} is missing: {root} is not an automl_tl artifact")
-    manifest = read_manifest(store.read_bytes(MANIFEST_NAME), store.describe(MANIFEST_NAME))
+    raw = store.read_bytes(MANIFEST_NAME)
+    refuse_files_outside(raw, store, store.describe(MANIFEST_NAME))
+    manifest = read_manifest(raw, store.describe(MANIFEST_NAME))
     weights = manifest.ensemble.weights
     artifact = Artifact(
         path=root,

@@ -20,9 +20,12 @@ user error is a :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx
 # value when the class is decorated, and a route's string annotations ("Request") cannot be resolved in the
 # replica from the few globals that pickling keeps. Real annotation objects travel with the functions.
 import asyncio
+import base64
+import hashlib
 import hmac
 import importlib.resources
 import os
+import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application, Deployment
@@ -45,6 +48,7 @@ from automl_tl.errors import AutoMLError
 from automl_tl.inference.predictor import top_predictions
 from automl_tl.runs.locate import resolve_artifact
 from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, read_token
+from automl_tl.serve._loopback import bind_loopback
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded
@@ -107,6 +111,70 @@ class HealthResponse(BaseModel):
     auth: bool
 
 
+class ErrorResponse(BaseModel):
+    """Every 4xx answer: what was wrong with the request, in one sentence."""
+
+    detail: str
+
+
+class MemberInfo(BaseModel):
+    member_id: str
+    backbone: str
+    image_size: int
+    preprocessing: dict[str, Any]
+    temperature: float
+    weight: float
+    val_metrics: dict[str, Any]
+    serving: bool
+
+
+class EnsembleInfo(BaseModel):
+    method: str | None
+    weights: list[float]
+    temperature: float
+
+
+class LimitsInfo(BaseModel):
+    max_body_bytes: int
+    max_pixels: int
+    max_images_per_request: int
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+
+class MetadataResponse(BaseModel):
+    model_id: str
+    mode: str
+    layout: str
+    ingress: str
+    class_names: list[str]
+    members: list[MemberInfo]
+    ensemble: EnsembleInfo
+    calibration_temperature: float
+    metrics: dict[str, Any]
+    versions: dict[str, Any]
+    limits: LimitsInfo
+    batching: BatchingInfo
+
+
+class StatsResponse(BaseModel):
+    ingress: dict[str, Any]
+    members: dict[str, dict[str, Any]] | None = None  # the composed layout's member replicas
+
+
+def _json(answer: BaseModel, status_code: int = 200) -> Response:
+    """A declared response model as JSON: validated when it was built, serialized once by pydantic (FastAPI
+    would validate it again), so what is answered is what /openapi.json declares."""
+    return Response(answer.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
+
+
 _PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -162,6 +230,18 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 _PAGE = importlib.resources.files("automl_tl").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+def page_policy(page: str) -> str:
+    """The page's Content-Security-Policy: only its own inline script runs (named by its sha256), so no inline
+    handler (``onerror=...``) would run even if markup from a class name got into the page."""
+    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
+    digests = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
+    return (f"default-src 'self'; script-src {digests}; style-src 'unsafe-inline'; img-src 'self' blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+
+
+_PAGE_HEADERS = {"Content-Security-Policy": page_policy(_PAGE), "X-Content-Type-Options": "nosniff"}
+
+
 # --- deployments -----------------------------------------------------------------------------------------
 
 
@@ -170,6 +250,7 @@ class MemberModel:
     """One ensemble member: batches its preprocessed inputs and returns its (uncalibrated) softmax rows."""
 
     def __init__(self, args: AppArgs, member_index: int) -> None:
+        bind_loopback()  # before Serve starts this replica's gRPC server
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
         self._forward = Forward.serving(artifact, [member_index], args)
         configure_batching(self._batched, args)
@@ -199,6 +280,7 @@ class Classifier:
     def __init__(
         self, args: AppArgs, token: Secret | None = None, members: list[DeploymentHandle] | None = None
     ) -> None:
+        bind_loopback()  # before Serve starts this replica's gRPC server
         self._args = args
         self._token = token if token is not None else read_token(args)
         artifact = load_artifact(args.artifact)  # build_app resolved it: an absolute folder or a URI
@@ -216,7 +298,7 @@ class Classifier:
             configure_batching(self._batched, args)
         else:
             single_threaded()  # the ingress only preprocesses; the member replicas own the cores
-        self._metadata = self._describe(artifact)
+        self._metadata = MetadataResponse.model_validate(self._describe(artifact))
 
     def _describe(self, artifact: Artifact) -> dict[str, Any]:
         planned = set(self._plan.member_indices)
@@ -329,10 +411,10 @@ class Classifier:
         rows = await self._forward.solo(prepare)
         return [self._format(name, row, ms, row[2], k) for (name, _, ms), row in zip(prepared, rows)]
 
-    @api.post(f"{API_PREFIX}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
+    @api.post(f"{API_PREFIX}/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
     async def predict(
         self, request: Request, top_k: int = Query(5, ge=1, le=10_000, description="labels per image")
-    ) -> JSONResponse:
+    ) -> Response:
         """Classify the images of the body; per image: the top-k labels with calibrated probabilities."""
         start = time.perf_counter()
         self._authorize(request)
@@ -347,17 +429,16 @@ class Classifier:
                 answers = await asyncio.gather(*(self._answer(name, x, ms, top_k) for name, x, ms in prepared))
         finally:
             self._in_flight -= 1
-        # Built here, plain JSON types only: a Response skips FastAPI's re-validation against the schema.
-        return JSONResponse({
+        return _json(PredictResponse.model_validate({
             "model_id": self._plan.model_id,
             "mode": self._plan.mode,
             "members": list(self._plan.member_ids),
             "predictions": answers,
             "total_ms": round((time.perf_counter() - start) * 1000.0, 3),
-        })  # fmt: skip
+        }))  # fmt: skip
 
     @api.get(f"{API_PREFIX}/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-    async def healthz(self) -> JSONResponse:
+    async def healthz(self) -> Response:
         """200 once every model is loaded and answering; 503 otherwise."""
         ready = True
         if self._members is not None:
@@ -365,29 +446,29 @@ class Classifier:
                 await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self._members)), timeout=5.0)
             except Exception:  # noqa: BLE001 - any failure to answer means not ready
                 ready = False
-        body = {"status": "ready" if ready else "loading", "model_id": self._plan.model_id,
-                "auth": self._token is not None}  # fmt: skip
-        return JSONResponse(body, status_code=200 if ready else 503)
+        body = HealthResponse(status="ready" if ready else "loading", model_id=self._plan.model_id,
+                              auth=self._token is not None)  # fmt: skip
+        return _json(body, status_code=200 if ready else 503)
 
-    @api.get(f"{API_PREFIX}/metadata")
-    async def metadata(self, request: Request) -> dict[str, Any]:
+    @api.get(f"{API_PREFIX}/metadata", response_model=MetadataResponse, responses=_AUTH_ERRORS)
+    async def metadata(self, request: Request) -> Response:
         """Classes, members (and which of them serve), metrics, versions and limits of the artifact."""
         self._authorize(request)
-        return self._metadata
+        return _json(self._metadata)
 
-    @api.get(f"{API_PREFIX}/stats")
-    async def stats(self, request: Request) -> dict[str, Any]:
+    @api.get(f"{API_PREFIX}/stats", response_model=StatsResponse, responses=_AUTH_ERRORS)
+    async def stats(self, request: Request) -> Response:
         """This replica's batching counters and memory (and those of the member replicas it reached)."""
         self._authorize(request)
         out: dict[str, Any] = {"ingress": (self._forward.counters if self._forward else Counters()).to_dict()}
         if self._members is not None:
             found = await asyncio.gather(*(h.stats.remote() for h in self._members))
             out["members"] = dict(zip(self._plan.member_ids, found))
-        return out
+        return _json(StatsResponse.model_validate(out))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(_PAGE)
+        return HTMLResponse(_PAGE, headers=_PAGE_HEADERS)
 
 
 # --- the application builder -----------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log a line per request in each replica's Serve log (off by default: it costs throughput)")
     p.add_argument("--token-env", metavar="VAR", dest="token_env", help="require a bearer token read from $VAR")
     p.add_argument("--token-file", metavar="FILE", dest="token_file", help="require a bearer token read from FILE")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond loopback without a token (anyone who reaches it may use the model)")
     p.add_argument("--max-body-mb", type=float, dest="max_body_mb", help="largest request body (default 16)")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image in pixels (default 40M)")
     p.add_argument("--emit-config", metavar="FILE", dest="emit_config",
@@ -82,7 +84,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         return 0
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        url = start_server(*common, ingress=args.ingress, **_options(args))
+        url = start_server(*common, ingress=args.ingress, insecure=args.insecure, **_options(args))
         # After Ray started: its core worker installs its own SIGTERM handler, which would kill us uncleanly.
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         print(f"serving the {args.mode} of {args.artifact} at {url}", flush=True)

@@ -22,9 +22,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from automl_tl._owned import OWNER_ENV, check_leftovers, start_embedded_ray, stop_owned
 from automl_tl.train.memory import malloc_env
 from automl_tl.errors import ConfigError
 from automl_tl.runs.locate import resolve_artifact
+from automl_tl.serve._loopback import haproxy_wrapper
 from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, config_error, read_token
 
 __all__ = ["APP_NAME", "emit_config", "make_args", "start_server", "stop_server"]
@@ -55,6 +57,11 @@ Ingress = Literal["auto", "haproxy", "proxy"]
 # this machine's drift. The cost: deploying an app took 6.6 instead of 5.2 s and deleting one 4.0 instead of
 # 3.0 s, since the controller moves a deployment on by one step per loop. Settings the environment names win.
 QUIET_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+
+# Serve kills a proxy that has not answered its readiness check within 5 s three times over, and serve.start
+# then fails: on a busy 2-core machine an HAProxy proxy actor still importing was killed that way. A Serve
+# started here waits longer; the environment's own value wins.
+PATIENT_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 # What start_server started, so stop_server stops exactly that.
 _started: dict[str, Any] = {"serve": False, "ray": False, "apps": [], "replica_env": {}}
@@ -114,9 +121,26 @@ def make_args(
 
 
 def check_port(host: str, port: int) -> None:
-    """Raise a ConfigError naming the port when something on this machine already listens there."""
+    """Raise a ConfigError naming what an earlier run left behind, or the port when something on this machine
+    already listens there."""
+    check_leftovers()
     if not _port_is_free(host, port):
         raise ConfigError(f"port {port} on {host} is already in use: pick another with --port")
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_exposure(host: str, has_token: bool, insecure: bool) -> None:
+    """A server reachable beyond this machine answers only bearer-token holders, unless told ``insecure``."""
+    if is_loopback_host(host) or has_token or insecure:
+        return
+    raise ConfigError(
+        f"host {host!r} is reachable beyond this machine and no token is set: anyone who reaches it could use "
+        "the model. Require a token (--token-env VAR or --token-file FILE), bind 127.0.0.1, or pass --insecure "
+        "to serve without one"
+    )
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -164,6 +188,7 @@ def start_server(
     route_prefix: str = "/",
     ready_timeout_s: float = 180.0,
     ingress: Ingress = "auto",
+    insecure: bool = False,
     **options: Any,
 ) -> str:
     """Deploy the app (``serve.run(..., blocking=False)``) and return its base URL once it answers healthz.
@@ -172,7 +197,8 @@ def start_server(
     ``options`` are further :class:`AppArgs` fields (``layout``, ``max_batch_size``, ``min_replicas``, ...).
     ``ingress`` (see ``INGRESS_ENV`` and :func:`resolve_ingress`) applies when this call starts Serve; a
     running Serve keeps its own.
-    ``token`` (or the ``token_env``/``token_file`` option, read here) turns on bearer-token auth.
+    ``token`` (or the ``token_env``/``token_file`` option, read here) turns on bearer-token auth; a ``host``
+    beyond loopback needs one, or ``insecure=True`` to serve anyone who reaches it.
     """
     import ray
     from ray import serve
@@ -183,6 +209,7 @@ def start_server(
     if token is not None and not token.strip():
         raise ConfigError("token must not be empty")
     secret = Secret(token.strip()) if token is not None else read_token(args)
+    check_exposure(host, secret is not None, insecure)
     if not route_prefix.startswith("/"):
         raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
     address = os.environ.get("RAY_ADDRESS") or "local"
@@ -190,9 +217,12 @@ def start_server(
     if not ray.is_initialized():
         if local:
             check_port(host, port)
-        # "local": an embedded instance, never some other local cluster that `ray start` left running. Its
-        # workers get the allocator settings through the job's runtime environment, not from this process.
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": malloc_env()})
+        # Its workers get the allocator settings through the job's runtime environment, not from this process.
+        runtime_env = {"env_vars": malloc_env()}
+        if local:  # an embedded instance, never some other local cluster that `ray start` left running
+            start_embedded_ray(log_to_driver=False, runtime_env=runtime_env)
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         _started["ray"] = True
         if local and "cpus_per_replica" not in options:
             args = _machine_split(args, int(ray.cluster_resources().get("CPU", 1)))
@@ -200,8 +230,10 @@ def start_server(
         if local:
             check_port(host, port)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        ingress_env = INGRESS_ENV[resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)]
-        env = {**_quiet_env(), **ingress_env}
+        chosen = resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)
+        env = {**_quiet_env(), **{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
+        if local and chosen == "haproxy":
+            env.update(_side_by_side_env(host))
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         _started.update(serve=True, replica_env=env)  # the replicas must run the ingress their controller runs
     client = serve.context._get_global_client()
@@ -219,6 +251,20 @@ def start_server(
     url = _url(host, port, route_prefix)
     _wait_ready(url, ready_timeout_s)
     return url
+
+
+def _side_by_side_env(host: str) -> dict[str, str]:
+    """What a Serve with HAProxy on this machine needs so that a second one can run beside it: HAProxy's stats
+    and metrics on UNIX sockets instead of fixed ports on every interface, and Serve's fallback proxy on a free
+    port instead of 8500 (unless the environment names one). A binary named by RAY_SERVE_HAPROXY_BINARY_PATH
+    is the one the wrapper runs."""
+    env = haproxy_wrapper()
+    if "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" not in os.environ:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(sock.getsockname()[1])
+    return env
 
 
 def _machine_split(args: AppArgs, cpus: int) -> AppArgs:
@@ -250,6 +296,8 @@ def stop_server() -> None:
             serve.delete(name)
     if _started["ray"]:
         ray.shutdown()
+        # What outlives the shutdown (HAProxy, whose actor is gone), so the port is free when this returns.
+        stop_owned(os.environ.get(OWNER_ENV, "") or "-")
     _started.update(serve=False, ray=False, apps=[], replica_env={})
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from automl_tl._owned import start_embedded_ray
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
 from automl_tl.train.memory import malloc_env, scoped_env
 from automl_tl.backbones import check_backbones as check_backbone_weights
@@ -108,7 +109,8 @@ def ray_for_search(log: Log) -> Iterator[None]:
             else:
                 cpus = os.cpu_count() or 1
                 log(f"[search] starting an embedded Ray with {cpus} CPUs")
-                ray.init(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+                start_embedded_ray(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING,
+                                   runtime_env=runtime_env)
         try:
             yield
         finally:
@@ -473,6 +475,7 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
         "feature_cache": metrics.get("feature_cache"),
         "workers": metrics.get("workers"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "accumulation_steps": metrics.get("accumulation_steps") or 1,  # above 1: backed off after out of memory
         "has_model": (run.path / "trials" / trial_id / "model.safetensors").is_file(),
     }
     return row

@@ -31,6 +31,7 @@ from torch import nn
 
 from automl_tl.config import Bool, Float, Int, config_error
 from automl_tl.train.memory import peak_rss_bytes, reset_peak_rss
+from automl_tl.train.oom import EpochStart, is_out_of_memory, maybe_inject_oom, next_micro_batch, out_of_memory_error
 from automl_tl.train.trial_data import TrialData
 from automl_tl.train.augment import array_to_tensor, batch_mixer, is_deterministic, train_transform
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
@@ -216,6 +217,7 @@ def train_trial(
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "since_best": 0}
     if resume_dir is not None:
         state = _load_checkpoint(resume_dir, model, optimizer, schedule)
+        steps.accumulation = int(state.get("accumulation_steps", 1))  # a back-off holds across a resume
 
     mode = metric_mode(cfg.metric)
     last: EpochResult | None = None
@@ -227,7 +229,8 @@ def train_trial(
         return EpochResult(int(state["epoch"]), ended, False)
     for epoch in range(int(state["epoch"]) + 1, cfg.max_epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = steps.train_epoch(optimizer, schedule, epoch)
+        train_loss, train_acc = _train_epoch(steps, model, optimizer, schedule, epoch)
+        state["accumulation_steps"] = steps.accumulation
         val_probs = steps.val_probs()
         val = classification_metrics(data.labels[data.val_idx], val_probs, data.class_names)
         scores = {"val_accuracy": val["accuracy"], "val_macro_f1": val["f1"]["macro"], "val_log_loss": val["log_loss"]}
@@ -239,7 +242,7 @@ def train_trial(
         if rank_key(score, scores["val_log_loss"], mode) < rank_key(best, state.get("best_log_loss"), mode):
             state.update(best_score=score, best_epoch=epoch, best_log_loss=scores["val_log_loss"])
             if rank == 0 and out_dir is not None:
-                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores, steps.notes())
+                _write_best(out_dir, model, val_probs, cfg, data, epoch, scores, steps.accumulation, steps.notes())
         state["since_best"] = 0 if improved else int(state["since_best"]) + 1
         state["epoch"] = epoch
         plateau = int(state["since_best"]) >= cfg.plateau_patience
@@ -258,6 +261,9 @@ def train_trial(
             "feature_cache": cache_note,
             "workers": world_size,
             "peak_rss_mb": _mib(peak_rss_bytes()),
+            # Above 1 after an out-of-memory back-off: each batch ran as this many smaller micro-batches.
+            "accumulation_steps": steps.accumulation,
+            "micro_batch_size": steps.micro_batch(),
             "stop_reason": stop_reason,
         }
         state["last_metrics"] = metrics  # a resume from this checkpoint knows whether the trial had ended
@@ -279,12 +285,37 @@ def _mib(size: int | None) -> int | None:
 # --- the two ways a trial steps through an epoch ---------------------------------------------------------
 
 
+def _train_epoch(steps: _Steps, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
+    """One epoch, run again from its start in micro-batches half as large each time it runs out of memory
+    (``automl_tl.train.oom``); the optimizer still steps once per configured batch."""
+    start = EpochStart.take(model, optimizer, schedule, steps.step)
+    while True:
+        try:
+            return steps.train_epoch(optimizer, schedule, epoch)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            halved = next_micro_batch(steps.cfg.batch_size, steps.accumulation)
+            if halved is None:
+                raise out_of_memory_error(exc, steps.cfg.batch_size, steps.accumulation, steps.device) from exc
+        # Past the handler, the failed epoch's frames and the tensors they held are released.
+        steps.accumulation, steps.step = halved, start.step
+        start.restore(model, optimizer, schedule, steps.device)
+
+
 class _Steps:
+    cfg: TrialConfig
+    device = torch.device("cpu")
+    accumulation = 1  # micro-batches per optimizer step; doubled by each out-of-memory back-off
+    step = 0  # optimizer steps taken in this trial
     converged = False  # True once the trial has nothing left to train (a probe after its fit)
 
     def notes(self) -> dict[str, Any]:
         """What the trial's ``trial.json`` should also record about how it trained."""
         return {}
+
+    def micro_batch(self) -> int:
+        return -(-self.cfg.batch_size // self.accumulation)
 
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
@@ -338,15 +369,18 @@ class _FeatureSteps(_Steps):
         for start in range(0, len(order), self.cfg.batch_size):
             idx = torch.from_numpy(order[start : start + self.cfg.batch_size])
             x, y = self.train_x[idx], self.train_y[idx]
-            logits = self.head(x)
-            loss = _loss(logits, y, self.cfg, self.weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for xs, ys in zip(x.split(self.micro_batch()), y.split(self.micro_batch())):
+                maybe_inject_oom(self.step + 1, len(ys))
+                logits = self.head(xs)
+                loss = _loss(logits, ys, self.cfg, self.weight)
+                (loss * (len(ys) / len(y))).backward()  # the micro-batches' gradients add up to the batch's
+                total += loss.item() * len(ys)
+                correct += int((logits.argmax(1) == ys).sum())
+                count += len(ys)
             optimizer.step()
             schedule.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(idx)
+            self.step += 1
         return total / count, correct / count
 
     @torch.inference_mode()
@@ -439,23 +473,30 @@ class _ImageSteps(_Steps):
             targets: torch.Tensor = y
             if self.mixer is not None and len(y) > 1:
                 x, targets = self.mixer(x, y)
-            x = x.to(self.device, memory_format=self.memory_format, non_blocking=True)
-            targets, y = targets.to(self.device), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                logits = self.train_model(x)
-            loss = _loss(logits, targets, self.cfg, self.weight)
             optimizer.zero_grad(set_to_none=True)
+            size = self.micro_batch()
+            for xs, ts, ys in zip(x.split(size), targets.split(size), y.split(size)):
+                maybe_inject_oom(self.step + 1, len(ys))
+                xs = xs.to(self.device, memory_format=self.memory_format, non_blocking=True)
+                ts, ys = ts.to(self.device), ys.to(self.device)
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    logits = self.train_model(xs)
+                loss = _loss(logits, ts, self.cfg, self.weight)
+                share = loss * (len(ys) / len(y))  # the micro-batches' gradients add up to the batch's
+                if self.scaler is not None:
+                    self.scaler.scale(share).backward()
+                else:
+                    share.backward()
+                total += loss.item() * len(ys)
+                correct += int((logits.argmax(1) == ys).sum())
+                count += len(ys)
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             schedule.step()
-            total += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
+            self.step += 1
         return total / max(count, 1), correct / max(count, 1)
 
     @torch.inference_mode()
@@ -464,7 +505,7 @@ class _ImageSteps(_Steps):
             self._val = torch.stack([self.eval_tf(array_to_tensor(self.images.image(int(i)))) for i in self.data.val_idx])
         self.model.eval()
         out = []
-        step = self.cfg.batch_size  # the training batch: the memory request covers it
+        step = self.micro_batch()  # the training micro-batch: it fits
         for start in range(0, len(self._val), step):
             x = self._val[start : start + step].to(self.device, memory_format=self.memory_format)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -566,7 +607,7 @@ def _load_checkpoint(path: Path, model: TransferNet, optimizer: torch.optim.Opti
 
 def _write_best(
     out_dir: Path, model: TransferNet, val_probs: np.ndarray, cfg: TrialConfig, data: TrialData, epoch: int,
-    scores: dict[str, float], notes: dict[str, Any] | None = None,
+    scores: dict[str, float], accumulation_steps: int = 1, notes: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as partial:
@@ -581,6 +622,7 @@ def _write_best(
         "spec": spec.to_dict(),
         "best_epoch": epoch,
         "val_metrics": scores,
+        "accumulation_steps": accumulation_steps,  # above 1: trained in micro-batches after running out of memory
         "data_id": data.data_id,
         **(notes or {}),
     }
