@@ -1,0 +1,76 @@
+"""What one trial is: the searched hyperparameters and the typed trial config built from Tune's dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from automl_tl.config import Bool, Float, Int, config_error
+from automl_tl.train.augment import is_deterministic
+from automl_tl.backbones import resolve_spec
+
+__all__ = ["HYPERPARAMETERS", "TrialConfig"]
+
+# The searched hyperparameters: the TrialConfig fields the sweep varies, each with the ``space`` section field
+# that lists its values. The search space, leaderboard, summary, report and demo read the names from here.
+HYPERPARAMETERS: dict[str, str] = {
+    "backbone": "backbones", "freeze_depth": "freeze_depths", "learning_rate": "learning_rate",
+    "backbone_lr_ratio": "backbone_lr_ratio", "augmentation": "augmentations", "optimizer": "optimizers",
+    "weight_decay": "weight_decay", "label_smoothing": "label_smoothing", "batch_size": "batch_sizes",
+    "image_size": "image_sizes", "head": "heads", "head_dropout": "mlp_dropout",
+    "layer_decay": "layer_decay",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    """One point of the search space, typed: the first thing a trial builds from Tune's dict."""
+
+    backbone: str
+    freeze_depth: Int
+    learning_rate: Float
+    backbone_lr_ratio: Float
+    augmentation: Literal["none", "light", "medium", "heavy"]
+    optimizer: Literal["adamw", "sgd", "lbfgs"]
+    weight_decay: Float
+    label_smoothing: Float
+    batch_size: Int
+    max_epochs: Int
+    head: Literal["linear", "mlp"]
+    head_dropout: Float
+    image_size: Int | None = None
+    seed: Int = 0
+    class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
+    plateau_patience: Int = 3
+    metric: Literal["val_accuracy", "val_macro_f1", "val_log_loss"] = "val_accuracy"
+    pretrained: Bool = True
+    # Layer-wise learning-rate decay: each stage learns layer_decay times as fast as the one above it
+    # (the stem slowest); 1.0 is off.
+    layer_decay: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrialConfig:
+        """The trial's own keys of ``params`` (Tune's dict may hold more), validated."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return _trial_adapter().validate_python({k: v for k, v in params.items() if k in known})
+        except ValidationError as exc:
+            raise config_error(exc, "trial", cls) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def frozen_features(self) -> bool:
+        """Whether this trial only trains a head on cached features."""
+        spec = resolve_spec(self.backbone)
+        return self.freeze_depth >= spec.max_freeze_depth and is_deterministic(self.augmentation)
+
+
+@functools.cache
+def _trial_adapter() -> TypeAdapter[TrialConfig]:
+    return TypeAdapter(TrialConfig)
