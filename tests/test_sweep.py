@@ -22,7 +22,8 @@ from automl_tl.evaluate.results import build_results
 from automl_tl.sweep.space import build_param_space, frozen_start_points
 from automl_tl.sweep.trial import FAULT_ENV
 from automl_tl.evaluate.ranking import rank_rows
-from automl_tl.sweep.driver import _live_placement_groups, run_search
+from automl_tl.sweep.driver import run_search
+from automl_tl.sweep.tuner import _live_placement_groups
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,7 @@ def test_frozen_start_points_lie_in_the_space() -> None:
 
 
 def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
-    from automl_tl.sweep.driver import _trial_cap, sweep_end
+    from automl_tl.sweep.tuner import _trial_cap, sweep_end
 
     config = load_config(None)
     space = build_param_space(config)
@@ -145,7 +146,7 @@ def test_a_trial_killed_for_memory_stops_the_sweep_with_advice(tmp_path: Path) -
 
     from automl_tl.errors import SearchError
     from automl_tl.runs.rundir import RunDir
-    from automl_tl.sweep.driver import fit
+    from automl_tl.sweep.tuner import fit
 
     class KilledTuner:  # what Tune 2.60 raises when Ray's memory monitor kills a trial actor
         def fit(self) -> None:

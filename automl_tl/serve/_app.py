@@ -10,7 +10,7 @@ Two layouts of the same HTTP API (``AppArgs.layout``):
 Either way the request path is: read the body (bounded), parse and decode it in a worker thread (never on
 the event loop), queue each image into the batcher, answer with the top-k labels. In the single layout a
 request that finds the replica idle skips the decode pool and the batcher: it is decoded and forwarded as
-one batch in the forward thread, which saves about 2.5 ms of a lone request's latency on 2 cores (an
+one batch in the forward thread, two thread hand-offs and a queue fewer on its critical path (an
 ensemble's members may run side by side in the lanes instead, where the replica measured that faster). A CPU
 replica of several cores forwards batches in several lanes at once (:class:`~automl_tl.serve._replica.Forward`). Every
 user error is a :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx JSON ``{"detail": "..."}``.
@@ -52,6 +52,7 @@ from automl_tl.serve._loopback import bind_loopback
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded
+from automl_tl.serve._schemas import ErrorResponse, HealthResponse, MetadataResponse, PredictResponse, StatsResponse
 
 __all__ = ["Classifier", "MemberModel", "build_app"]
 
@@ -62,10 +63,8 @@ API_PREFIX = "/v1"
 REPLICA_ENV = dict(MALLOC_ENV)
 # Our request handlers run on Serve's own event loop in the replica, not on a second loop in a thread of their
 # own (Serve's default): a request then crosses no thread boundary between Serve's HTTP handling and ours.
-# They never block that loop: decoding and forwards run in worker threads. With Serve's access log off too
-# (AppArgs.access_log), the ensemble at 1 replica of 2 CPUs served 68.0-69.2 img/s to 32 clients (12 s, four
-# runs alternated with Serve's defaults, which gave 64.4-67.7), and the replica's event loops took 1.35-1.38
-# instead of 1.56-1.59 ms of CPU per request; either change alone stayed within the defaults' spread.
+# They never block that loop: decoding and forwards run in worker threads. Together with Serve's access log
+# off (AppArgs.access_log) this lowers the event loops' CPU per request (benchmarks/bench_serve.py).
 REPLICA_ENV["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
 DECODE_THREADS = 2
 
@@ -73,96 +72,9 @@ DECODE_THREADS = 2
 def replica_env(args: AppArgs) -> dict[str, str]:
     """:data:`REPLICA_ENV`, with one malloc arena for each thread that allocates tensors (the forward lanes and
     the decode threads) instead of one for the whole replica. In one shared arena, the members of a lone
-    request forwarded side by side after a spell of load waited on each other's allocations: an ensemble
-    replica of 2 lanes, lone requests after 12 s of load at 32 clients, forward 19.1-19.3 ms with one arena
-    and 15.6-16.4 ms with four (lone p50 25.8-26.5 against 21.5-22.7 ms; alternated runs on 2 cores).
+    request forwarded side by side after a spell of load waited on each other's allocations.
     """
     return {**REPLICA_ENV, "MALLOC_ARENA_MAX": str(args.lanes_per_replica() + DECODE_THREADS)}
-
-
-# --- response schemas (for /docs) ------------------------------------------------------------------------
-
-
-class ImageTiming(BaseModel):
-    decode_ms: float
-    queue_ms: float
-    forward_ms: float
-    batch_size: int
-
-
-class ImageAnswer(BaseModel):
-    name: str
-    labels: list[str]
-    probabilities: list[float]
-    timing: ImageTiming
-
-
-class PredictResponse(BaseModel):
-    model_id: str
-    mode: str
-    members: list[str]
-    predictions: list[ImageAnswer]
-    total_ms: float
-
-
-class HealthResponse(BaseModel):
-    status: str
-    model_id: str
-    auth: bool
-
-
-class ErrorResponse(BaseModel):
-    """Every 4xx answer: what was wrong with the request, in one sentence."""
-
-    detail: str
-
-
-class MemberInfo(BaseModel):
-    member_id: str
-    backbone: str
-    image_size: int
-    preprocessing: dict[str, Any]
-    temperature: float
-    weight: float
-    val_metrics: dict[str, Any]
-    serving: bool
-
-
-class EnsembleInfo(BaseModel):
-    method: str | None
-    weights: list[float]
-    temperature: float
-
-
-class LimitsInfo(BaseModel):
-    max_body_bytes: int
-    max_pixels: int
-    max_images_per_request: int
-
-
-class BatchingInfo(BaseModel):
-    max_batch_size: int
-    batch_wait_timeout_s: float
-
-
-class MetadataResponse(BaseModel):
-    model_id: str
-    mode: str
-    layout: str
-    ingress: str
-    class_names: list[str]
-    members: list[MemberInfo]
-    ensemble: EnsembleInfo
-    calibration_temperature: float
-    metrics: dict[str, Any]
-    versions: dict[str, Any]
-    limits: LimitsInfo
-    batching: BatchingInfo
-
-
-class StatsResponse(BaseModel):
-    ingress: dict[str, Any]
-    members: dict[str, dict[str, Any]] | None = None  # the composed layout's member replicas
 
 
 def _json(answer: BaseModel, status_code: int = 200) -> Response:

