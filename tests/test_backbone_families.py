@@ -158,8 +158,8 @@ def test_family_end_to_end(family: str, weights_folder: Path, trial_data: TrialD
     rebuilt = artifact.build_model(0)
     with torch.inference_mode():
         assert torch.allclose(torch.softmax(rebuilt(x), dim=1), expected, atol=1e-6)
-    predictor = Predictor(artifact, [rebuilt])
-    got = predictor.proba_from_preprocessed([x])
+    predictor = Predictor(artifact)  # one member of weight 1 at temperature 1: its probabilities are the answer
+    (got,) = predictor.member_probabilities([x])
     assert np.abs(got - expected.double().numpy()).max() < 1e-4
     onnx_file = export_model(tmp_path / "artifact", "onnx", tmp_path / "model.onnx")
     import onnxruntime
