@@ -16,6 +16,7 @@ the command that clears them, before any work starts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -274,6 +275,13 @@ def stop_owned(tag: str, also: dict[int, str | None] | None = None, grace_s: flo
     return sorted(seen)
 
 
+@functools.cache
+def _process_token() -> str:
+    """One token for every Ray this process starts: Ray's client keeps the first token it read for the life
+    of the process, so a second embedded Ray (a demo's server after its sweep) must get the same one."""
+    return secrets.token_hex(24)
+
+
 def start_embedded_ray(**init_kwargs: Any) -> None:
     """``ray.init`` of a Ray that automl_tl starts for itself (serve, demo, search): refused while an earlier
     run's leftovers live, marked and guarded, token auth on, and every node address on loopback.
@@ -293,7 +301,7 @@ def start_embedded_ray(**init_kwargs: Any) -> None:
         # read another value when it imported ray).
         os.environ.pop("RAY_AUTH_MODE", None)
     if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(24))
+        os.environ.setdefault("RAY_AUTH_TOKEN", _process_token())
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by the processes Ray starts
     ray_constants.ENABLE_RAY_CLUSTER = False  # and by this one, which read it at import
     ray.init(address="local", **init_kwargs)

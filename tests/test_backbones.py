@@ -420,5 +420,5 @@ def test_layer_wise_decay_gives_each_stage_its_own_rate() -> None:
     # Stages 4..8 train (the stem and stages 1-3 are frozen); the last learns at 0.005, each below at half.
     assert [g["lr"] for g in decayed.param_groups] == pytest.approx([0.01, 0.005 / 16, 0.005 / 8, 0.005 / 4, 0.005 / 2, 0.005])
     assert sum(len(g["params"]) for g in decayed.param_groups) == len(list(net.trainable_parameters()))
-    with pytest.raises(ConfigError, match="trial.layer_decay"):
+    with pytest.raises(ConfigError, match="layer_decay: must be > 0"):
         TrialConfig.from_params({**base, "layer_decay": 0.0})
