@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from automl_tl.errors import DatasetError
+from automl_tl.evaluate.outcome import Metrics
 from automl_tl.evaluate.metrics import classification_metrics
 from automl_tl.inference.artifact import Artifact, load_artifact
 from automl_tl.inference.core import Members, Mode, Plan, plan_for
@@ -99,38 +100,22 @@ def match_class_names(artifact_names: Sequence[str], data_names: Sequence[str], 
     return np.array([list(artifact_names).index(c) for c in data_names], dtype=np.int64)
 
 
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """What :meth:`Predictor.evaluate` measured on one split: the headline figures, and in ``metrics`` every
-    metric of :func:`~automl_tl.evaluate.metrics.classification_metrics` (per class, top-k, confusion matrix)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Evaluation(Metrics):
+    """What :meth:`Predictor.evaluate` measured on one split: the metrics of a search's results
+    (:class:`~automl_tl.evaluate.outcome.Metrics`), plus which split and which images were scored."""
 
     split: str
     rows: str  # which images were scored, in words (the run's own rows, or drawn with which settings)
-    n: int
-    accuracy: float
-    balanced_accuracy: float
-    macro_f1: float
-    log_loss: float
-    ece: float
-    metrics: Mapping[str, Any]
 
     @classmethod
     def from_metrics(cls, split: str, rows: str, metrics: Mapping[str, Any]) -> Evaluation:
-        return cls(
-            split=split,
-            rows=rows,
-            n=int(metrics["n"]),
-            accuracy=float(metrics["accuracy"]),
-            balanced_accuracy=float(metrics["balanced_accuracy"]),
-            macro_f1=float(metrics["f1"]["macro"]),
-            log_loss=float(metrics["log_loss"]),
-            ece=float(metrics["ece"]),
-            metrics=metrics,
-        )
+        base = Metrics.from_dict(metrics)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Metrics)}, split=split, rows=rows)
 
     def to_dict(self) -> dict[str, Any]:
         """Every metric, JSON-ready (what ``automl-tl evaluate --json`` writes)."""
-        return dict(self.metrics)
+        return dict(self.details)
 
 
 class Predictor:
