@@ -9,9 +9,6 @@ has a class named like an HTML tag, and the drop-an-image page shows it as text.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from automl_tl.inference.artifact import write_artifact
 from automl_tl.inference.predictor import Predictor
 from automl_tl.serve import start_server, stop_server
 from tests.scenarios._common import free_port
+from tests.scenarios.browser import drop_image
 
 from .test_artifact import make_member
 
@@ -125,43 +123,13 @@ def test_after_the_fuzz_a_real_image_is_answered_as_the_predictor_answers(
 
 
 def test_the_page_shows_a_class_named_like_markup_as_text(url: str, hymenoptera_dir: Path, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
-    from websockets.sync.client import connect
-
-    from tests.test_serve import CHROMIUM_FLAGS, _DevTools, _page_target, _wait_for
-
     image = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
-    profile = tmp_path / "profile"
-    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                f"{url}/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 90
-    try:
-        with connect(_page_target(profile, deadline), max_size=None, open_timeout=10) as ws:
-            devtools = _DevTools(ws)
-            _wait_for(devtools, "document.readyState === 'complete' && document.querySelector('#model small') !== null",
-                      deadline)  # fmt: skip
-            devtools.evaluate(f"window.alert = () => {{ window.alerted = true; }}; "
-                              f"document.querySelector('#token').value = '{TOKEN}'; true")  # fmt: skip
-            x, y = devtools.evaluate("(r => [r.x + r.width / 2, r.y + r.height / 2])"
-                                     "(document.querySelector('#drop').getBoundingClientRect())")  # fmt: skip
-            data = {"items": [], "files": [str(image)], "dragOperationsMask": 1}
-            for kind in ("dragEnter", "dragOver", "drop"):
-                devtools.call("Input.dispatchDragEvent", type=kind, x=x, y=y, data=data)
-            state = _wait_for(devtools, "['done', 'error'].includes(document.querySelector('#status').dataset.state)"
-                              " && document.querySelector('#status').dataset.state", deadline)  # fmt: skip
-            assert state == "done", devtools.evaluate("document.querySelector('#status').textContent")
-            labels = devtools.evaluate("[...document.querySelectorAll('#result tr.answer td:first-child')]"
-                                       ".map(td => td.textContent)")  # fmt: skip
-            injected = devtools.evaluate("document.querySelectorAll('#result img, #status img').length")
-            alerted = devtools.evaluate("window.alerted === true")
-    finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait(timeout=10)
+    setup = f"window.alert = () => {{ window.alerted = true; }}; document.querySelector('#token').value = '{TOKEN}'; true"
+    with drop_image(url, image, tmp_path / "profile", setup_js=setup) as (state, page):
+        assert state == "done", page.evaluate("document.querySelector('#status').textContent")
+        labels = page.evaluate("[...document.querySelectorAll('#result tr.answer td:first-child')]"
+                               ".map(td => td.textContent)")  # fmt: skip
+        injected = page.evaluate("document.querySelectorAll('#result img, #status img').length")
+        alerted = page.evaluate("window.alerted === true")
     assert EVIL in labels  # shown as its own text
     assert injected == 0 and not alerted

@@ -201,3 +201,28 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, str, dict[str, 
     # The top of the page is the title and the overview, not an error page: it holds dark text pixels.
     top = image.crop((0, 0, 1280, 400)).convert("L")
     assert top.getextrema()[0] < 80
+
+
+def test_paired_fold_differences_decide_whether_two_trials_differ() -> None:
+    from automl_tl.report._selection import indistinguishable
+
+    leader = [0.90, 0.92, 0.88, 0.91, 0.90]
+    assert indistinguishable(leader, [0.89, 0.93, 0.88, 0.90, 0.91])  # differences straddle 0
+    assert not indistinguishable(leader, [a - 0.05 for a in leader])  # behind by the same margin on every fold
+    assert not indistinguishable(leader, [0.80, 0.83, 0.79, 0.84, 0.80])
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_selection_section_shows_the_spread_across_folds(report: tuple[Path, str, dict[str, Any]]) -> None:
+    _, html, summary = report
+    section = html.split('<section id="selection">', 1)[1].split("</section>", 1)[0]
+    folds = summary["selection"]["cross_validation"]
+    assert folds and folds["used"], "a 48-image validation split must be decided on folds"
+    first_id, first = next(iter(folds["trials"].items()))
+    rows = re.findall(r"<tr><td class=l>([^<]+)</td>.*?</tr>", section)
+    assert rows[0] == first_id and set(rows) <= set(folds["trials"])
+    from automl_tl.report._html import fmt
+
+    assert f"<td>{fmt(first['accuracy_mean'])}</td><td>{fmt(first['accuracy_std'])}</td>" in section
+    assert "within noise of the leader" in section and f"on these {folds['folds']} folds" in section

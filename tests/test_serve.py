@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +33,7 @@ from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
 from automl_tl.serve._server import QUIET_ENV, _quiet_env, resolve_ingress
 
 from tests.scenarios._common import free_port as _free_port
+from tests.scenarios.browser import drop_image
 
 from .test_artifact import CLASSES, make_member
 
@@ -302,97 +300,16 @@ def test_serves_access_log_is_written_only_when_asked_for(
 
 # --- the page in headless Chromium ------------------------------------------------------------------------
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run")  # fmt: skip
-
-
-class _DevTools:
-    """A minimal Chrome DevTools Protocol client over one page target's websocket: synchronous calls."""
-
-    def __init__(self, ws: Any) -> None:
-        self._ws = ws
-        self._next = 0
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._next += 1
-        self._ws.send(json.dumps({"id": self._next, "method": method, "params": params}))
-        while True:  # events arrive interleaved with answers; the answer carries our id
-            message = json.loads(self._ws.recv(timeout=30))
-            if message.get("id") == self._next:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                result: dict[str, Any] = message["result"]
-                return result
-
-    def evaluate(self, expression: str) -> Any:
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-
-def _page_target(profile: Path, deadline: float) -> str:
-    """The websocket URL of the browser's page, once Chromium wrote its DevTools port."""
-    port_file = profile / "DevToolsActivePort"
-    while time.monotonic() < deadline:
-        if port_file.is_file() and port_file.read_text().strip():
-            port = int(port_file.read_text().split()[0])
-            try:
-                targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-            except requests.RequestException:
-                targets = []
-            pages = [t for t in targets if t.get("type") == "page"]
-            if pages:
-                return str(pages[0]["webSocketDebuggerUrl"])
-        time.sleep(0.2)
-    raise TimeoutError("Chromium did not open its DevTools port")
-
-
-def _wait_for(devtools: _DevTools, expression: str, deadline: float) -> Any:
-    while time.monotonic() < deadline:
-        value = devtools.evaluate(expression)
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"the page never satisfied {expression}")
-
-
 @pytest.mark.slow
 @pytest.mark.needs_shared_data
 def test_the_page_shows_the_top_answer_in_headless_chromium(
     server: dict[str, str], images: list[Path], predictor: Predictor, tmp_path: Path
 ) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
-    from websockets.sync.client import connect  # comes with ray[serve] (uvicorn[standard])
-
-    profile = tmp_path / "profile"
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-               f"{server['open']}/"]  # fmt: skip
-    browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    try:
-        with connect(_page_target(profile, deadline), max_size=None, open_timeout=10) as ws:
-            devtools = _DevTools(ws)
-            _wait_for(devtools, "document.readyState === 'complete' && document.querySelector('#model small') !== null",
-                      deadline)  # fmt: skip
-            # Drop the file on the drop zone, as a user would: dragenter, dragover, drop at its centre.
-            x, y = devtools.evaluate("(r => [r.x + r.width / 2, r.y + r.height / 2])"
-                                     "(document.querySelector('#drop').getBoundingClientRect())")  # fmt: skip
-            data = {"items": [], "files": [str(images[-1])], "dragOperationsMask": 1}
-            for kind in ("dragEnter", "dragOver", "drop"):
-                devtools.call("Input.dispatchDragEvent", type=kind, x=x, y=y, data=data)
-            state = _wait_for(devtools, "['done', 'error'].includes(document.querySelector('#status').dataset.state)"
-                              " && document.querySelector('#status').dataset.state", deadline)  # fmt: skip
-            status = devtools.evaluate("document.querySelector('#status').textContent")
-            assert state == "done", status
-            rows = devtools.evaluate("[...document.querySelectorAll('#result tr.answer')]"
-                                     ".map(r => [r.dataset.label, +r.dataset.probability])")  # fmt: skip
-    finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait(timeout=10)
+    with drop_image(server["open"], images[-1], tmp_path / "profile", timeout_s=60) as (state, page):
+        status = page.evaluate("document.querySelector('#status').textContent")
+        assert state == "done", status
+        rows = page.evaluate("[...document.querySelectorAll('#result tr.answer')]"
+                             ".map(r => [r.dataset.label, +r.dataset.probability])")  # fmt: skip
     expected = predictor.predict([images[-1]], top_k=5)[0]
     assert [label for label, _ in rows] == list(expected.labels)
     np.testing.assert_allclose([p for _, p in rows], expected.probabilities, atol=1e-5)

@@ -167,13 +167,61 @@ def _no_listener_left(snapshot: dict[int, tuple[str | None, list[str]]], driver:
 # --- clean stops -----------------------------------------------------------------------------------------
 
 
+class Relay:
+    """The server that shows a port serves again after a stop, handed on as the next test's server to stop.
+
+    Each signal test stops a running `serve` and starts a new one on the same port; the next test stops that
+    one, so every check runs on a fresh start without paying for two starts per test.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.held: Server | None = None
+        self.port = 0
+
+    def take(self) -> tuple[Server, int]:
+        """The server handed on by the previous test, or a new one on a free port."""
+        if self.held is not None and self.held.proc.poll() is None:
+            server, self.held = self.held, None
+            return server, self.port
+        server = Server([EXE, "serve", str(self.run_dir), "--mode", "best", "--port", str(port := free_port())], _env())
+        try:
+            server.wait_for("serving the best of")
+        except BaseException:
+            server.stop(signal.SIGKILL)
+            raise
+        return server, port
+
+    def serve_again(self, port: int) -> Server:
+        """A new `serve` on ``port``, ready, held for the next test."""
+        server = Server([EXE, "serve", str(self.run_dir), "--mode", "best", "--port", str(port)], _env())
+        self.held, self.port = server, port
+        server.wait_for("serving the best of")
+        assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).json()["status"] == "ready"
+        return server
+
+    def stop(self) -> None:
+        if self.held is not None:
+            snapshot, driver = _ours(self.held.proc.pid), self.held.proc.pid
+            self.held.stop(signal.SIGINT)
+            self.held = None
+            _wait_gone(snapshot, driver)
+
+
+@pytest.fixture(scope="module")
+def relay(run_dir: Path) -> Iterator[Relay]:
+    held = Relay(run_dir)
+    try:
+        yield held
+    finally:
+        held.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_serve_stopped_by_a_signal_leaves_nothing_and_the_port_serves_again(run_dir: Path, signum: int) -> None:
-    port = free_port()
-    server = Server([EXE, "serve", str(run_dir), "--mode", "best", "--port", str(port)], _env())
+def test_serve_stopped_by_a_signal_leaves_nothing_and_the_port_serves_again(relay: Relay, signum: int) -> None:
+    server, port = relay.take()
     try:
-        server.wait_for("serving the best of")
         driver = server.proc.pid
         snapshot = _ours(driver)
         names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in _alive(snapshot)}
@@ -189,11 +237,22 @@ def test_serve_stopped_by_a_signal_leaves_nothing_and_the_port_serves_again(run_
         assert _free(port)
     finally:
         server.stop(signal.SIGKILL)
-    with serving(run_dir, port) as again:  # the same port serves again at once
-        assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).json()["status"] == "ready"
-        second = again.proc.pid
-        snapshot = _ours(second)
-    _wait_gone(snapshot, second)
+    relay.serve_again(port)  # the same port serves again at once; the next test stops this server
+
+
+@pytest.mark.slow
+def test_two_servers_run_side_by_side_on_different_ports(relay: Relay, run_dir: Path) -> None:
+    one, first = relay.take()  # the server the signal tests handed on, or a new one
+    try:
+        second = free_port()
+        with serving(run_dir, second) as two:
+            for port in (first, second):
+                assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).json()["status"] == "ready"
+            mine = [_ours(one.proc.pid), _ours(two.proc.pid)]
+    finally:
+        one.stop(signal.SIGKILL)
+    for snapshot, server in zip(mine, (one, two)):
+        _wait_gone(snapshot, server.proc.pid)
 
 
 @pytest.mark.slow
@@ -279,14 +338,3 @@ def test_haproxys_stats_and_metrics_move_to_unix_sockets() -> None:
     assert "bind /run/x/metrics.sock" in out and "bind /run/x/stats.sock" in out
     assert "bind *:8000" in out  # the request frontend binds what --host says
     assert ":9101" not in out and ":8404" not in out
-
-
-@pytest.mark.slow
-def test_two_servers_run_side_by_side_on_different_ports(run_dir: Path) -> None:
-    first, second = free_port(), free_port()
-    with serving(run_dir, first) as one, serving(run_dir, second) as two:
-        for port in (first, second):
-            assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).json()["status"] == "ready"
-        mine = [_ours(one.proc.pid), _ours(two.proc.pid)]
-    for snapshot, server in zip(mine, (one, two)):
-        _wait_gone(snapshot, server.proc.pid)

@@ -13,6 +13,10 @@ from automl_tl.errors import AutoMLError
 from automl_tl.evaluate.metrics import lookup, reliability_bins
 from automl_tl.evaluate.ranking import metric_value
 from automl_tl.report import _svg as svg
+from automl_tl.report._html import fmt as _fmt
+from automl_tl.report._html import note as _note
+from automl_tl.report._html import table as _table
+from automl_tl.report._selection import selection_section
 from automl_tl.report._analysis import (
     Divergence,
     Importance,
@@ -36,6 +40,7 @@ REPORT_NAME = "report.html"
 SECTIONS = (
     ("overview", "Overview"),
     ("ensemble", "Ensemble vs best single model"),
+    ("selection", "How the served model was chosen"),
     ("leaderboard", "Leaderboard"),
     ("curves", "Learning curves"),
     ("overfitting", "Overfitting"),
@@ -102,6 +107,7 @@ def render(run: RunInputs) -> str:
     bodies = {
         "overview": _overview(run, notes),
         "ensemble": _ensemble(run),
+        "selection": selection_section(run),
         "leaderboard": _leaderboard(run, flagged),
         "curves": _curves(run, flagged),
         "overfitting": _overfitting(run, flagged),
@@ -121,35 +127,6 @@ def render(run: RunInputs) -> str:
 
 
 # --- formatting ---------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or value == "":
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value != 0 and abs(value) < 1e-2:
-            mantissa, exponent = f"{value:.2e}".split("e")
-            return f"{mantissa}e{int(exponent)}"
-        return f"{value:.{digits}f}"
-    return escape(str(value))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, css: str = "") -> str:
-    """A table of already escaped cells; the first ``left`` columns align left."""
-    def cell(tag: str, i: int, text: str) -> str:
-        return f'<{tag}{" class=l" if i < left else ""}>{text}</{tag}>'
-
-    head = "".join(cell("th", i, escape(h)) for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{escape(text)}</p>'
 
 
 def _split_metrics(run: RunInputs, which: str) -> tuple[str, dict[str, Any]]:
