@@ -45,10 +45,11 @@ def ray_session() -> object:
     """One local Ray instance for every test of the session that needs one; stopped at the end."""
     import ray
 
+    from automl_tl.sweep.driver import RAY_ENV
     from automl_tl.train.memory import tune_malloc
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    for name, value in RAY_ENV.items():  # what a sweep gives the processes of the Ray it starts
+        os.environ.setdefault(name, value)
     started = not ray.is_initialized()
     if started:
         tune_malloc()  # as the CLI does: the workers run with the same allocator settings

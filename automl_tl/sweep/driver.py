@@ -82,6 +82,10 @@ RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # our SweepProgress reports; no Tune tables
+    # A reused trial actor first waits for the previous trial's thread to end; when that takes longer than
+    # Tune's short default (a loaded machine, the heap trimmed at a trial's end), Tune errors the next trial
+    # and its concurrency limiter then holds the sweep idle until a ten-minute wait in Tune runs out.
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120",
 }
 
 
