@@ -33,11 +33,14 @@ def load_dataset(
     progress: bool = True,
     *,
     test_source: str | None = None,
+    strict: bool = True,
 ) -> Dataset:
     """Load ``source`` (see :mod:`automl_tl.data.sources` for the forms it takes) as a split Dataset.
 
     ``test_source`` (default: ``config.test_source``) is a second source used entirely as the test split,
     only for the final evaluation; its classes must be those of ``source``. Progress goes to stderr.
+    ``strict=False`` (what ``inspect`` uses) lists an empty class, a single class or a class too small for
+    the splits in ``report.problems`` instead of raising.
     """
     config = config if config is not None else DataConfig()
     test_text = test_source if test_source is not None else config.test_source
@@ -56,14 +59,14 @@ def load_dataset(
     fp = fingerprint([s.identity for s in sources], config)
     cache = _open_previous(folder, fp)
     if cache is None:
-        _check_listing(sources, config)  # fail before decoding anything when the layout cannot work
+        _check_listing(sources, config, strict)  # fail before decoding anything when the layout cannot work
         path = ingest(sources, main.classes, folder, config, progress)
         remember(folder, fp, path)
     listing = ListingInfo(
         main.text, main.kind, sources[1].text if len(sources) > 1 else None,
         tuple(s for src in sources for s in src.skipped), sum(src.ignored for src in sources),
     )
-    return Dataset(cache or open_cache(path), config, listing, cache is not None)
+    return Dataset(cache or open_cache(path), config, listing, cache is not None, strict)
 
 
 def _open_previous(folder: Path, fp: str) -> CacheFile | None:
@@ -89,12 +92,14 @@ def _check_same_classes(main: DataSource, test: DataSource) -> None:
         raise DatasetError(f"the test set {test.text} does not match the classes of {main.text}: {'; '.join(problems)}")
 
 
-def _check_listing(sources: list[DataSource], config: DataConfig) -> None:
+def _check_listing(sources: list[DataSource], config: DataConfig, strict: bool) -> None:
     main = sources[0]
     records = [r for s in sources for r in s.records]
     if not records:
         hint = _LAYOUT_HINT.get(main.kind)
         raise DatasetError(f"no images found in {main.text}" + (f"; {hint}" if hint else ""))
+    if not strict:
+        return
     index = {name: i for i, name in enumerate(main.classes)}
     labels = np.array([index[r.label] for r in records], dtype=np.int64)
     check_classes(labels, main.classes, main.text)
