@@ -9,9 +9,9 @@ shape (``Diagnostics.to_dict``) is fixed so other tools can read it:
      "outliers": [{"path", "score"}, ...],                                   most unusual first
      "confusable_pairs": [{"classes": [a, b], "rate"}, ...]}                 most confused first
 
-Scores: a label issue's ``score`` is cleanlab's label quality (0..1, low is suspect); an outlier's is
-cleanlab's out-of-distribution score (0..1, low is unusual); a pair's ``rate`` is cleanlab's joint
-probability that an image of one class is labelled the other. ``kind`` is ``cross-class`` when the two
+Scores: a label issue's ``score`` is cleanlab's label quality (0..1, low is suspect); an outlier's is its
+best cosine similarity to a class's mean feature direction (low is unusual); a pair's ``rate`` is the share of the two
+classes' images that the out-of-fold head gives the other class of the pair. ``kind`` is ``cross-class`` when the two
 images carry different labels, else ``cross-split`` when they sit in different splits (leakage), else
 ``within-class``. Label errors use out-of-fold probabilities of a k-fold logistic-regression head, so no
 image is scored by a head that saw its label.
@@ -38,11 +38,14 @@ __all__ = [
     "NEAR_DUPLICATE_SIMILARITY",
 ]
 
-# Cosine similarity of L2-normalised features at or above which two images count as near-duplicates.
+# Cosine similarity of L2-normalised features at or above which two images count as near-duplicates; below
+# it, mutual nearest neighbours still do when they stand out from every other neighbour by the margin.
 NEAR_DUPLICATE_SIMILARITY = 0.9
-# Up to this many images the similarity search is exact (blocked matrix products); past it faiss's HNSW.
+NEAR_DUPLICATE_FLOOR = 0.6
+NEAR_DUPLICATE_MARGIN = 0.05
+# Up to this many images the neighbour search is exact (blocked matrix products); past it faiss's HNSW.
 EXACT_SEARCH_MAX = 20_000
-_NEIGHBOURS = 16  # approximate search: neighbours examined per image
+_NEIGHBOURS = 16  # neighbours examined per image
 _FOLDS = 5
 _MAX_PAIRS = 20  # confusable pairs listed
 _OUTLIER_FENCE = 3.0  # interquartile ranges below the lower quartile of the OOD scores
@@ -117,7 +120,7 @@ def diagnose(
     names = [str(c) for c in class_names]
     notes: list[str] = []
     pairs = tuple(
-        NearDuplicate((path_of[i], path_of[j]), round(s, 4), _pair_kind(labels, split_of, i, j), (i, j))
+        NearDuplicate((str(path_of[i]), str(path_of[j])), round(s, 4), _pair_kind(labels, split_of, i, j), (i, j))
         for i, j, s in near_duplicate_pairs(x, similarity)
     )
     probs, why = _out_of_fold_probs(x, labels, len(names), seed)
@@ -128,34 +131,58 @@ def diagnose(
     else:
         issues = _label_issues(probs, labels, path_of, names)
         confusable = _confusable_pairs(probs, labels, names)
-    outliers = _outliers(x, path_of)
+    outliers = _outliers(x, labels, path_of)
     return Diagnostics(issues, pairs, outliers, confusable, tuple(notes))
 
 
 def near_duplicate_pairs(x: np.ndarray[Any, Any], similarity: float) -> list[tuple[int, int, float]]:
-    """Every pair (i < j) of rows of the normalised ``x`` with cosine similarity >= ``similarity``,
-    most similar first: exact up to :data:`EXACT_SEARCH_MAX` rows, faiss HNSW past it."""
-    n = x.shape[0]
+    """Pairs (i < j) of rows of the normalised ``x`` that look like copies of one image, most similar
+    first: cosine similarity >= ``similarity``, or mutual nearest neighbours at least
+    :data:`NEAR_DUPLICATE_FLOOR` similar that stand out by :data:`NEAR_DUPLICATE_MARGIN` over both images'
+    second-nearest neighbours (an altered copy is far closer to its original than to anything else, even
+    when cropping and recompression lower their similarity)."""
+    sims, nbrs = _neighbours(x, min(_NEIGHBOURS, x.shape[0] - 1))
     found: dict[tuple[int, int], float] = {}
-    if n <= EXACT_SEARCH_MAX:
-        block = 1024
-        for start in range(0, n, block):
-            sims = x[start : start + block] @ x.T
-            for a, b in zip(*np.nonzero(sims >= similarity)):
-                i, j = start + int(a), int(b)
-                if i < j:
-                    found[(i, j)] = float(sims[a, b])
-    else:
-        import faiss
-
-        index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.add(np.ascontiguousarray(x, dtype=np.float32))
-        sims, nbrs = index.search(np.ascontiguousarray(x, dtype=np.float32), _NEIGHBOURS + 1)
-        for i, (row_s, row_n) in enumerate(zip(sims, nbrs)):
-            for s, j in zip(row_s, row_n):
-                if j >= 0 and int(j) != i and s >= similarity:
-                    found[(min(i, int(j)), max(i, int(j)))] = float(s)
+    for i in range(x.shape[0]):
+        for rank, (s, j) in enumerate(zip(sims[i].tolist(), nbrs[i].tolist())):
+            stands_out = (
+                rank == 0 and nbrs[j, 0] == i and s >= NEAR_DUPLICATE_FLOOR
+                and s - max(sims[i, 1:2].max(initial=-1.0), sims[j, 1:2].max(initial=-1.0)) >= NEAR_DUPLICATE_MARGIN
+            )  # fmt: skip
+            if j >= 0 and (s >= similarity or stands_out):
+                found[(min(i, j), max(i, j))] = s
     return sorted(((i, j, s) for (i, j), s in found.items()), key=lambda t: (-t[2], t[0], t[1]))
+
+
+def _neighbours(x: np.ndarray[Any, Any], k: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Each row's ``k`` most similar other rows (similarities descending, then their indices; -1 where
+    fewer exist): exact up to :data:`EXACT_SEARCH_MAX` rows, faiss HNSW past it."""
+    n = x.shape[0]
+    if k < 1:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    if n <= EXACT_SEARCH_MAX:
+        sims_out, nbrs_out = [], []
+        for start in range(0, n, 1024):
+            block = x[start : start + 1024] @ x.T
+            block[np.arange(block.shape[0]), np.arange(start, start + block.shape[0])] = -np.inf
+            top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(block, top, axis=1), axis=1, kind="stable")
+            nbrs_out.append(np.take_along_axis(top, order, axis=1))
+            sims_out.append(np.take_along_axis(block, nbrs_out[-1], axis=1))
+        return np.concatenate(sims_out), np.concatenate(nbrs_out)
+    import faiss
+
+    data = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.add(data)
+    sims, nbrs = index.search(data, k + 1)
+    keep = nbrs != np.arange(n)[:, None]  # drop each row itself, wherever the search ranked it
+    out_s = np.full((n, k), -1.0, np.float32)
+    out_n = np.full((n, k), -1, np.int64)
+    for i in range(n):
+        row_n, row_s = nbrs[i][keep[i]][:k], sims[i][keep[i]][:k]
+        out_n[i, : len(row_n)], out_s[i, : len(row_s)] = row_n, row_s
+    return out_s, out_n
 
 
 def leaked_rows(pairs: Sequence[NearDuplicate], splits: Sequence[str] | np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -241,29 +268,31 @@ def _label_issues(
 def _confusable_pairs(
     probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], names: Sequence[str]
 ) -> tuple[ConfusablePair, ...]:
-    from cleanlab.dataset import find_overlapping_classes
-
-    present = np.flatnonzero(np.bincount(labels, minlength=len(names)) > 0)
-    local = np.searchsorted(present, labels)
-    sub = probs[:, present] / np.maximum(probs[:, present].sum(axis=1, keepdims=True), 1e-12)
-    table = find_overlapping_classes(local, sub)
+    """Class pairs by how often the out-of-fold head mistakes one for the other: (a taken for b + b taken
+    for a) / (images of a + images of b)."""
+    k = len(names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, probs.argmax(axis=1)), 1)
+    counts = confusion.sum(axis=1)
     out = []
-    for a, b, rate in zip(table["Class Index A"], table["Class Index B"], table["Joint Probability"]):
-        if rate > 0:
-            out.append(ConfusablePair((names[int(present[a])], names[int(present[b])]), round(float(rate), 6)))
+    for a in range(k):
+        for b in range(a + 1, k):
+            mistaken = int(confusion[a, b] + confusion[b, a])
+            if mistaken:
+                out.append(ConfusablePair((names[a], names[b]), round(mistaken / int(counts[a] + counts[b]), 6)))
+    out.sort(key=lambda p: -p.rate)
     return tuple(out[:_MAX_PAIRS])
 
 
-def _outliers(x: np.ndarray[Any, Any], paths: np.ndarray[Any, Any]) -> tuple[Outlier, ...]:
-    """Images far below the usual out-of-distribution score (cleanlab's k-nearest-neighbour score)."""
-    from cleanlab.outlier import OutOfDistribution
-
-    if x.shape[0] < 3:
+def _outliers(x: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], paths: np.ndarray[Any, Any]) -> tuple[Outlier, ...]:
+    """Images unlike every class: their best cosine similarity to any class's mean feature direction lies
+    far below the usual (a Tukey fence, :data:`_OUTLIER_FENCE` interquartile ranges under the lower quartile)."""
+    present = np.unique(labels)
+    if x.shape[0] < 4 or present.size == 0:
         return ()
-    k = int(min(10, x.shape[0] - 1))
-    scores = OutOfDistribution(params={"k": k}).fit_score(features=x, verbose=False)
+    centres = _normalised(np.stack([x[labels == c].mean(axis=0) for c in present]))
+    scores = (x @ centres.T).max(axis=1)
     q1, q3 = np.percentile(scores, [25, 75])
-    fence = q1 - _OUTLIER_FENCE * (q3 - q1)
-    flagged = np.flatnonzero(scores < fence)
+    flagged = np.flatnonzero(scores < q1 - _OUTLIER_FENCE * (q3 - q1))
     flagged = flagged[np.argsort(scores[flagged], kind="stable")]
     return tuple(Outlier(str(paths[i]), round(float(scores[i]), 4)) for i in flagged)
