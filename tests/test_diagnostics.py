@@ -134,3 +134,37 @@ def test_real_images_flips_and_outlier_are_found(planted_set: tuple[Any, Any]) -
     assert len(top & set(planted.flipped)) >= len(planted.flipped) - 1
     assert planted.outliers[0] in {o.path for o in found.outliers}
     assert {tuple(sorted(p.classes)) for p in found.confusable_pairs} <= {("ants", "bees")}
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.parametrize("setting", ["drop-across-splits", "keep"])
+def test_near_duplicate_setting_decides_whether_a_leaked_test_copy_stays(
+    hymenoptera_dir: Path, tmp_path: Path, setting: str
+) -> None:
+    from PIL import Image
+
+    from automl_tl.config import load_config
+    from automl_tl.data import load_dataset
+    from automl_tl.data.deep import leak_free_splits
+    from tests.scenarios.planted import altered
+
+    root = tmp_path / "data"
+    for split, start, count in (("train", 0, 6), ("val", 6, 2), ("test", 8, 2)):
+        for label in ("ants", "bees"):
+            (root / split / label).mkdir(parents=True)
+            for f in sorted((hymenoptera_dir / "train" / label).iterdir())[start : start + count]:
+                (root / split / label / f.name).write_bytes(f.read_bytes())
+    original = sorted((root / "train" / "ants").iterdir())[0]
+    with Image.open(original) as img:
+        altered(img, np.random.default_rng(0)).save(root / "test" / "ants" / "leaked.jpg")
+    config = load_config({"data": {"source": str(root), "cache_dir": str(tmp_path / "cache"), "near_duplicates": setting}})
+    dataset = load_dataset(str(root), config.data, progress=False)
+    said: list[str] = []
+    _, val, test = leak_free_splits(dataset, config, said.append)
+    test_paths = {str(dataset.paths[i]) for i in test}
+    assert ("test/ants/leaked.jpg" in test_paths) == (setting == "keep")
+    assert len(val) == 4 and len(test) == (5 if setting == "keep" else 4)
+    if setting == "keep":
+        assert said == []
+    else:
+        assert len(said) == 1 and "left out 1 val/test image(s)" in said[0] and "test 1)" in said[0]

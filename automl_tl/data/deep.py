@@ -39,20 +39,19 @@ def diagnose_dataset(dataset: Dataset, backbone: str = DIAGNOSTIC_BACKBONE) -> D
 
 def leak_free_splits(
     dataset: Dataset, config: ExperimentConfig, log: Callable[[str], None] = print
-) -> dict[str, np.ndarray[Any, Any]]:
-    """Row indices of each split, less (with ``data.near_duplicates: drop-across-splits``) the val and test
-    images that nearly duplicate a train image; says how many it left out."""
-    splits = {s: np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test")}
-    if config.data.near_duplicates == "keep" or len(splits["val"]) + len(splits["test"]) == 0:
-        return splits
-    found = diagnose_dataset(dataset, config.search.backbones[0])
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Row indices of train, val and test, less (with ``data.near_duplicates: drop-across-splits``) the val
+    and test images that nearly duplicate a train image; says how many it left out."""
+    train, val, test = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
+    if config.data.near_duplicates == "keep" or len(val) + len(test) == 0:
+        return train, val, test
+    found = diagnose_dataset(dataset, config.space.backbones[0])
     leaked = leaked_rows(found.near_duplicates, dataset.splits)
     if leaked.size:
-        per_split = {s: int(np.isin(splits[s], leaked).sum()) for s in ("val", "test")}
-        log(f"[data] left out {leaked.size} val/test image(s) that nearly duplicate a train image "
-            f"(val {per_split['val']}, test {per_split['test']}); data.near_duplicates: keep keeps them")  # fmt: skip
-        splits = {s: (rows if s == "train" else np.setdiff1d(rows, leaked)) for s, rows in splits.items()}
-    return splits
+        log(f"[data] left out {leaked.size} val/test image(s) that nearly duplicate a train image (val "
+            f"{int(np.isin(val, leaked).sum())}, test {int(np.isin(test, leaked).sum())}); "
+            "data.near_duplicates: keep keeps them")  # fmt: skip
+    return train, np.setdiff1d(val, leaked), np.setdiff1d(test, leaked)
 
 
 def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = print) -> Diagnostics | None:
@@ -69,7 +68,7 @@ def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = prin
         config = load_config(run.path / "config.yaml")
         data = run.read_json("data.json")
         dataset = Dataset.open(local_data_cache(data), config.data)
-        found = diagnose_dataset(dataset, config.search.backbones[0])
+        found = diagnose_dataset(dataset, config.space.backbones[0])
     except (AutoMLError, OSError, ValueError) as exc:
         log(f"[diagnostics] skipped ({exc})")
         return None
