@@ -107,7 +107,7 @@ def test_a_single_class_is_noted_not_fatal() -> None:
 
 
 @pytest.fixture(scope="module")
-def planted_set(hymenoptera_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+def planted_set(hymenoptera_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, str]:
     from automl_tl.data import load_dataset
     from automl_tl.data.deep import diagnose_dataset
 
@@ -115,12 +115,12 @@ def planted_set(hymenoptera_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     planted = plant(hymenoptera_dir / "train", tmp / "data", seed=0, per_class=24, copies=4, cross_class=1,
                     flip_fraction=0.08, outliers=1)  # fmt: skip
     dataset = load_dataset(str(planted.root), DataConfig(cache_dir=str(tmp / "cache")), progress=False)
-    return planted, diagnose_dataset(dataset)
+    return planted, diagnose_dataset(dataset), str(dataset.cache_path)
 
 
 @pytest.mark.needs_shared_data
-def test_real_images_planted_copies_are_found(planted_set: tuple[Any, Any]) -> None:
-    planted, found = planted_set
+def test_real_images_planted_copies_are_found(planted_set: tuple[Any, Any, str]) -> None:
+    planted, found, _ = planted_set
     pairs = {frozenset(d.paths): d.kind for d in found.near_duplicates}
     assert all(frozenset(p) in pairs for p in planted.copies)
     cross = planted.copies[0]  # the first copy is filed under the other class
@@ -128,8 +128,8 @@ def test_real_images_planted_copies_are_found(planted_set: tuple[Any, Any]) -> N
 
 
 @pytest.mark.needs_shared_data
-def test_real_images_flips_and_outlier_are_found(planted_set: tuple[Any, Any]) -> None:
-    planted, found = planted_set
+def test_real_images_flips_and_outlier_are_found(planted_set: tuple[Any, Any, str]) -> None:
+    planted, found, _ = planted_set
     top = {i.path for i in found.label_issues[: 2 * len(planted.flipped)]}
     assert len(top & set(planted.flipped)) >= len(planted.flipped) - 1
     assert planted.outliers[0] in {o.path for o in found.outliers}
@@ -168,3 +168,22 @@ def test_near_duplicate_setting_decides_whether_a_leaked_test_copy_stays(
         assert said == []
     else:
         assert len(said) == 1 and "left out 1 val/test image(s)" in said[0] and "test 1)" in said[0]
+
+
+@pytest.mark.needs_shared_data
+def test_report_data_health_shows_each_finding_with_thumbnails(planted_set: tuple[Any, Any, str], tmp_path: Path) -> None:
+    import re
+
+    from automl_tl.data.deep import DIAGNOSTICS_NAME
+    from automl_tl.report._health import data_health
+    from automl_tl.report._inputs import RunInputs
+
+    _, found, cache_path = planted_set
+    run = RunInputs(path=tmp_path, summary={}, trials=[], curves={}, data={"cache_path": cache_path})
+    assert "has no diagnostics.json" in data_health(run)
+    (tmp_path / DIAGNOSTICS_NAME).write_text(json.dumps(found.to_dict()), encoding="utf-8")
+    html = data_health(run)
+    shown = min(12, len(found.label_issues)) + 2 * min(12, len(found.near_duplicates)) + min(12, len(found.outliers))
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == shown
+    for heading in ("Likely label errors", "Near-duplicates", "Outliers", "Confusable class pairs"):
+        assert f"<h3>{heading}" in html

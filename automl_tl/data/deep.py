@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from automl_tl.config import ExperimentConfig
     from automl_tl.data.dataset import Dataset
 
-__all__ = ["DIAGNOSTICS_NAME", "DIAGNOSTIC_BACKBONE", "diagnose_dataset", "leak_free_splits", "write_run_diagnostics"]
+__all__ = [
+    "DIAGNOSTICS_NAME",
+    "DIAGNOSTIC_BACKBONE",
+    "diagnose_dataset",
+    "leak_free_splits",
+    "searched_features",
+    "write_run_diagnostics",
+]
 
 DIAGNOSTICS_NAME = "diagnostics.json"
 # The registered backbone `inspect --deep` uses: the first of the default search space, so a search with
@@ -29,12 +36,18 @@ DIAGNOSTICS_NAME = "diagnostics.json"
 DIAGNOSTIC_BACKBONE = "tf_efficientnet_lite0"
 
 
-def diagnose_dataset(dataset: Dataset, backbone: str = DIAGNOSTIC_BACKBONE) -> Diagnostics:
-    """Every finding for ``dataset``, on ``backbone``'s features of all its images."""
+def diagnose_dataset(dataset: Dataset, backbone: str = DIAGNOSTIC_BACKBONE, image_size: int | None = None) -> Diagnostics:
+    """Every finding for ``dataset``, on ``backbone``'s features of all its images at ``image_size``."""
     from automl_tl.train.features import dataset_features
 
-    features = dataset_features(dataset.cache_path, backbone)
+    features = dataset_features(dataset.cache_path, backbone, image_size)
     return diagnose(features, dataset.labels, dataset.splits, dataset.paths, dataset.class_names, seed=dataset.config.seed)
+
+
+def searched_features(config: ExperimentConfig) -> tuple[str, int | None]:
+    """The backbone and image size whose features the diagnostics of a search use: the first searched,
+    so that backbone's frozen trials at that size reuse them."""
+    return config.space.backbones[0], (config.space.image_sizes[0] if config.space.image_sizes else None)
 
 
 def leak_free_splits(
@@ -45,7 +58,7 @@ def leak_free_splits(
     train, val, test = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
     if config.data.near_duplicates == "keep" or len(val) + len(test) == 0:
         return train, val, test
-    found = diagnose_dataset(dataset, config.space.backbones[0])
+    found = diagnose_dataset(dataset, *searched_features(config))
     leaked = leaked_rows(found.near_duplicates, dataset.splits)
     if leaked.size:
         log(f"[data] left out {leaked.size} val/test image(s) that nearly duplicate a train image (val "
@@ -55,8 +68,8 @@ def leak_free_splits(
 
 
 def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = print) -> Diagnostics | None:
-    """``diagnostics.json`` in a finished sweep's run directory, from the first searched backbone's
-    features; a failure is said and the run goes on (diagnostics never cost a search its results)."""
+    """``diagnostics.json`` in a finished sweep's run directory, from the features of
+    :func:`searched_features`; a failure is said and the run goes on (diagnostics never cost a search its results)."""
     from automl_tl.config import load_config
     from automl_tl.data.dataset import Dataset
     from automl_tl.errors import AutoMLError
@@ -68,7 +81,7 @@ def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = prin
         config = load_config(run.path / "config.yaml")
         data = run.read_json("data.json")
         dataset = Dataset.open(local_data_cache(data), config.data)
-        found = diagnose_dataset(dataset, config.space.backbones[0])
+        found = diagnose_dataset(dataset, *searched_features(config))
     except (AutoMLError, OSError, ValueError) as exc:
         log(f"[diagnostics] skipped ({exc})")
         return None

@@ -65,16 +65,18 @@ def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: T
     return FeatureSet(torch.from_numpy(train), torch.from_numpy(val), hit=False)
 
 
-def dataset_features(cache_path: str | Path, backbone: str, batch_size: int = 32) -> np.ndarray:
+def dataset_features(
+    cache_path: str | Path, backbone: str, image_size: int | None = None, batch_size: int = 32
+) -> np.ndarray:
     """Features of every image of the data set in ``cache_path`` (rows as ``Dataset.open`` numbers them),
-    by ``backbone``'s frozen extractor at its native size; cached next to the trials' features, which
-    then slice them instead of computing their own."""
+    by ``backbone``'s frozen extractor at ``image_size`` (None: its native size); cached next to the
+    trials' features, which then slice them instead of computing their own."""
     from automl_tl.backbones import create_backbone, resolve_spec
     from automl_tl.data import Dataset
     from automl_tl.train.trial_data import TrialData
 
     spec = resolve_spec(backbone)
-    pre = Preprocessing.from_spec(spec, None)
+    pre = Preprocessing.from_spec(spec, image_size)
     folder = Path(cache_path).parent / "features"
     path = _whole_path(str(cache_path), str(folder), backbone, pre)
     folder.mkdir(parents=True, exist_ok=True)
