@@ -68,9 +68,7 @@ def check_classes(labels: np.ndarray[Any, Any], class_names: Sequence[str], what
     """At least one image, and at least two classes."""
     if labels.size == 0:
         raise DatasetError(f"no images in {what}")
-    problems = class_count_problems(labels, class_names, what)
-    if problems:
-        raise DatasetError("; ".join(problems))
+    refuse(class_count_problems(labels, class_names, what))
 
 
 def class_count_problems(labels: np.ndarray[Any, Any], class_names: Sequence[str], what: str) -> list[str]:
@@ -99,21 +97,10 @@ def _splitmix64(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return x ^ (x >> np.uint64(31))
 
 
-def assign_splits(
-    keys: np.ndarray[Any, Any],
-    labels: np.ndarray[Any, Any],
-    given: np.ndarray[Any, Any],
-    class_names: Sequence[str],
-    *,
-    val_fraction: float,
-    test_fraction: float,
-) -> np.ndarray[Any, Any]:
-    """The split of every image, drawing in ``keys`` order (see :func:`order_keys`) where the source gave
-    none; raises a DatasetError naming every class too small for the split."""
-    out, problems = draw_splits(keys, labels, given, class_names, val_fraction=val_fraction, test_fraction=test_fraction)
+def refuse(problems: list[str]) -> None:
+    """Raise every problem at once (a search cannot run on them); nothing when there is none."""
     if problems:
         raise DatasetError("; ".join(problems))
-    return out
 
 
 def draw_splits(
@@ -125,8 +112,9 @@ def draw_splits(
     val_fraction: float,
     test_fraction: float,
 ) -> tuple[np.ndarray[Any, Any], list[str]]:
-    """The splits as :func:`assign_splits` draws them, and the problem of each class that cannot be split
-    (such a class stays wholly in train): what ``inspect`` reports and ``search`` refuses."""
+    """The split of every image, drawing in ``keys`` order (see :func:`order_keys`) where the source gave
+    none, and the problem of each class that cannot be split (such a class stays wholly in train): what
+    ``inspect`` reports and ``search`` refuses (:func:`refuse`)."""
     given_set = {str(s) for s in np.unique(given).tolist()} - {""}
     out = np.where(given == "", "train", given).astype("<U5")
     drawn = drawn_splits(given_set, test_fraction)

@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from automl_tl.config import DataConfig
 from automl_tl.data._cache import CacheFile, open_cache
-from automl_tl.data._split import SPLITS, class_count_problems, draw_splits, drawn_splits, order_keys, select_rows
+from automl_tl.data._split import (
+    SPLITS, class_count_problems, draw_splits, drawn_splits, order_keys, refuse, select_rows,
+)
 from automl_tl.data.report import STATUS_OK, DataReport, DuplicateGroup, SizeStats, SkippedFile
 from automl_tl.errors import DatasetError
 
@@ -66,8 +68,8 @@ class Dataset:
             val_fraction=config.val_fraction, test_fraction=config.test_fraction,
         )
         problems += split_problems
-        if problems and strict:  # `inspect` (strict=False) lists them instead; a sweep cannot run on them
-            raise DatasetError("; ".join(problems))
+        if strict:  # `inspect` (strict=False) lists them instead; a sweep cannot run on them
+            refuse(problems)
         self._cache = cache
         self._rows = rows
         self._heights = _ints(table, "height")

@@ -14,7 +14,7 @@ import numpy as np
 from automl_tl.config import DataConfig
 from automl_tl.data._cache import CacheFile, cache_dir, fingerprint, lookup, open_cache, remember
 from automl_tl.data._ingest import ingest
-from automl_tl.data._split import assign_splits, check_classes
+from automl_tl.data._split import check_classes, draw_splits, refuse
 from automl_tl.data.dataset import Dataset, ListingInfo
 from automl_tl.data.sources import DataSource, resolve_source
 from automl_tl.errors import DatasetError
@@ -106,5 +106,5 @@ def _check_listing(sources: list[DataSource], config: DataConfig, strict: bool) 
     given = np.array([r.split for r in records], dtype="<U5")
     # Only the counts matter here, so any draw order does.
     keys = np.arange(len(records), dtype=np.uint64)
-    assign_splits(keys, labels, given, main.classes, val_fraction=config.val_fraction,
-                  test_fraction=config.test_fraction)
+    refuse(draw_splits(keys, labels, given, main.classes, val_fraction=config.val_fraction,
+                       test_fraction=config.test_fraction)[1])
