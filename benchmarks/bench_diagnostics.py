@@ -123,7 +123,6 @@ def run_set(name: str, seed: int) -> dict[str, Any]:
             "cross_split_found_as_such": sum(k == "cross-split" for k in kinds[-CROSS_SPLIT:]),
             "own_pairs": len(own),
             "own_cross_class_pairs": sum(k == "cross-class" for _, k in own),
-            "own_pairs_listed": own[:20],
         },
         "leakage": accuracy,
         "seconds": {"features": round(features_s, 1), "diagnose": round(diagnose_s, 1)},
