@@ -82,8 +82,8 @@ def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = prin
         data = run.read_json("data.json")
         dataset = Dataset.open(local_data_cache(data), config.data)
         found = diagnose_dataset(dataset, *searched_features(config))
-    except (AutoMLError, OSError, ValueError) as exc:
-        log(f"[diagnostics] skipped ({exc})")
+    except (AutoMLError, OSError, ValueError, RuntimeError) as exc:  # torch and faiss raise RuntimeError
+        log(f"[diagnostics] skipped ({type(exc).__name__}: {exc})")
         return None
     run.write_json(DIAGNOSTICS_NAME, found.to_dict())
     run.push(DIAGNOSTICS_NAME)
