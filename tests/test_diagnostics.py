@@ -167,7 +167,7 @@ def test_near_duplicate_setting_decides_whether_a_leaked_test_copy_stays(
     if setting == "keep":
         assert said == []
     else:
-        assert len(said) == 1 and "left out 1 val/test image(s)" in said[0] and "test 1)" in said[0]
+        assert len(said) == 2 and "left out 1 val/test image(s)" in said[1] and "test 1)" in said[1]
 
 
 @pytest.mark.needs_shared_data

@@ -58,7 +58,10 @@ def leak_free_splits(
     train, val, test = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
     if config.data.near_duplicates == "keep" or len(val) + len(test) == 0:
         return train, val, test
-    found = diagnose_dataset(dataset, *searched_features(config))
+    backbone, size = searched_features(config)
+    log(f"[data] checking val and test for near-duplicates of train images ({backbone} features of all "
+        f"{len(dataset)} images, computed once and shared with its frozen trials)")  # fmt: skip
+    found = diagnose_dataset(dataset, backbone, size)
     leaked = leaked_rows(found.near_duplicates, dataset.splits)
     if leaked.size:
         log(f"[data] left out {leaked.size} val/test image(s) that nearly duplicate a train image (val "
