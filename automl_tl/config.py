@@ -149,6 +149,9 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     # Identical files keep one copy per class; identical files under different classes are left out.
     drop_duplicates: Bool = True
+    # drop-across-splits: a val or test image that nearly duplicates a train image (by a frozen backbone's
+    # features) leaves its split, so it cannot inflate the scores; keep: no such check.
+    near_duplicates: Literal["drop-across-splits", "keep"] = "drop-across-splits"
     # Threads decoding images on the first pass; None means one per CPU.
     decode_workers: Annotated[Int, Field(ge=1, le=256)] | None = None
 

@@ -492,14 +492,34 @@ def test_cli_progress_rewrites_one_line_on_a_terminal(corpus: Path, tmp_path: Pa
     assert shown.count("\n") <= 2  # one line, rewritten in place
 
 
-@pytest.mark.parametrize("layout", ["single-class", "empty"])
-def test_cli_bad_folder_exits_2_with_one_line(tmp_path: Path, layout: str) -> None:
+def test_cli_folder_without_images_exits_2_with_one_line(tmp_path: Path) -> None:
     folder = tmp_path / "bad"
     folder.mkdir()
-    if layout == "single-class":
-        make_class_folders(folder, {"lonely": 4})
     done = _cli("inspect", str(folder), cache=tmp_path / "cache")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("automl-tl: error: ") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("counts", "empty_class", "problem"),
+    [
+        ({"lonely": 4}, None, "single class ('lonely')"),
+        ({"a": 6, "b": 6}, "hollow", "class 'hollow' has no usable image"),
+        ({"a": 6, "tiny": 2}, None, "class 'tiny' has 2 image(s)"),
+    ],
+    ids=["single-class", "empty-class-folder", "class-too-small"],
+)
+def test_cli_inspect_reports_what_search_refuses(
+    tmp_path: Path, counts: dict[str, int], empty_class: str | None, problem: str
+) -> None:
+    folder = make_class_folders(tmp_path / "data", counts)
+    if empty_class:
+        (folder / empty_class).mkdir()
+    out = tmp_path / "report.json"
+    done = _cli("inspect", str(folder), "--quiet", "--json", str(out), cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert "problems (1;" in done.stdout and problem in done.stdout
+    assert [problem in p for p in json.loads(out.read_text(encoding="utf-8"))["problems"]] == [True]
+    assert problem in _error(folder, tmp_path)  # what a search loads: refused, naming the class
 

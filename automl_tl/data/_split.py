@@ -68,10 +68,16 @@ def check_classes(labels: np.ndarray[Any, Any], class_names: Sequence[str], what
     """At least one image, and at least two classes."""
     if labels.size == 0:
         raise DatasetError(f"no images in {what}")
+    refuse(class_count_problems(labels, class_names, what))
+
+
+def class_count_problems(labels: np.ndarray[Any, Any], class_names: Sequence[str], what: str) -> list[str]:
+    """Why the images cannot train a classifier, whatever the split: fewer than two classes."""
     present = sorted({class_names[i] for i in np.unique(labels).tolist()})
     if len(class_names) < 2 or len(present) < 2:
-        only = present[0] if present else class_names[0]
-        raise DatasetError(f"{what} has a single class ({only!r}); a classifier needs at least 2 classes")
+        only = present[0] if present else class_names[0] if class_names else "-"
+        return [f"{what} has a single class ({only!r}); a classifier needs at least 2 classes"]
+    return []
 
 
 def order_keys(ids: Sequence[str], seed: int) -> np.ndarray[Any, Any]:
@@ -91,7 +97,13 @@ def _splitmix64(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return x ^ (x >> np.uint64(31))
 
 
-def assign_splits(
+def refuse(problems: list[str]) -> None:
+    """Raise every problem at once (a search cannot run on them); nothing when there is none."""
+    if problems:
+        raise DatasetError("; ".join(problems))
+
+
+def draw_splits(
     keys: np.ndarray[Any, Any],
     labels: np.ndarray[Any, Any],
     given: np.ndarray[Any, Any],
@@ -99,13 +111,15 @@ def assign_splits(
     *,
     val_fraction: float,
     test_fraction: float,
-) -> np.ndarray[Any, Any]:
+) -> tuple[np.ndarray[Any, Any], list[str]]:
     """The split of every image, drawing in ``keys`` order (see :func:`order_keys`) where the source gave
-    none; raises a DatasetError naming any class too small for the split."""
+    none, and the problem of each class that cannot be split (such a class stays wholly in train): what
+    ``inspect`` reports and ``search`` refuses (:func:`refuse`)."""
     given_set = {str(s) for s in np.unique(given).tolist()} - {""}
     out = np.where(given == "", "train", given).astype("<U5")
     drawn = drawn_splits(given_set, test_fraction)
     draw_val, draw_test = "val" in drawn, "test" in drawn
+    problems: list[str] = []
     if drawn:
         pool = np.flatnonzero(out == "train")
         for c, name in enumerate(class_names):
@@ -115,21 +129,23 @@ def assign_splits(
             n_val = max(1, _round(n * val_fraction)) if draw_val else 0
             where = "" if not given_set else " in the train split"
             if n == 0:
-                raise DatasetError(
+                problems.append(
                     f"class {name!r} has no usable image{where}: its folder is empty or every file in it was "
                     "skipped (`automl-tl inspect DATA` lists why)"
                 )
-            if n - n_test - n_val < 1:
-                raise DatasetError(
+            elif n - n_test - n_val < 1:
+                problems.append(
                     f"class {name!r} has {n} image(s){where}, fewer than the split needs: at least "
                     f"{n_test + n_val + 1} (1 train, {n_val} val, {n_test} test) with "
                     f"val_fraction={val_fraction}, test_fraction={test_fraction if draw_test else 0}"
                 )
-            order = members[np.lexsort((members, keys[members]))]
-            out[order[:n_test]] = "test"
-            out[order[n_test : n_test + n_val]] = "val"
-    _check_coverage(out, labels, class_names)
-    return out
+            else:
+                order = members[np.lexsort((members, keys[members]))]
+                out[order[:n_test]] = "test"
+                out[order[n_test : n_test + n_val]] = "val"
+    if not problems:
+        problems = _coverage_problems(out, labels, class_names)
+    return out, problems
 
 
 def drawn_splits(given: set[str] | frozenset[str], test_fraction: float) -> tuple[str, ...]:
@@ -139,8 +155,9 @@ def drawn_splits(given: set[str] | frozenset[str], test_fraction: float) -> tupl
     return () if "val" in given else ("val",)
 
 
-def _check_coverage(splits: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], class_names: Sequence[str]) -> None:
+def _coverage_problems(splits: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], class_names: Sequence[str]) -> list[str]:
     """Every class in train, and in every split that is not empty."""
+    problems = []
     for split in SPLITS:
         in_split = splits == split
         if split != "train" and not in_split.any():
@@ -148,10 +165,11 @@ def _check_coverage(splits: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], 
         counts = np.bincount(labels[in_split], minlength=len(class_names))
         for c in np.flatnonzero(counts == 0):
             total = int((labels == c).sum())
-            raise DatasetError(
+            problems.append(
                 f"class {class_names[int(c)]!r} has no images in the {split} split ({total} image(s) in all); "
                 f"every class needs at least 1 image in each split"
             )
+    return problems
 
 
 def _round(x: float) -> int:

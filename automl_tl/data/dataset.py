@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from automl_tl.config import DataConfig
 from automl_tl.data._cache import CacheFile, open_cache
-from automl_tl.data._split import SPLITS, assign_splits, check_classes, drawn_splits, order_keys, select_rows
+from automl_tl.data._split import (
+    SPLITS, class_count_problems, draw_splits, drawn_splits, order_keys, refuse, select_rows,
+)
 from automl_tl.data.report import STATUS_OK, DataReport, DuplicateGroup, SizeStats, SkippedFile
 from automl_tl.errors import DatasetError
 
@@ -47,7 +49,9 @@ class ListingInfo:
 class Dataset:
     """Images, labels and splits of one data set. Build it with :func:`load_dataset` or :meth:`open`."""
 
-    def __init__(self, cache: CacheFile, config: DataConfig, listing: ListingInfo | None, cache_hit: bool) -> None:
+    def __init__(
+        self, cache: CacheFile, config: DataConfig, listing: ListingInfo | None, cache_hit: bool, strict: bool = True
+    ) -> None:
         table = cache.table
         status = _strings(table, "status")
         ids = _strings(table, "id")
@@ -56,11 +60,16 @@ class Dataset:
         source = listing.source if listing else str(cache.source.get("source", cache.path))
         _check_readable(status, table, source, config)
         rows, groups = select_rows(np.flatnonzero(status == STATUS_OK), ids, file_labels, given, config.drop_duplicates)
-        check_classes(file_labels[rows], cache.class_names, source)
-        splits = assign_splits(
+        if rows.size == 0:
+            raise DatasetError(f"no images in {source}")
+        problems = class_count_problems(file_labels[rows], cache.class_names, source)
+        splits, split_problems = draw_splits(
             order_keys(ids[rows], config.seed), file_labels[rows], given[rows], cache.class_names,
             val_fraction=config.val_fraction, test_fraction=config.test_fraction,
         )
+        problems += split_problems
+        if strict:  # `inspect` (strict=False) lists them instead; a sweep cannot run on them
+            refuse(problems)
         self._cache = cache
         self._rows = rows
         self._heights = _ints(table, "height")
@@ -74,7 +83,7 @@ class Dataset:
         self.splits = _frozen(splits)
         self.ids = _frozen(ids[rows])
         self.paths = _frozen(_strings(table, "path")[rows])
-        self.report = _build_report(self, status, given, groups, listing, cache_hit)
+        self.report = _build_report(self, status, given, groups, listing, cache_hit, tuple(problems))
 
     @classmethod
     def open(cls, cache_path: str | Path, config: DataConfig | None = None) -> Dataset:
@@ -171,6 +180,7 @@ def _build_report(
     groups: list[Any],
     listing: ListingInfo | None,
     cache_hit: bool,
+    problems: tuple[str, ...],
 ) -> DataReport:
     table = ds._cache.table
     paths = _strings(table, "path")
@@ -226,6 +236,7 @@ def _build_report(
         ignored_files=listing.ignored if listing else 0,
         cache_path=str(ds.cache_path),
         cache_hit=cache_hit,
+        problems=problems,
     )
 
 

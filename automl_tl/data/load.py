@@ -14,7 +14,7 @@ import numpy as np
 from automl_tl.config import DataConfig
 from automl_tl.data._cache import CacheFile, cache_dir, fingerprint, lookup, open_cache, remember
 from automl_tl.data._ingest import ingest
-from automl_tl.data._split import assign_splits, check_classes
+from automl_tl.data._split import check_classes, draw_splits, refuse
 from automl_tl.data.dataset import Dataset, ListingInfo
 from automl_tl.data.sources import DataSource, resolve_source
 from automl_tl.errors import DatasetError
@@ -33,11 +33,14 @@ def load_dataset(
     progress: bool = True,
     *,
     test_source: str | None = None,
+    strict: bool = True,
 ) -> Dataset:
     """Load ``source`` (see :mod:`automl_tl.data.sources` for the forms it takes) as a split Dataset.
 
     ``test_source`` (default: ``config.test_source``) is a second source used entirely as the test split,
     only for the final evaluation; its classes must be those of ``source``. Progress goes to stderr.
+    ``strict=False`` (what ``inspect`` uses) lists an empty class, a single class or a class too small for
+    the splits in ``report.problems`` instead of raising.
     """
     config = config if config is not None else DataConfig()
     test_text = test_source if test_source is not None else config.test_source
@@ -56,14 +59,14 @@ def load_dataset(
     fp = fingerprint([s.identity for s in sources], config)
     cache = _open_previous(folder, fp)
     if cache is None:
-        _check_listing(sources, config)  # fail before decoding anything when the layout cannot work
+        _check_listing(sources, config, strict)  # fail before decoding anything when the layout cannot work
         path = ingest(sources, main.classes, folder, config, progress)
         remember(folder, fp, path)
     listing = ListingInfo(
         main.text, main.kind, sources[1].text if len(sources) > 1 else None,
         tuple(s for src in sources for s in src.skipped), sum(src.ignored for src in sources),
     )
-    return Dataset(cache or open_cache(path), config, listing, cache is not None)
+    return Dataset(cache or open_cache(path), config, listing, cache is not None, strict)
 
 
 def _open_previous(folder: Path, fp: str) -> CacheFile | None:
@@ -89,17 +92,19 @@ def _check_same_classes(main: DataSource, test: DataSource) -> None:
         raise DatasetError(f"the test set {test.text} does not match the classes of {main.text}: {'; '.join(problems)}")
 
 
-def _check_listing(sources: list[DataSource], config: DataConfig) -> None:
+def _check_listing(sources: list[DataSource], config: DataConfig, strict: bool) -> None:
     main = sources[0]
     records = [r for s in sources for r in s.records]
     if not records:
         hint = _LAYOUT_HINT.get(main.kind)
         raise DatasetError(f"no images found in {main.text}" + (f"; {hint}" if hint else ""))
+    if not strict:
+        return
     index = {name: i for i, name in enumerate(main.classes)}
     labels = np.array([index[r.label] for r in records], dtype=np.int64)
     check_classes(labels, main.classes, main.text)
     given = np.array([r.split for r in records], dtype="<U5")
     # Only the counts matter here, so any draw order does.
     keys = np.arange(len(records), dtype=np.uint64)
-    assign_splits(keys, labels, given, main.classes, val_fraction=config.val_fraction,
-                  test_fraction=config.test_fraction)
+    refuse(draw_splits(keys, labels, given, main.classes, val_fraction=config.val_fraction,
+                       test_fraction=config.test_fraction)[1])

@@ -105,6 +105,8 @@ class DataReport:
     ignored_files: int  # hidden files, OS litter and non-image notes: never data, never listed
     cache_path: str
     cache_hit: bool
+    # Why a sweep cannot run on this data (an empty class, a single class, a class too small for the splits).
+    problems: tuple[str, ...] = ()
 
     @property
     def label_conflicts(self) -> tuple[DuplicateGroup, ...]:
@@ -182,6 +184,9 @@ def format_report(report: DataReport) -> str:
         lines.append(f"duplicates ({len(plain)} groups of identical files; one copy kept):")
         lines += [f"  {g.labels[0]}: {', '.join(g.paths)}" for g in plain[:_MAX_LISTED]]
         lines += _more(len(plain))
+    if report.problems:
+        lines.append(f"problems ({len(report.problems)}; `automl-tl search` refuses this data until they are fixed):")
+        lines += [f"  {p}" for p in report.problems]
     conflicts = report.label_conflicts
     if conflicts:
         lines.append(f"label conflicts ({len(conflicts)}: identical files under different classes):")

@@ -31,6 +31,7 @@ __all__ = [
     "param_importances",
     "param_specs",
     "predictions",
+    "thumbnail_base64",
 ]
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
@@ -239,8 +240,6 @@ def confident_misses(
     preds: Predictions, class_names: Sequence[str], cache_path: str | None, limit: int = 12, side: int = 112
 ) -> list[Miss]:
     """The served model's ``limit`` most confident wrong answers, as PNG thumbnails at most ``side`` px."""
-    from PIL import Image
-
     from automl_tl.data import Dataset
 
     predicted = preds.ensemble.argmax(axis=1)
@@ -252,17 +251,24 @@ def confident_misses(
     misses = []
     for k in order:
         row = int(preds.rows[k])
-        thumb = Image.fromarray(np.ascontiguousarray(images.image(row)))
-        thumb.thumbnail((side, side))
-        buffer = io.BytesIO()
-        thumb.save(buffer, format="PNG", optimize=True)
         name = Path(str(images.paths[row])).name if len(images.paths) > row else f"image {row}"
         misses.append(Miss(
             row, name, class_names[int(preds.labels[k])], class_names[int(predicted[k])],
             float(preds.ensemble[k, predicted[k]]), float(preds.ensemble[k, preds.labels[k]]),
-            base64.b64encode(buffer.getvalue()).decode("ascii"),
+            thumbnail_base64(images.image(row), side),
         ))  # fmt: skip
     return misses
+
+
+def thumbnail_base64(image: np.ndarray, side: int = 112) -> str:
+    """An HWC uint8 image as a base64 PNG at most ``side`` px on its longer side, for a data URI."""
+    from PIL import Image
+
+    thumb = Image.fromarray(np.ascontiguousarray(image))
+    thumb.thumbnail((side, side))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def finite(value: Any) -> bool:

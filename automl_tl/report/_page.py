@@ -30,6 +30,7 @@ from automl_tl.report._analysis import (
     param_specs,
     predictions,
 )
+from automl_tl.report._health import data_health
 from automl_tl.report._inputs import RunInputs, load_run
 from automl_tl.train.loop import HYPERPARAMETERS
 
@@ -49,6 +50,7 @@ SECTIONS = (
     ("per-class", "Per-class metrics"),
     ("reliability", "Reliability diagram"),
     ("misclassified", "Most confidently misclassified images"),
+    ("data-health", "Data health"),
 )
 
 _CSS = """
@@ -116,6 +118,7 @@ def render(run: RunInputs) -> str:
         "per-class": _per_class(run),
         "reliability": _reliability(run, preds),
         "misclassified": _misclassified(run, preds, misses),
+        "data-health": data_health(run),
     }
     nav = " ".join(f'<a href="#{key}">{escape(title)}</a>' for key, title in SECTIONS)
     sections = "".join(f'<section id="{key}"><h2>{escape(title)}</h2>{bodies[key]}</section>' for key, title in SECTIONS)

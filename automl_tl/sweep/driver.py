@@ -135,13 +135,16 @@ def check_storage(run: RunDir, shared_fs: bool) -> None:
         )
 
 
-def prepare_data(config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool) -> TrialData:
-    """Validate and cache the data once, fix the splits, and describe them in ``data.json``."""
+def prepare_data(
+    config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool, log: Log = print
+) -> TrialData:
+    """Validate and cache the data once, fix the splits (less near-duplicate leaks), describe them in ``data.json``."""
     from automl_tl.data import load_dataset
+    from automl_tl.data.deep import leak_free_splits
 
     data_cfg = config.data if test_source is None else config.data.model_copy(update={"test_source": test_source})
     dataset = load_dataset(data_cfg.source, data_cfg, progress=progress)
-    train_idx, val_idx, test_idx = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
+    train_idx, val_idx, test_idx = leak_free_splits(dataset, config, log)
     cache_path = str(dataset.cache_path)
     data_id = Path(cache_path).stem
     shared_cache = None
@@ -194,7 +197,7 @@ def run_search(
     param_space = check_search(config)  # a bad backbone or space fails here, before Ray, data or the run directory
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    data = prepare_data(config, run, test_source, progress)
+    data = prepare_data(config, run, test_source, progress, log)
     run.push("config.yaml", "data.json")
     log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
     with ray_for_search(log):
@@ -218,7 +221,7 @@ def resume_search(
         raise SearchError(f"{out} is not a run directory of automl_tl (no config.yaml or tune/)")
     config = load_config(run.path / "config.yaml")
     data_info = run.read_json("data.json")
-    data = prepare_data(config, run, data_info.get("test_source"), progress)
+    data = prepare_data(config, run, data_info.get("test_source"), progress, log)
     with ray_for_search(log):
         check_storage(run, shared_fs)
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint

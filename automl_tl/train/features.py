@@ -24,7 +24,7 @@ from automl_tl.runs.storage import atomic_path
 if TYPE_CHECKING:
     from automl_tl.train.trial_data import TrialData
 
-__all__ = ["FeatureSet", "cached_features", "feature_key"]
+__all__ = ["FeatureSet", "cached_features", "dataset_features", "feature_key"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,11 @@ def feature_key(data_id: str, backbone: str, pre: Preprocessing, train_idx: np.n
 
 def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: TransferNet, batch_size: int = 32) -> FeatureSet:
     """Train and validation features of ``model``'s frozen extractor, from the cache when present."""
+    whole = _whole_path(data.cache_path, data.feature_cache_dir, backbone, pre)
+    if whole.is_file():  # every image's features, computed for the data diagnostics: slice them
+        with np.load(whole) as stored:
+            rows = stored["features"]
+            return FeatureSet(torch.from_numpy(rows[data.train_idx]), torch.from_numpy(rows[data.val_idx]), hit=True)
     key = feature_key(data.data_id, backbone, pre, data.train_idx, data.val_idx)
     folder = Path(data.feature_cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,6 +63,42 @@ def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: T
         with atomic_path(path) as partial:
             np.savez(partial, train=train, val=val)
     return FeatureSet(torch.from_numpy(train), torch.from_numpy(val), hit=False)
+
+
+def dataset_features(
+    cache_path: str | Path, backbone: str, image_size: int | None = None, batch_size: int = 32
+) -> np.ndarray:
+    """Features of every image of the data set in ``cache_path`` (rows as ``Dataset.open`` numbers them),
+    by ``backbone``'s frozen extractor at ``image_size`` (None: its native size); cached next to the
+    trials' features, which then slice them instead of computing their own."""
+    from automl_tl.backbones import create_backbone, resolve_spec
+    from automl_tl.data import Dataset
+    from automl_tl.train.trial_data import TrialData
+
+    spec = resolve_spec(backbone)
+    pre = Preprocessing.from_spec(spec, image_size)
+    folder = Path(cache_path).parent / "features"
+    path = _whole_path(str(cache_path), str(folder), backbone, pre)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            with np.load(path) as stored:
+                cached: np.ndarray = stored["features"]
+                return cached
+        rows = np.arange(len(Dataset.open(Path(cache_path))), dtype=np.int64)
+        data = TrialData(str(cache_path), Path(cache_path).stem, (), rows, rows[:0], rows, str(folder))
+        model = create_backbone(backbone, num_classes=2, freeze_depth=spec.max_freeze_depth)
+        features = _compute(data, rows, pre, model, batch_size)
+        with atomic_path(path) as partial:
+            np.savez(partial, features=features)
+    return features
+
+
+def _whole_path(cache_path: str, folder: str, backbone: str, pre: Preprocessing) -> Path:
+    """Where :func:`dataset_features` keeps every image's features of one backbone and preprocessing."""
+    key = feature_key(Path(cache_path).stem + ":all", backbone, pre, np.zeros(0), np.zeros(0))
+    return Path(folder) / f"{backbone.replace(':', '_')}-{pre.input_size}-all-{key}.npz"
 
 
 @torch.inference_mode()
