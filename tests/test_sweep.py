@@ -40,7 +40,8 @@ def tiny_config(data: Path, cache: Path, **space: Any) -> ExperimentConfig:
     base_space.update(space)
     return load_config(
         {
-            "data": {"source": str(data), "cache_dir": str(cache)},
+            # keep: no near-duplicate feature pass, so the first frozen trial computes the features itself
+            "data": {"source": str(data), "cache_dir": str(cache), "near_duplicates": "keep"},
             "space": base_space,
             "search": {"num_samples": 3, "time_budget_s": 300, "max_concurrent_trials": 2},
         }
