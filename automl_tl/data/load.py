@@ -37,7 +37,8 @@ def load_dataset(
     """Load ``source`` (see :mod:`automl_tl.data.sources` for the forms it takes) as a split Dataset.
 
     ``test_source`` (default: ``config.test_source``) is a second source used entirely as the test split,
-    only for the final evaluation; its classes must be those of ``source``. Progress goes to stderr.
+    only for the final evaluation; its classes must be those of ``source``. Validation is logged (stage
+    ``data``); ``progress`` adds a bar on a terminal.
     """
     config = config if config is not None else DataConfig()
     test_text = test_source if test_source is not None else config.test_source
