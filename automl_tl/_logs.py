@@ -27,7 +27,8 @@ class TextFormatter(logging.Formatter):
         return f"[{stage}] {super().format(record)}" if stage else super().format(record)
 
 
-# What every LogRecord has; the rest of a record's attributes are the fields its ``extra=`` gave it.
+# What every LogRecord has; the rest of a record's attributes are the fields its ``extra=`` gave it, bar private
+# ones that a record factory adds (Ray's adds ``_ray_timestamp_ns``).
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "stage"}
 
 
@@ -41,7 +42,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname, "logger": record.name, "stage": getattr(record, "stage", None),
             "message": record.getMessage(),
         }  # fmt: skip
-        entry.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS)
+        entry.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_"))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(_json_safe(entry), default=str)

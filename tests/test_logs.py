@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import logging
 import os
 import subprocess
@@ -45,7 +46,7 @@ def test_json_writes_one_object_per_record_with_its_fields() -> None:
     out = io.StringIO()
     with log_to(out, "json"):
         logger.info("trial a epoch 2", extra={"stage": "search", "trial_id": "a", "epoch": 2, "value": float("nan"),
-                                              "config": {"backbone": "mobilenetv2_100"}})  # fmt: skip
+                                              "config": {"backbone": "mobilenetv2_100"}, "_private": 1})  # fmt: skip
         try:
             raise ValueError("boom")
         except ValueError:
@@ -55,7 +56,7 @@ def test_json_writes_one_object_per_record_with_its_fields() -> None:
     assert first["logger"] == "automl_tl.test" and datetime.fromisoformat(first["time"]).tzinfo is not None
     assert (first["trial_id"], first["epoch"], first["value"]) == ("a", 2, None)  # NaN is not JSON: null
     assert first["config"] == {"backbone": "mobilenetv2_100"}
-    assert not {"msg", "args", "lineno", "pathname", "thread"} & set(first)  # the record's own, not its machinery
+    assert not {"msg", "args", "lineno", "pathname", "thread", "_private"} & set(first)  # the event's, not logging's
     assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
 
 
@@ -93,6 +94,36 @@ def test_sweep_events_carry_the_trial_and_the_sweep_state_as_fields(caplog: pyte
     assert end.stop_reason == "max_epochs" and end.elapsed_s >= 0 and end.left_s is not None
     assert result.getMessage().startswith("trial t1 epoch 1: val_accuracy=0.75 | running 1, finished 0")
     assert json.loads(JsonFormatter().format(end))["best"] == 0.75
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_sweep_bar_counts_ended_trials_with_the_best_score_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_tl.sweep.progress import SweepProgress
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = SweepProgress("val_accuracy", "max", 3, time_budget_s=600.0, progress=True)
+    quiet = SweepProgress("val_accuracy", "max", 3, progress=False)
+    for callback in (progress, quiet):
+        callback.setup(num_samples=3)
+        for trial_id, accuracy in (("a", 0.8), ("b", 0.9)):
+            trial = SimpleNamespace(trial_id=trial_id, config={}, last_result={"stop_reason": "max_epochs"})
+            callback.on_trial_start(0, [], trial)
+            callback.on_trial_result(0, [], trial, {"epoch": 1, "val_accuracy": accuracy})
+            callback.on_trial_complete(0, [], trial)
+        callback.on_step_end(0, [])
+        callback.on_experiment_end([])
+    shown = terminal.getvalue()
+    assert "search:" in shown and "2/3" in shown and "best=0.9000" in shown and "budget=0%" in shown
+    assert shown.count("\n") == 0  # one line, rewritten in place; closed without leaving it
+    last = [part for part in shown.split("\r") if part.strip()][-1]  # the bar as drawn last, before it was cleared
+    assert "2/3" in last and "best=0.9000" in last
+    assert quiet._bar is None  # progress=False: no bar, only the records
+    assert pickle.loads(pickle.dumps(progress)).finished == 2  # Tune pickles its callbacks to restore a sweep
 
 
 _CALLER = r"""
