@@ -15,6 +15,7 @@ what the search produced (as ``Predictor.load(result.artifact)`` does); ``resume
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from automl_tl.config import (
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from automl_tl.inference.predictor import Predictor
 
 __version__ = "0.1.0"
+
+# Progress and stage messages go to the "automl_tl" loggers; what shows, and where, is the caller's choice.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "search",

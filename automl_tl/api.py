@@ -10,13 +10,18 @@
 search returns is read from the run directory, and :func:`resume` continues a search whose driver stopped.
 :func:`run_pipeline` is the one sequence (sweep or resume, then results, then report) that this API, the
 ``automl-tl search`` and ``resume`` commands and the demo all run.
+
+Progress goes to the ``automl_tl`` loggers, each record with its ``stage`` (search, ensemble, evaluate,
+results, report) and, for trial events, the trial's figures as fields; the library adds no handler, so the
+caller decides what shows (``logging.basicConfig(level=logging.INFO)`` shows it all).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from automl_tl.config import ExperimentConfig, load_config
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SearchResult", "run_pipeline", "resume", "search"]
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +68,6 @@ def search(
     seed: int | None = None,
     report: bool = True,
     shared_fs: bool = False,
-    log: Log = print,
 ) -> SearchResult:
     """Search for the best transfer of a pretrained backbone to ``data`` and write everything to ``out``.
 
@@ -80,12 +84,12 @@ def search(
     overrides = {k: v for k, v in (("time_budget_s", time_budget_s), ("num_samples", trials), ("seed", seed)) if v is not None}
     if overrides:
         cfg = cfg.replace("search", **overrides)
-    return run_pipeline(out, cfg, test=test, report=report, shared_fs=shared_fs, log=log)
+    return run_pipeline(out, cfg, test=test, report=report, shared_fs=shared_fs)
 
 
-def resume(run_dir: str | os.PathLike[str], *, report: bool = True, shared_fs: bool = False, log: Log = print) -> SearchResult:
+def resume(run_dir: str | os.PathLike[str], *, report: bool = True, shared_fs: bool = False) -> SearchResult:
     """Continue the search in ``run_dir`` whose driver stopped (finished trials are kept), then finish it."""
-    return run_pipeline(run_dir, None, report=report, shared_fs=shared_fs, log=log)
+    return run_pipeline(run_dir, None, report=report, shared_fs=shared_fs)
 
 
 def run_pipeline(
@@ -96,12 +100,12 @@ def run_pipeline(
     report: bool = True,
     shared_fs: bool = False,
     progress: bool = False,
-    log: Log = print,
 ) -> SearchResult:
     """The whole job into the run directory ``out``: the sweep (``config``; None resumes the one in ``out``),
     then the data diagnostics, the ensemble, calibration, test scores and artifact, then the report.
 
     A sweep or results step that fails raises; a report that fails is logged and the results stand.
+    ``progress`` draws bars on a terminal (data validation, the sweep's trials).
     """
     from automl_tl.train.memory import scoped_env
 
@@ -112,16 +116,16 @@ def run_pipeline(
         from automl_tl.sweep.driver import resume_search, run_search
 
         if config is None:
-            outcome = resume_search(location, log=log, progress=progress, shared_fs=shared_fs)
+            outcome = resume_search(location, progress=progress, shared_fs=shared_fs)
         else:
-            outcome = run_search(config, location, test_source=test, log=log, progress=progress, shared_fs=shared_fs)
-        write_run_diagnostics(location, log)  # diagnostics.json, from the features the sweep cached
-        results = build_results(location, log=log)
-        report_location = _write_report(location, log) if report else None
+            outcome = run_search(config, location, test_source=test, progress=progress, shared_fs=shared_fs)
+        write_run_diagnostics(location)  # diagnostics.json, from the features the sweep cached
+        results = build_results(location)
+        report_location = _write_report(location) if report else None
     return _result(location, outcome.rows, results, report_location, outcome.wall_s)
 
 
-def _write_report(location: str, log: Log) -> str | None:
+def _write_report(location: str) -> str | None:
     """The report closes every finished search; a failure there is said, and the results stand."""
     from automl_tl.report import REPORT_NAME, write_report
     from automl_tl.runs.storage import is_uri, join
@@ -129,10 +133,11 @@ def _write_report(location: str, log: Log) -> str | None:
     try:
         written = write_report(location)
     except (AutoMLError, OSError) as exc:
-        log(f"[report] not written ({exc}); the run's results are complete: retry with `automl-tl report {location}`")
+        logger.warning(f"not written ({exc}); the run's results are complete: retry with `automl-tl report {location}`",
+                       extra={"stage": "report"})  # fmt: skip
         return None
     where = join(location, REPORT_NAME) if is_uri(location) else str(written)
-    log(f"[report] {where}")
+    logger.info(where, extra={"stage": "report", "report": where})
     return where
 
 

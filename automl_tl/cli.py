@@ -11,7 +11,9 @@
     automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--port P] [--emit-config FILE]   HTTP server
     automl-tl report RUN_DIR             write RUN_DIR/report.html, a self-contained page about the run
 
-Errors a user can cause print as one line, ``automl-tl: error: ...``, and exit with code 2.
+Errors a user can cause print as one line, ``automl-tl: error: ...``, and exit with code 2. Progress is the
+package's log records, which the command writes as ``[stage] message`` lines or, with ``--log-format json``, as
+one JSON object per record; ``--quiet`` keeps warnings and errors only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from automl_tl._logs import log_to
 from automl_tl.train.memory import tune_malloc
 from automl_tl.errors import AutoMLError
 
@@ -108,7 +111,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from automl_tl.data import format_report, load_dataset
 
-    dataset = load_dataset(args.data, progress=not args.quiet, strict=False)
+    dataset = load_dataset(args.data, progress=_bars(args), strict=False)
     print(format_report(dataset.report))
     found: dict[str, object] = {}
     if args.deep:
@@ -145,14 +148,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from automl_tl.api import run_pipeline
 
     config = _load_search_config(args)
-    run_pipeline(args.out, config, test=args.test, shared_fs=args.shared_fs, progress=not args.quiet, log=_logger(args))
+    run_pipeline(args.out, config, test=args.test, shared_fs=args.shared_fs, progress=_bars(args))
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from automl_tl.api import run_pipeline
 
-    run_pipeline(args.run_dir, None, shared_fs=args.shared_fs, progress=not args.quiet, log=_logger(args))
+    run_pipeline(args.run_dir, None, shared_fs=args.shared_fs, progress=_bars(args))
     return 0
 
 
@@ -163,17 +166,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _logger(args: argparse.Namespace) -> Callable[[str], None]:
-    """Progress lines: plain text, JSON lines (``--log-format json``), or nothing (``--quiet``)."""
-    if getattr(args, "quiet", False):
-        return lambda line: None
-    if getattr(args, "log_format", "text") == "json":
-        def emit(line: str) -> None:
-            stage, _, message = line.partition("] ")
-            print(json.dumps({"ts": round(time.time(), 3), "stage": stage.lstrip("["), "message": message}), flush=True)
-
-        return emit
-    return lambda line: print(line, flush=True)
+def _bars(args: argparse.Namespace) -> bool:
+    """Progress bars: in text mode unless ``--quiet`` (tqdm then draws them only on a terminal)."""
+    return not getattr(args, "quiet", False) and getattr(args, "log_format", "text") == "text"
 
 
 def _positive_int(text: str) -> int:
@@ -204,7 +199,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     predictor = Predictor.load(args.artifact, mode=args.mode)
     result = predictor.evaluate(args.data, args.split, config=args.config, batch_size=args.batch_size,
-                                member=args.member, progress=not args.quiet)  # fmt: skip
+                                member=args.member, progress=_bars(args))  # fmt: skip
     if args.split != "all":
         print(f"[evaluate] the {args.split} split: {result.n} images, {result.rows}", file=sys.stderr)
     print(format_metrics_table({Path(args.artifact).name or "artifact": result.to_dict()}))
@@ -231,9 +226,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from automl_tl.demo import run_demo
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    run_demo(
-        args.data, out, args.keep_serving, _logger(args), budget_s=args.budget_s, progress=not args.quiet, port=args.port
-    )
+    run_demo(args.data, out, args.keep_serving, budget_s=args.budget_s, progress=_bars(args), port=args.port)
     return 0
 
 
@@ -255,10 +248,13 @@ def _add_mode_flags(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--member", metavar="MEMBER_ID", help=f"{verb} this one member alone (overrides --mode)")
 
 
-def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+def _add_output_flags(p: argparse.ArgumentParser, log_stream: str = "stdout") -> None:
+    """--quiet and --log-format; the command's progress records go to ``log_stream`` (stderr where stdout
+    carries the command's answer)."""
+    p.add_argument("--quiet", action="store_true", help="no progress output, only warnings and errors")
     p.add_argument("--log-format", choices=("text", "json"), default="text", dest="log_format",
-                   help="progress as text lines or JSON lines")  # fmt: skip
+                   help="progress as text lines or JSON lines (one object per record, no progress bars)")
+    p.set_defaults(log_stream=log_stream)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--deep", action="store_true",
                    help="also find likely label errors, near-duplicates, outliers and confusable classes")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_output_flags(p, log_stream="stderr")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("search", help="search for the best transfer of a pretrained backbone to DATA")
@@ -338,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     _add_mode_flags(p, "score")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_output_flags(p, log_stream="stderr")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="export an artifact as one ONNX or TorchScript graph")
@@ -361,8 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tune_malloc()  # before any thread or model: predict and evaluate run torch in this process
     func: Callable[[argparse.Namespace], int] = args.func
+    stream = sys.stderr if getattr(args, "log_stream", "stdout") == "stderr" else sys.stdout
     try:
-        return func(args)
+        with log_to(stream, getattr(args, "log_format", "text"), getattr(args, "quiet", False)):
+            return func(args)
     except AutoMLError as exc:
         print(f"automl-tl: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

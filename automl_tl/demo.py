@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["demo_config", "run_demo", "random_init_baseline"]
 
 DEMO_BUDGET_S = 360.0
+
+logger = logging.getLogger(__name__)
+_DEMO = {"stage": "demo"}
 
 
 def demo_config(data: str | None = None, budget_s: float = DEMO_BUDGET_S) -> ExperimentConfig:
@@ -51,7 +55,7 @@ def demo_config(data: str | None = None, budget_s: float = DEMO_BUDGET_S) -> Exp
     )
 
 
-def random_init_baseline(run_dir: Path, best: LeaderboardRow, log: Callable[[str], None]) -> float | None:
+def random_init_baseline(run_dir: Path, best: LeaderboardRow) -> float | None:
     """Test accuracy of the best trial's configuration trained from random weights in the same budget.
 
     The budget is the best trial's own: its epochs, and no more wall-clock time than it took.
@@ -78,8 +82,8 @@ def random_init_baseline(run_dir: Path, best: LeaderboardRow, log: Callable[[str
         feature_cache_dir=str(Path(data_info["cache_path"]).parent / "features"),
     )
     budget_s = max(30.0, best.wall_s)
-    log(f"[baseline] training {cfg.backbone} from random initialisation (everything trainable) for up to "
-        f"{epochs} epoch(s) or {budget_s:.0f}s, the best trial's budget")  # fmt: skip
+    logger.info(f"training {cfg.backbone} from random initialisation (everything trainable) for up to "
+                f"{epochs} epoch(s) or {budget_s:.0f}s, the best trial's budget", extra={"stage": "baseline"})  # fmt: skip
     last: dict[str, Any] = {}
     train_trial(cfg, data, lambda metrics, ckpt: last.update(metrics), None, max_seconds=budget_s)
     return float(last.get("val_accuracy", float("nan")))
@@ -89,7 +93,6 @@ def run_demo(
     data: str | None,
     out: Path,
     keep_serving: bool,
-    log: Callable[[str], None],
     budget_s: float = DEMO_BUDGET_S,
     progress: bool = True,
     port: int = 8000,
@@ -100,19 +103,19 @@ def run_demo(
     check_port("127.0.0.1", port)  # now, not after the sweep
     started = time.time()
     config = demo_config(data, budget_s)
-    log(f"[demo] data: {config.data.source}; run directory: {out}; sweep budget {budget_s:.0f}s")
-    result = run_pipeline(out, config, progress=progress, log=log)
-    log("[demo] leaderboard:\n" + _leaderboard(result.leaderboard))
-    baseline = random_init_baseline(out, result.leaderboard[0], log)
+    logger.info(f"data: {config.data.source}; run directory: {out}; sweep budget {budget_s:.0f}s", extra=_DEMO)
+    result = run_pipeline(out, config, progress=progress)
+    logger.info("leaderboard:\n" + _leaderboard(result.leaderboard), extra=_DEMO)
+    baseline = random_init_baseline(out, result.leaderboard[0])
     best_test = result.best.test.accuracy if result.best.test else None
     ens_test = result.ensemble.test.accuracy if result.ensemble.test else None
     if baseline is not None and best_test is not None:
-        log(f"[demo] test accuracy: pretrained best {best_test:.4f}, ensemble {ens_test:.4f}, "
-            f"same backbone from random init {baseline:.4f}")  # fmt: skip
+        logger.info(f"test accuracy: pretrained best {best_test:.4f}, ensemble {ens_test:.4f}, "
+                    f"same backbone from random init {baseline:.4f}", extra=_DEMO)  # fmt: skip
     summary = {"best_test_accuracy": best_test, "ensemble_test_accuracy": ens_test, "random_init_test_accuracy": baseline}
     RunDir(out).write_json("demo.json", {**summary, "wall_s": round(time.time() - started, 1)})
-    _serve_and_query(out, keep_serving, log, port)
-    log(f"[demo] done in {time.time() - started:.0f}s")
+    _serve_and_query(out, keep_serving, port)
+    logger.info(f"done in {time.time() - started:.0f}s", extra={**_DEMO, **summary})
     return summary
 
 
@@ -137,7 +140,7 @@ def _leaderboard(rows: Sequence[LeaderboardRow], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], port: int, n_images: int = 5) -> None:
+def _serve_and_query(out: Path, keep_serving: bool, port: int, n_images: int = 5) -> None:
     import urllib.request
 
     from automl_tl.serve import start_server, stop_server
@@ -149,7 +152,7 @@ def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], 
     rows = _one_per_class(data_info["test"] or data_info["val"], data_info["labels"], n_images)
     images = Dataset.open(data_info["cache_path"])
     url = start_server(out, mode="ensemble", host="127.0.0.1", port=port)
-    log(f"[demo] serving the ensemble at {url} (page: {url}/ , API docs: {url}/docs)")
+    logger.info(f"serving the ensemble at {url} (page: {url}/ , API docs: {url}/docs)", extra={**_DEMO, "url": url})
     try:
         from PIL import Image
 
@@ -162,9 +165,10 @@ def _serve_and_query(out: Path, keep_serving: bool, log: Callable[[str], None], 
                 answer = json.loads(response.read())
             top = answer["predictions"][0]
             truth = data_info["class_names"][data_info["labels"][int(i)]]
-            log(f"[demo] POST /v1/predict -> {top['labels'][0]} ({top['probabilities'][0]:.3f}); true label: {truth}")
+            logger.info(f"POST /v1/predict -> {top['labels'][0]} ({top['probabilities'][0]:.3f}); true label: {truth}",
+                        extra={**_DEMO, "label": top["labels"][0], "true_label": truth})  # fmt: skip
         if keep_serving:
-            log(f"[demo] serving at {url} until Ctrl-C; open {url}/ in a browser to drop an image")
+            logger.info(f"serving at {url} until Ctrl-C; open {url}/ in a browser to drop an image", extra=_DEMO)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

@@ -159,7 +159,7 @@ def run_cost(seed: int, budget_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-diag-cost-") as tmp:
         config = {"data": {"cache_dir": str(Path(tmp) / "cache"), "near_duplicates": "keep"}}
         result = automl_tl.search(str(SETS["flowers5"][0]), Path(tmp) / "run", config=config, time_budget_s=budget_s,
-                                  seed=seed, report=False, log=lambda line: None)  # fmt: skip
+                                  seed=seed, report=False)  # fmt: skip
         dataset = load_dataset(str(SETS["flowers5"][0]), DataConfig(cache_dir=str(Path(tmp) / "cold")), progress=False)
         started = time.perf_counter()
         diagnose_dataset(dataset)

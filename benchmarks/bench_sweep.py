@@ -76,7 +76,7 @@ def bench_overhead(args: argparse.Namespace) -> None:
         for engine in ("train", "inline"):
             run_dir = Path(tmp) / engine
             started = time.perf_counter()
-            run_search(_tiny(cache, engine, args.trials), run_dir, log=lambda line: None, progress=False)
+            run_search(_tiny(cache, engine, args.trials), run_dir, progress=False)
             sweep_s = time.perf_counter() - started
             train_s = _train_seconds(run_dir)
             overhead = (sweep_s - sum(train_s)) / args.trials
@@ -294,6 +294,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def bench_accuracy(args: argparse.Namespace) -> None:
     """Budget-bound sweeps (train -> test), seed by seed, each beside its logistic-regression probe."""
+    from automl_tl._logs import log_to
     from automl_tl.evaluate.results import build_results
 
     figures: dict[str, Any] = {"budget_s": args.budget_s, "seeds": list(args.seeds), "space": ACCURACY_SPACE,
@@ -307,8 +308,9 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 run_dir = Path(tmp) / f"{name}-{seed}"
                 config = _accuracy_config(name, args.budget_s, cache, seed)
                 started = time.perf_counter()
-                outcome = run_search(config, run_dir, test_source=test, log=print, progress=False)
-                results = build_results(run_dir, log=print)
+                with log_to(sys.stdout):  # the sweep's progress lines, as `automl-tl search` prints them
+                    outcome = run_search(config, run_dir, test_source=test, progress=False)
+                    results = build_results(run_dir)
                 summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                 probe = _probe_figures(run_dir, config)
                 run = {
@@ -365,7 +367,7 @@ def bench_efficiency(args: argparse.Namespace) -> None:
                                "time_budget_s": 3600, "seed": seed},
                 })  # fmt: skip
                 started = time.perf_counter()
-                outcome = run_search(config, Path(tmp) / f"{label}-{seed}", log=lambda line: None, progress=False)
+                outcome = run_search(config, Path(tmp) / f"{label}-{seed}", progress=False)
                 runs[label].append({
                     "seed": seed,
                     "best_val_accuracy": round(float(outcome.best["best_val_accuracy"]), 4),

@@ -95,7 +95,7 @@ def run_check(plan: CheckPlan, work: Path) -> dict[str, Any]:
 
     run_dir = work / plan.backbone.replace(":", "_")
     started = time.time()
-    outcome = run_search(plan.config, run_dir, log=lambda line: None, progress=False)
+    outcome = run_search(plan.config, run_dir, progress=False)
     data = json.loads((run_dir / "data.json").read_text(encoding="utf-8"))
     epochs = _epoch_seconds(run_dir)
     best = min(epochs) if epochs else 0.0

@@ -9,6 +9,7 @@ The folder holds one sub-folder per class (or train/ val/ test/ folders of class
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import automl_tl
@@ -41,6 +42,8 @@ def main() -> None:
     if not data:
         parser.error("give a labelled image folder (or --smoke-test)")
 
+    logging.basicConfig(format="%(message)s")  # the search's progress, on stderr
+    logging.getLogger("automl_tl").setLevel(logging.INFO)
     result = automl_tl.search(data, args.out, test=test, config=config, time_budget_s=args.time_budget_s)
     best = result.best
     print(f"best trial {best.trial_id}: {best.params['backbone']}, freeze depth {best.params['freeze_depth']}")

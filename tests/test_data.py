@@ -468,9 +468,13 @@ def test_cli_inspect_prints_and_writes_the_report(corpus: Path, tmp_path: Path) 
 
 
 def test_cli_progress_rewrites_one_line_on_a_terminal(corpus: Path, tmp_path: Path) -> None:
+    import fcntl
     import pty
+    import struct
+    import termios
 
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     exe = Path(sys.executable).parent / "automl-tl"
     env = dict(os.environ, AUTOML_TL_CACHE_DIR=str(tmp_path / "cache"))
     with subprocess.Popen([str(exe), "inspect", str(corpus)], stdout=subprocess.DEVNULL, stderr=follower,
@@ -489,6 +493,7 @@ def test_cli_progress_rewrites_one_line_on_a_terminal(corpus: Path, tmp_path: Pa
     os.close(leader)
     shown = b"".join(chunks).decode()
     assert "\r" in shown and "validating images" in shown and "done in" in shown
+    assert "%|" in shown  # a bar was drawn (tqdm's)
     assert shown.count("\n") <= 2  # one line, rewritten in place
 
 

@@ -4,6 +4,7 @@ planted altered copies, flipped labels and an outlier through the registered bac
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def test_real_images_flips_and_outlier_are_found(planted_set: tuple[Any, Any, st
 @pytest.mark.needs_shared_data
 @pytest.mark.parametrize("setting", ["drop-across-splits", "keep"])
 def test_near_duplicate_setting_decides_whether_a_leaked_test_copy_stays(
-    hymenoptera_dir: Path, tmp_path: Path, setting: str
+    hymenoptera_dir: Path, tmp_path: Path, setting: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from PIL import Image
 
@@ -159,8 +160,9 @@ def test_near_duplicate_setting_decides_whether_a_leaked_test_copy_stays(
         altered(img, np.random.default_rng(0)).save(root / "test" / "ants" / "leaked.jpg")
     config = load_config({"data": {"source": str(root), "cache_dir": str(tmp_path / "cache"), "near_duplicates": setting}})
     dataset = load_dataset(str(root), config.data, progress=False)
-    said: list[str] = []
-    _, val, test = leak_free_splits(dataset, config, said.append)
+    with caplog.at_level(logging.INFO, logger="automl_tl.data.deep"):
+        _, val, test = leak_free_splits(dataset, config)
+    said = [r.getMessage() for r in caplog.records if r.name == "automl_tl.data.deep"]
     test_paths = {str(dataset.paths[i]) for i in test}
     assert ("test/ants/leaked.jpg" in test_paths) == (setting == "keep")
     assert len(val) == 4 and len(test) == (5 if setting == "keep" else 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_a_trial_with_no_checkpoint_left_restarts(tune_location: str) -> None:
 
 @pytest.mark.slow
 def test_resume_after_the_kill_window_finishes_every_trial(
-    ray_session: object, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+    ray_session: object, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A real sweep, its saved state then set back to what a driver killed inside the window leaves: the
     trial unfinished and pointing at its first checkpoint, deleted once the second was reported."""
@@ -138,7 +139,7 @@ def test_resume_after_the_kill_window_finishes_every_trial(
         "search": {"num_samples": 1, "scheduler": "none"},
     })  # fmt: skip
     run_dir = tmp_path / "run"
-    run_search(config, run_dir, log=lambda line: None, progress=False)
+    run_search(config, run_dir, progress=False)
     (state_file,) = (run_dir / "tune").glob("experiment_state-*.json")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     (entry,) = state["trial_data"]
@@ -153,8 +154,9 @@ def test_resume_after_the_kill_window_finishes_every_trial(
     state_file.write_text(json.dumps(state), encoding="utf-8")
     (run_dir / "leaderboard.csv").unlink()
 
-    lines: list[str] = []
-    resume_search(run_dir, log=lines.append, progress=False)
+    caplog.set_level(logging.INFO, logger="automl_tl")
+    resume_search(run_dir, progress=False)
+    lines = [f"[{r.stage}] {r.getMessage()}" for r in caplog.records if hasattr(r, "stage")]
     with open(run_dir / "leaderboard.csv", newline="", encoding="utf-8") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["stop_reason"].startswith("max_epochs"), row["stop_reason"]  # unmended: "error: ... does not exist"

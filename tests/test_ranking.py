@@ -83,7 +83,7 @@ def test_the_sweep_progress_names_the_best_trial_by_the_same_rule() -> None:
 
     from automl_tl.sweep.progress import SweepProgress
 
-    progress = SweepProgress(lambda line: None, "val_accuracy", "max", 3)
+    progress = SweepProgress("val_accuracy", "max", 3)
     for trial_id, accuracy, loss in (("a", 0.9, 0.5), ("b", 0.9, 0.2), ("c", 0.9, 0.3), ("d", 0.8, 0.01)):
         trial = SimpleNamespace(trial_id=trial_id, config={})
         progress.on_trial_result(0, [], trial, {"epoch": 1, "val_accuracy": accuracy, "val_log_loss": loss})

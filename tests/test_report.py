@@ -90,9 +90,8 @@ def run_dir(
         "search": {"num_samples": 4, "time_budget_s": 300},
     })  # fmt: skip
     out = tmp_path_factory.mktemp("report") / "run"
-    quiet = lambda line: None  # noqa: E731
-    run_search(config, out, test_source=str(hymenoptera_dir / "val"), log=quiet, progress=False)
-    build_results(out, log=quiet)
+    run_search(config, out, test_source=str(hymenoptera_dir / "val"), progress=False)
+    build_results(out)
     return out
 
 

@@ -271,14 +271,14 @@ before = dict(os.environ)  # before anything of automl_tl, Ray or torch is loade
 import automl_tl
 
 config, data, uri, image = sys.argv[1:5]
-result = automl_tl.search(data, uri, config=config, log=lambda line: None)
+result = automl_tl.search(data, uri, config=config)
 changed = sorted(k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k))
 prediction = result.predictor().predict([image], top_k=1)[0]
 
 from automl_tl.sweep.driver import ray_for_search
 from automl_tl.train.memory import MALLOC_ENV
 
-with ray_for_search(lambda line: None):  # the processes Ray starts get the settings this process does not
+with ray_for_search():  # the processes Ray starts get the settings this process does not
     import ray
     workers = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in MALLOC_ENV}).remote())
     assert not any(k in os.environ for k in MALLOC_ENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -106,7 +107,7 @@ def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
 
     from automl_tl.sweep.progress import SweepProgress
 
-    uncapped = SweepProgress(lambda line: None, "val_accuracy", "max", -1, time_budget_s=600.0)
+    uncapped = SweepProgress("val_accuracy", "max", -1, time_budget_s=600.0)
     uncapped.started -= 60.0
     uncapped.finished = 3
     status = uncapped._status()
@@ -116,15 +117,15 @@ def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
 def test_progress_estimate_never_exceeds_the_time_budget() -> None:
     from automl_tl.sweep.progress import SweepProgress
 
-    progress = SweepProgress(lambda line: None, "val_accuracy", "max", 1000, time_budget_s=900.0)
+    progress = SweepProgress("val_accuracy", "max", 1000, time_budget_s=900.0)
     progress.started -= 100.0
     progress.finished = 1  # 100 s per trial would mean ~1665 minutes for the other 999
     assert re.search(r"1m40s, ~13m(19|20)s left$", progress._status())  # 900 s budget - 100 s elapsed
-    unbounded = SweepProgress(lambda line: None, "val_accuracy", "max", 4)
+    unbounded = SweepProgress("val_accuracy", "max", 4)
     unbounded.started -= 100.0
     unbounded.finished = 1
     assert re.search(r"1m40s, ~5m0[01]s left$", unbounded._status())
-    done = SweepProgress(lambda line: None, "val_accuracy", "max", 4, time_budget_s=900.0)
+    done = SweepProgress("val_accuracy", "max", 4, time_budget_s=900.0)
     done.started -= 100.0
     done.finished, done.stopped = 3, 1  # every trial has ended: nothing is left, whatever the budget
     assert done._status().endswith("| 1m40s")
@@ -343,7 +344,7 @@ def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
     # Its own cache: earlier sweeps in this session may have cached these features (their frozen starts).
     config = tiny_config(hymenoptera_dir / "train", tmp_path / "cache")
     test = str(hymenoptera_dir / "val")
-    outcome = run_search(config, run_dir, test_source=test, log=lambda line: None, progress=False)
+    outcome = run_search(config, run_dir, test_source=test, progress=False)
     rows = read_leaderboard(run_dir)
     assert len(rows) == 3 and len(outcome.rows) == 3
     assert any(float(r["learning_rate"]) == 2e-3 for r in rows)  # the frozen start reached the searcher
@@ -365,7 +366,7 @@ def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
     assert info["class_names"] == ["ants", "bees"] and info["preprocessing"]["input_size"] == 64
     assert float(rows[0]["best_val_accuracy"]) > 0.7  # real pretrained features separate ants from bees
 
-    results = build_results(run_dir, log=lambda line: None)
+    results = build_results(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("best", "ensemble"):
         test_metrics = summary[key]["test"]
@@ -386,20 +387,26 @@ def test_frozen_trials_share_cached_features_then_ensemble_and_evaluate(
 
 
 def test_sweep_with_augmentation_survives_a_failing_trial(
-    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fail-once"))
+    caplog.set_level(logging.INFO, logger="automl_tl")
     config = tiny_config(hymenoptera_dir, data_cache_dir, freeze_depths=[6], augmentations=["light", "heavy"], max_epochs=1)
     config = config.replace("resources", max_failures=0)
     run_dir = tmp_path / "run"
-    lines: list[str] = []
-    run_search(config, run_dir, log=lines.append, progress=False)
+    run_search(config, run_dir, progress=False)
     rows = read_leaderboard(run_dir)
     errors = [r for r in rows if r["stop_reason"].startswith("error")]
     assert len(rows) == 3 and len(errors) == 1
     assert "injected failure" in errors[0]["stop_reason"]
     assert all(r["has_model"] == "True" for r in rows if r not in errors)
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "stage", None) == "search"]
     assert any("failed" in line for line in lines) and any("finished" in line for line in lines)
+    events = [r for r in caplog.records if getattr(r, "event", None) in ("trial_end", "trial_error")]
+    assert sorted(r.event for r in events) == ["trial_end", "trial_end", "trial_error"]
+    last = events[-1]  # the sweep's counts travel with each record as fields
+    assert (last.errored, last.finished + last.stopped, last.running) == (1, 2, 0)
 
 
 def test_ray_train_engine_runs_a_torch_trainer(
@@ -408,7 +415,7 @@ def test_ray_train_engine_runs_a_torch_trainer(
     config = tiny_config(hymenoptera_dir, data_cache_dir, freeze_depths=[7], augmentations=["light"], max_epochs=1)
     config = config.replace("search", num_samples=1).replace("resources", trial_engine="train")
     run_dir = tmp_path / "run"
-    run_search(config, run_dir, log=lambda line: None, progress=False)
+    run_search(config, run_dir, progress=False)
     rows = read_leaderboard(run_dir)
     assert rows[0]["stop_reason"] == "max_epochs" and rows[0]["has_model"] == "True"
     assert any((run_dir / "train").iterdir())  # Ray Train's own run storage
@@ -424,7 +431,7 @@ def test_two_worker_trial_trains_with_ddp_through_ray_train(
     config = config.replace("search", num_samples=1).replace("resources", workers_per_trial=2, cpus_per_worker=0.5)
     assert config.resources.engine() == "train"  # more than one worker: always Ray Train
     run_dir = tmp_path / "run"
-    run_search(config, run_dir, log=lambda line: None, progress=False)
+    run_search(config, run_dir, progress=False)
     (row,) = read_leaderboard(run_dir)
     assert row["workers"] == "2" and row["stop_reason"] == "max_epochs" and row["has_model"] == "True"
     assert float(row["best_val_accuracy"]) > 0.6

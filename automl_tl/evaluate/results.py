@@ -9,7 +9,7 @@ weight 0 when the selection left it out), so serving can offer both ``--mode bes
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,15 @@ from automl_tl.runs.storage import local_data_cache
 
 __all__ = ["build_results", "ARTIFACT_DIR"]
 
+logger = logging.getLogger(__name__)
+_ENSEMBLE, _EVALUATE, _RESULTS = {"stage": "ensemble"}, {"stage": "evaluate"}, {"stage": "results"}
+
 # Ensemble selection optimises validation log loss: it rewards calibrated, complementary members, which
 # accuracy (flat on small validation sets) cannot tell apart.
 SELECTION_METRIC = "log_loss"
 
 
-def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def build_results(run_dir: str | Path) -> dict[str, Any]:
     """Select the ensemble, calibrate, write the artifact, score best and ensemble on the test split."""
     run = RunDir.open(run_dir)
     run.pull("summary.json", "data.json", "config.yaml", "trials")  # a remote run: into the local mirror
@@ -53,19 +56,22 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     best_id = str(summary["best"]["trial_id"])
     pool, pool_labels, folds = val_probs, y_val, None
     if use_cross_validation(len(val_idx), config.search.cv_below_images):
-        log(f"[ensemble] {len(val_idx)} validation images (search.cv_below_images={config.search.cv_below_images}): "
-            f"cross-validating heads on cached features, {config.search.cv_folds} folds over train + val")  # fmt: skip
+        logger.info(f"{len(val_idx)} validation images (search.cv_below_images={config.search.cv_below_images}): "
+                    f"cross-validating heads on cached features, {config.search.cv_folds} folds over train + val",
+                    extra=_ENSEMBLE)  # fmt: skip
         infos = {t: run.read_json(f"trials/{t}/trial.json") for t in candidates}
         folds = decide_on_folds(data, local_data_cache(data), infos, val_probs, config.search.cv_folds, config.search.seed)
-        log(f"[ensemble] {folds.why}" + (f"; fold accuracy (mean +/- sd): {spread_note(folds.scores)}" if folds.scores else ""))
+        logger.info(folds.why + (f"; fold accuracy (mean +/- sd): {spread_note(folds.scores)}" if folds.scores else ""),
+                    extra=_ENSEMBLE)  # fmt: skip
         if folds.used and folds.best_id is not None:
             pool, pool_labels, best_id = folds.probs, folds.labels, folds.best_id
     chosen_on = f"{'cross-validated' if pool is not val_probs else 'validation'} predictions on {pool_labels.size} images"
-    log(f"[ensemble] selecting from {len(pool)} trials ({config.search.ensemble_method}, size {config.search.ensemble_size}) on {chosen_on}")
+    logger.info(f"selecting from {len(pool)} trials ({config.search.ensemble_method}, size "
+                f"{config.search.ensemble_size}) on {chosen_on}", extra=_ENSEMBLE)  # fmt: skip
     selection = select_ensemble(pool, pool_labels, config.search.ensemble_method, config.search.ensemble_size, SELECTION_METRIC)
     selection, why = no_worse_than_best(selection, pool, pool_labels, best_id, config.search.metric)
     served = {"mode": "best_member" if selection.members == (best_id,) else "ensemble", "why": f"{why}, on {chosen_on}"}
-    log(f"[ensemble] serves the {served['mode'].replace('_', ' ')}: {served['why']}")
+    logger.info(f"serves the {served['mode'].replace('_', ' ')}: {served['why']}", extra=_ENSEMBLE)
     temperatures = {t: fit_temperature(pool[t], pool_labels) for t in {*selection.members, best_id}}
     ens_val_raw = combine([pool[t] for t in selection.members], selection.weights)
     ens_temperature = fit_temperature(ens_val_raw, pool_labels)
@@ -88,14 +94,15 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     best_test: dict[str, Any] | None = None
     ens_test: dict[str, Any] | None = None
     if len(test_idx):
-        log(f"[evaluate] scoring on {len(test_idx)} held-out test images")
+        logger.info(f"scoring on {len(test_idx)} held-out test images", extra=_EVALUATE)
         raw = _member_test_probs(artifact_dir, local_data_cache(data), test_idx)
         y_test = labels[test_idx]
         best_test = classification_metrics(y_test, apply_temperature(raw[best_id], temperatures[best_id]), class_names)
         ens_raw = combine([raw[t] for t in selection.members], selection.weights)
         ens_test = classification_metrics(y_test, apply_temperature(ens_raw, ens_temperature), class_names)
     else:
-        log("[evaluate] no test split (the data gave train/val only and no --test): test metrics are skipped")
+        logger.info("no test split (the data gave train/val only and no --test): test metrics are skipped",
+                    extra=_EVALUATE)  # fmt: skip
 
     ens_beats = beats(ens_test or ens_val, best_test or best_val, config.search.metric)
     results: dict[str, Any] = {
@@ -125,9 +132,13 @@ def build_results(run_dir: str | Path, log: Callable[[str], None] = print) -> di
     run.push(ARTIFACT_DIR, "summary.json")
     split = "test" if best_test is not None else "validation (no test split)"
     table = {"best": best_test or best_val, "ensemble": ens_test or ens_val}
-    log(f"[results] {split} metrics:\n{format_metrics_table(table)}")
+    scalars = {name: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "log_loss", "ece")}
+               for name, m in table.items()}  # fmt: skip
+    logger.info(f"{split} metrics:\n{format_metrics_table(table)}", extra={**_RESULTS, "metrics": scalars})
     verdict = "beat" if ens_beats else "did not beat"
-    log(f"[results] the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: {results['artifact']}")
+    logger.info(f"the ensemble of {len(selection.members)} trial(s) {verdict} the best single trial; artifact: "
+                f"{results['artifact']}",
+                extra={**_RESULTS, "artifact": results["artifact"], "beat_best": ens_beats})  # fmt: skip
     return results
 
 

@@ -33,7 +33,7 @@ import yaml
 
 from automl_tl._owned import start_embedded_ray
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
-from automl_tl.sweep.tuner import STOP_REASONS, Log, build_tuner, fit, sweep_end
+from automl_tl.sweep.tuner import STOP_REASONS, build_tuner, fit, sweep_end
 from automl_tl.train.memory import malloc_env, scoped_env
 from automl_tl.backbones import check_backbones as check_backbone_weights
 from automl_tl.config import ExperimentConfig, config_to_dict, load_config
@@ -48,6 +48,8 @@ __all__ = [
     "ray_for_search",
 ]
 
+logger = logging.getLogger(__name__)
+_SEARCH = {"stage": "search"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,7 @@ RAY_ENV = {
 
 
 @contextlib.contextmanager
-def ray_for_search(log: Log) -> Iterator[None]:
+def ray_for_search() -> Iterator[None]:
     """Ray for the block: the one this process is connected to, the cluster in ``RAY_ADDRESS``, or an embedded
     one sized to this machine, stopped at the end when started here.
 
@@ -106,11 +108,11 @@ def ray_for_search(log: Log) -> Iterator[None]:
             address = os.environ.get("RAY_ADDRESS")
             runtime_env = {"env_vars": worker_env}
             if address:
-                log(f"[search] joining the Ray cluster at {address}")
+                logger.info(f"joining the Ray cluster at {address}", extra=_SEARCH)
                 ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
             else:
                 cpus = os.cpu_count() or 1
-                log(f"[search] starting an embedded Ray with {cpus} CPUs")
+                logger.info(f"starting an embedded Ray with {cpus} CPUs", extra=_SEARCH)
                 start_embedded_ray(num_cpus=cpus, log_to_driver=False, logging_level=logging.WARNING,
                                    runtime_env=runtime_env)
         try:
@@ -136,7 +138,7 @@ def check_storage(run: RunDir, shared_fs: bool) -> None:
 
 
 def prepare_data(
-    config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool, log: Log = print
+    config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool
 ) -> TrialData:
     """Validate and cache the data once, fix the splits (less near-duplicate leaks), describe them in ``data.json``."""
     from automl_tl.data import load_dataset
@@ -144,7 +146,7 @@ def prepare_data(
 
     data_cfg = config.data if test_source is None else config.data.model_copy(update={"test_source": test_source})
     dataset = load_dataset(data_cfg.source, data_cfg, progress=progress)
-    train_idx, val_idx, test_idx = leak_free_splits(dataset, config, log)
+    train_idx, val_idx, test_idx = leak_free_splits(dataset, config)
     cache_path = str(dataset.cache_path)
     data_id = Path(cache_path).stem
     shared_cache = None
@@ -184,32 +186,33 @@ def run_search(
     config: ExperimentConfig,
     out: str | os.PathLike[str],
     test_source: str | None = None,
-    log: Log = print,
     progress: bool = True,
     shared_fs: bool = False,
 ) -> SearchOutcome:
     """Run a whole sweep into ``out`` and return its leaderboard and best trial.
 
     ``out`` is a local path or a URI (``s3://...``); ``shared_fs`` says a local ``out`` is mounted on every node.
+    Progress goes to this package's loggers (stage ``search``); ``progress`` adds bars on a terminal.
     """
     started = time.time()
     run = RunDir.open(out)
     param_space = check_search(config)  # a bad backbone or space fails here, before Ray, data or the run directory
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    data = prepare_data(config, run, test_source, progress, log)
+    data = prepare_data(config, run, test_source, progress)
     run.push("config.yaml", "data.json")
-    log(f"[search] {len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes")
-    with ray_for_search(log):
+    logger.info(f"{len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes",
+                extra=_SEARCH)  # fmt: skip
+    with ray_for_search():
         check_storage(run, shared_fs)
-        tuner = build_tuner(config, run, data, param_space, log, restore=False)
+        tuner = build_tuner(config, run, data, param_space, restore=False, progress=progress)
         fit_started = time.time()
         grid = fit(tuner, run)
-        return _finish(config, run, grid, started, log, sweep_end(config, param_space, len(grid), time.time() - fit_started))
+        return _finish(config, run, grid, started, sweep_end(config, param_space, len(grid), time.time() - fit_started))
 
 
 def resume_search(
-    out: str | os.PathLike[str], log: Log = print, progress: bool = True, shared_fs: bool = False
+    out: str | os.PathLike[str], progress: bool = True, shared_fs: bool = False
 ) -> SearchOutcome:
     """Continue a sweep whose driver stopped: finished trials are kept, unfinished ones resume."""
     from automl_tl.sweep.space import build_param_space
@@ -221,20 +224,20 @@ def resume_search(
         raise SearchError(f"{out} is not a run directory of automl_tl (no config.yaml or tune/)")
     config = load_config(run.path / "config.yaml")
     data_info = run.read_json("data.json")
-    data = prepare_data(config, run, data_info.get("test_source"), progress, log)
-    with ray_for_search(log):
+    data = prepare_data(config, run, data_info.get("test_source"), progress)
+    with ray_for_search():
         check_storage(run, shared_fs)
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
-            log(f"[resume] {note}")
+            logger.warning(note, extra={"stage": "resume"})
         param_space = build_param_space(config)
-        tuner = build_tuner(config, run, data, param_space, log, restore=True)
+        tuner = build_tuner(config, run, data, param_space, restore=True, progress=progress)
         fit_started = time.time()
         grid = fit(tuner, run)
-        return _finish(config, run, grid, started, log, sweep_end(config, param_space, len(grid), time.time() - fit_started))
+        return _finish(config, run, grid, started, sweep_end(config, param_space, len(grid), time.time() - fit_started))
 
 
 def _finish(
-    config: ExperimentConfig, run: RunDir, grid: Any, started: float, log: Log, end: dict[str, Any]
+    config: ExperimentConfig, run: RunDir, grid: Any, started: float, end: dict[str, Any]
 ) -> SearchOutcome:
     from automl_tl.sweep.progress import read_stop_reasons
 
@@ -256,9 +259,12 @@ def _finish(
     run.write_json("summary.json", {**run.read_json("summary.json"), "sweep": end})
     run.push("leaderboard.csv", "summary.json", STOP_REASONS)
     used = f", {end['budget_used']:.0%} of the time budget" if end["budget_used"] is not None else ""
-    log(f"[search] the sweep stopped: {end['stop_reason']} ({end['trials']} trials in {end['fit_s']:.0f}s{used})")
-    log(f"[search] done in {wall_s:.0f}s: {len(done)} of {len(rows)} trials finished; best {best['trial_id']} "
-        f"{metric}={best[f'best_{metric}']:.4f} ({best['backbone']}, freeze {best['freeze_depth']})")  # fmt: skip
+    logger.info(f"the sweep stopped: {end['stop_reason']} ({end['trials']} trials in {end['fit_s']:.0f}s{used})",
+                extra={**_SEARCH, "event": "sweep_end", **end})  # fmt: skip
+    logger.info(f"done in {wall_s:.0f}s: {len(done)} of {len(rows)} trials finished; best {best['trial_id']} "
+                f"{metric}={best[f'best_{metric}']:.4f} ({best['backbone']}, freeze {best['freeze_depth']})",
+                extra={**_SEARCH, "event": "search_end", "wall_s": round(wall_s, 1), "best_trial": best["trial_id"],
+                       "metric": metric, "best": best[f"best_{metric}"]})  # fmt: skip
     return SearchOutcome(run.path, rows, best, wall_s)
 
 

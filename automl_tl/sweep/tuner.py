@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -16,9 +16,8 @@ from automl_tl.runs.rundir import RunDir
 from automl_tl.evaluate.ranking import metric_mode
 from automl_tl.train.trial_data import TrialData
 
-__all__ = ["LEFTOVER_WAIT_S", "STOP_REASONS", "Log", "build_tuner", "fit", "sweep_end"]
+__all__ = ["LEFTOVER_WAIT_S", "STOP_REASONS", "build_tuner", "fit", "sweep_end"]
 
-Log = Callable[[str], None]
 STOP_REASONS = "stop_reasons.jsonl"  # why each trial stopped, one JSON line per trial
 LEFTOVER_WAIT_S = 10.0  # a finished trial's Ray Train worker group shuts itself down in about 3 s
 
@@ -88,8 +87,10 @@ def _removing_leftover_worker_groups() -> Iterator[None]:
 
 
 def build_tuner(
-    config: ExperimentConfig, run: RunDir, data: TrialData, param_space: dict[str, Any], log: Log, restore: bool
+    config: ExperimentConfig, run: RunDir, data: TrialData, param_space: dict[str, Any], restore: bool,
+    progress: bool = False,
 ) -> Any:
+    """The sweep's Tuner; ``progress`` draws a bar of the trials on a terminal (the log records come anyway)."""
     from ray import tune
 
     from automl_tl.sweep.progress import SweepProgress
@@ -124,8 +125,8 @@ def build_tuner(
             name="tune",
             storage_path=run.location,
             verbose=0,
-            callbacks=[SweepProgress(log, search.metric, mode, _trial_cap(config, param_space), search.scheduler,
-                                     search.time_budget_s, run.path / STOP_REASONS)],  # fmt: skip
+            callbacks=[SweepProgress(search.metric, mode, _trial_cap(config, param_space), search.scheduler,
+                                     search.time_budget_s, run.path / STOP_REASONS, progress=progress)],  # fmt: skip
             failure_config=tune.FailureConfig(max_failures=res.max_failures if res.engine() == "inline" else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),

@@ -101,7 +101,7 @@ def sweep_with_node_loss(cluster: Any, workers: list[Any], args: argparse.Namesp
     config = load_config(raw)
     work = Path(args.work)
     try:
-        run_search(config, work / "refused", log=lambda line: None, progress=False)
+        run_search(config, work / "refused", progress=False)
         result["local_path_refused"] = None
     except SearchError as exc:
         result["local_path_refused"] = str(exc)
@@ -111,7 +111,7 @@ def sweep_with_node_loss(cluster: Any, workers: list[Any], args: argparse.Namesp
     killer.start()
     started = time.time()
     try:
-        outcome = run_search(config, run_dir, log=lambda line: None, progress=False, shared_fs=True)
+        outcome = run_search(config, run_dir, progress=False, shared_fs=True)
     finally:
         killer.stop.set()
         killer.join(timeout=60)
@@ -180,7 +180,7 @@ def serve_with_replica_kill(run_dir: Path, address: str, args: argparse.Namespac
     from automl_tl.evaluate.results import build_results
     from automl_tl.serve import start_server, stop_server
 
-    build_results(run_dir, log=lambda line: None)
+    build_results(run_dir)
     url = start_server(run_dir, mode="best", host="127.0.0.1", port=free_port(), replicas=2, cpus_per_replica=0.5)
     try:
         replicas = _replicas(address)
