@@ -60,7 +60,8 @@ class RankedOptunaSearch(OptunaSearch):
                 logger.warning(f"ranking declined {MAX_DECLINES} proposals in a row; letting one on {backbone} run",
                                extra={"stage": "search"})  # fmt: skip
                 return params
-            self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+            study: Any = self._ot_study  # set up by OptunaSearch before the first suggestion
+            study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
             self._declined[backbone] = self._declined.get(backbone, 0) + 1
             self._write()
         return params
