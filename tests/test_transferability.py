@@ -128,6 +128,22 @@ def test_the_searcher_declines_image_trials_of_a_pruned_backbone_and_nothing_els
     assert all(t.params["backbone"] == "tf_efficientnet_lite1" for t in failed)
 
 
+def test_image_trials_of_a_backbone_wait_while_its_probe_runs(tmp_path: Path) -> None:
+    from automl_tl.train.trial_config import TrialConfig
+
+    search = _searcher(tmp_path, "on")
+    probes = {f"probe{i}": search.suggest(f"probe{i}") for i in range(3)}  # running side by side, none reported
+    later = [search.suggest(f"t{i}") for i in range(12)]
+    assert None in later  # image trials deferred: Tune asks again on its next step
+    for p in filter(None, later):
+        assert TrialConfig.from_params({**search._constants, **p}).frozen_features
+    for trial_id, params in probes.items():
+        search.on_trial_complete(trial_id, {"val_accuracy": 0.8, "transferability": 0.1, "training_iteration": 1})
+    after = [search.suggest(f"u{i}") for i in range(12)]
+    assert None not in after
+    assert any(not TrialConfig.from_params({**search._constants, **p}).frozen_features for p in after if p)
+
+
 # --- a real sweep ------------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,9 @@ Every trial that trains a head on a backbone's cached features (the frozen-first
 the LogME score of those features (``automl_tl.train.transferability``). Once a backbone's score trails the
 best known by more than ``search.rank_margin``, a proposal that would step through its images (fine-tuning,
 or a frozen extractor under augmentation) is declined before it becomes a trial; its cheap head trials on
-cached features stay allowed.
+cached features stay allowed. While a backbone's score is on the way (a trial on its cached features is
+running), proposals that would step through its images wait for it, so trials running side by side do
+not fine-tune a backbone that its probe is about to rank out.
 
 A declined proposal is told to Optuna as FAILED, which its samplers leave out of their model: TPE keeps
 sampling from what it learnt of trials that ran, restricted to what ranking allows (a constrained space),
@@ -48,20 +50,30 @@ class RankedOptunaSearch(OptunaSearch):
         self._scores: dict[str, float] = {}
         self._pruned: dict[str, str] = {}
         self._declined: dict[str, int] = {}
+        self._scoring: dict[str, str] = {}  # trial id -> the unscored backbone whose features that trial trains on
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         params: dict[str, Any] | None = None
         for attempt in range(MAX_DECLINES + 1):
-            params = super().suggest(trial_id)
-            backbone = self._declines(params or {})
-            if backbone is None:
+            params = super().suggest(trial_id) or {}
+            full = {**self._constants, **params}
+            backbone = str(full.get("backbone"))
+            if TrialConfig.from_params(full).frozen_features:
+                if backbone not in self._scores:
+                    self._scoring[trial_id] = backbone  # this trial will score its backbone
+                return params
+            if not self._prune:
+                return params
+            if backbone not in self._scores and backbone in self._scoring.values():
+                self._withdraw(trial_id)  # its score is on the way: Tune asks again on its next step
+                return None
+            if backbone not in self._pruned:
                 return params
             if attempt == MAX_DECLINES:
                 logger.warning(f"ranking declined {MAX_DECLINES} proposals in a row; letting one on {backbone} run",
                                extra={"stage": "search"})  # fmt: skip
                 return params
-            study: Any = self._ot_study  # set up by OptunaSearch before the first suggestion
-            study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+            self._withdraw(trial_id)
             self._declined[backbone] = self._declined.get(backbone, 0) + 1
             self._write()
         return params
@@ -72,15 +84,13 @@ class RankedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         self._note(trial_id, result or {})
+        self._scoring.pop(trial_id, None)  # scored, or it never will: nothing waits on it any more
         super().on_trial_complete(trial_id, result, error)
 
-    def _declines(self, params: Mapping[str, Any]) -> str | None:
-        """The backbone of ``params`` when ranking declines the proposal, else None."""
-        full = {**self._constants, **params}
-        backbone = str(full.get("backbone"))
-        if backbone not in self._pruned:
-            return None
-        return None if TrialConfig.from_params(full).frozen_features else backbone
+    def _withdraw(self, trial_id: str) -> None:
+        """Tell Optuna the proposal for ``trial_id`` failed (out of its model) and forget it."""
+        study: Any = self._ot_study  # set up by OptunaSearch before the first suggestion
+        study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
 
     def _note(self, trial_id: str, result: Mapping[str, Any]) -> None:
         score = result.get("transferability")
@@ -91,6 +101,7 @@ class RankedOptunaSearch(OptunaSearch):
         if self._scores.get(backbone, float("-inf")) >= float(score):
             return
         self._scores = backbone_scores([*self._scores.items(), (backbone, float(score))])
+        self._scoring = {t: b for t, b in self._scoring.items() if b != backbone}
         if self._prune:
             for name, why in prune_decisions(self._scores, self._margin).items():
                 if name not in self._pruned:
