@@ -251,6 +251,8 @@ def _leaderboard(run: RunInputs, flagged: Mapping[str, Divergence]) -> str:
 
 
 def _transferability(ranking: Mapping[str, Any]) -> str:
+    if not ranking:
+        return _note("No transferability scores: this run was made before sweeps recorded them.")
     scores, pruned, declined = ranking.get("scores") or {}, ranking.get("pruned") or {}, ranking.get("declined_proposals") or {}
     rows = [[escape(str(name)), _fmt(score, 3), escape(str(pruned.get(name) or "no")), str(declined.get(name, 0))]
             for name, score in sorted(scores.items(), key=lambda kv: -kv[1] if finite(kv[1]) else math.inf)]  # fmt: skip
