@@ -236,6 +236,11 @@ class SearchConfig(_Section):
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
     # Start with one frozen-feature-extractor trial per backbone (cheap through the feature cache), then search.
     frozen_first: Bool = True
+    # Rank backbones by the LogME transferability of their frozen features (scored by the frozen-first
+    # trials) and stop proposing trials that step through images for a backbone whose score trails the best
+    # by more than rank_margin. "auto": on when the space has more than two backbones.
+    rank_backbones: Literal["auto", "on", "off"] = "auto"
+    rank_margin: Annotated[Float, Field(ge=0.0)] = 0.3
     # A validation split of fewer images than this is too small to choose on: heads on cached features are
     # then ranked, and the ensemble chosen, on cv_folds-fold cross-validated predictions over train + val.
     cv_below_images: Annotated[Int, Field(ge=0)] = 500

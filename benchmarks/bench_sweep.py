@@ -7,6 +7,7 @@ Run from the repository root; each writes its figures to ``benchmarks/results/sw
     .venv/bin/python benchmarks/bench_sweep.py feature_cache   # frozen trial: cached features vs images
     .venv/bin/python benchmarks/bench_sweep.py accuracy        # 15-minute sweeps x 3 seeds, beside the LR probe
     .venv/bin/python benchmarks/bench_sweep.py efficiency      # TPE+ASHA vs random search without stopping
+    .venv/bin/python benchmarks/bench_sweep.py pruning         # backbones ranked by LogME vs not, 2 decoys
 
 They need ``../shared/datasets`` beside the checkout.
 """
@@ -386,6 +387,136 @@ def bench_efficiency(args: argparse.Namespace) -> None:
     _write("efficiency", figures)
 
 
+# Decoys: timm architectures whose "pretrained" weights are written from a random init into the weights folder
+# ($AUTOML_TL_WEIGHTS_DIR), the loading path a hub backbone's file takes. Small, so an arm that fine-tunes
+# them does not spend its time on their size.
+DECOYS = ("resnet10t.c3_in1k", "mobilenetv3_small_050.lamb_in1k")
+
+
+def _decoy_weights(folder: Path) -> list[str]:
+    """Write the decoys' random-init weights to ``folder``, link the registered backbones' fetched files beside
+    them, and point ``$AUTOML_TL_WEIGHTS_DIR`` there (before Ray starts, so its workers read it too)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from automl_tl.backbones._weights import weights_dir
+
+    fetched = weights_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for existing in fetched.iterdir() if fetched.is_dir() else ():
+        (folder / existing.name).symlink_to(existing)
+    torch.manual_seed(0)
+    for arch in DECOYS:
+        net = timm.create_model(arch, pretrained=False)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / f"{arch}.safetensors"))
+    os.environ["AUTOML_TL_WEIGHTS_DIR"] = str(folder)
+    return [f"timm:{arch}" for arch in DECOYS]
+
+
+def _in_proposal_order(rows: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
+    """The rows in the order the searcher proposed their trials: Tune names each trial's folder
+    ``<trainable>_<trial id>_<proposal number>_<params>``."""
+    import re
+
+    names = [folder.name for folder in (run_dir / "tune").iterdir()]
+
+    def number(row: dict[str, Any]) -> int:
+        pattern = re.compile(rf"_{re.escape(str(row['trial_id']))}_(\d+)_")
+        return next(int(m.group(1)) for name in names if (m := pattern.search(name)))
+
+    return sorted(rows, key=number)
+
+
+def _steps_through_images(row: dict[str, Any]) -> bool:
+    """Whether a leaderboard row's trial trains on images (fine-tuning, or augmented) rather than on cached features."""
+    from automl_tl.train.loop import TrialConfig
+
+    return not TrialConfig.from_params({**{k: v for k, v in row.items() if v is not None}, "max_epochs": 1}).frozen_features
+
+
+def epochs_to_reach(rows: list[dict[str, Any]], target: float) -> int | None:
+    """Trial-epochs spent, trials taken in the order given (proposed), until a trial's best epoch reached
+    ``target`` validation accuracy: every epoch of the trials before it, plus its epochs up to its best one."""
+    spent = 0
+    for row in rows:
+        accuracy = row.get("best_val_accuracy")
+        if accuracy is not None and float(accuracy) >= target - 1e-9:
+            return spent + int(row.get("best_epoch") or row.get("epochs_run") or 0)
+        spent += int(row.get("epochs_run") or 0)
+    return None
+
+
+def bench_pruning(args: argparse.Namespace) -> None:
+    """The four registered backbones plus two random-init decoys, ranking on against off, seed by seed."""
+    from automl_tl.backbones import list_backbones
+    from automl_tl.evaluate.results import build_results
+
+    figures: dict[str, Any] = {"seeds": list(args.seeds), "trials": args.trials, "max_epochs": args.max_epochs,
+                               "image_size": args.image_size or "each backbone's own", "decoys": list(DECOYS),
+                               "concurrency": 1, "target": "no decoy image trial with ranking on; >= 30 % fewer "
+                               "trial-epochs to the best validation accuracy; test accuracy within noise"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        decoys = _decoy_weights(Path(tmp) / "weights")
+        backbones = [*list_backbones(), *decoys]
+        cache = Path(tmp) / "cache"
+        for name in args.datasets:
+            data, test, test_fraction, _ = ACCURACY_CASES[name]
+            runs = []
+            for seed in args.seeds:
+                arms: dict[str, Any] = {}
+                for arm in ("on", "off"):
+                    config = load_config({
+                        "data": {"source": data, "cache_dir": str(cache), "test_fraction": test_fraction, "seed": seed},
+                        "space": {"backbones": backbones, "max_epochs": args.max_epochs, "batch_sizes": [32],
+                                  "image_sizes": [args.image_size] if args.image_size else []},
+                        "search": {"num_samples": args.trials, "max_concurrent_trials": 1, "time_budget_s": 24 * 3600,
+                                   "seed": seed, "rank_backbones": arm},
+                    })  # fmt: skip
+                    run_dir = Path(tmp) / f"{name}-{seed}-{arm}"
+                    started = time.perf_counter()
+                    outcome = run_search(config, run_dir, test_source=test, progress=False)
+                    results = build_results(run_dir)
+                    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+                    rows = _in_proposal_order(outcome.rows, run_dir)
+                    image_trials = [r for r in rows if _steps_through_images(r)]
+                    arms[arm] = {
+                        "wall_s": round(time.perf_counter() - started, 1),
+                        "best_val_accuracy": float(outcome.best["best_val_accuracy"]),
+                        "epochs_to_best": epochs_to_reach(rows, float(outcome.best["best_val_accuracy"])),
+                        "trial_epochs": int(sum(int(r.get("epochs_run") or 0) for r in rows)),
+                        "decoy_image_trials": sum(r["backbone"] in decoys for r in image_trials),
+                        "image_trials": {b: sum(r["backbone"] == b for r in image_trials) for b in backbones},
+                        "best_test_accuracy": results["best"]["test"]["accuracy"],
+                        "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
+                        "best_trial": {k: outcome.best.get(k) for k in ("backbone", "freeze_depth", "augmentation")},
+                        "transferability": summary["transferability"],
+                        "rows": [{k: r.get(k) for k in ("trial_id", "backbone", "freeze_depth", "augmentation",
+                                                        "best_val_accuracy", "best_epoch", "epochs_run", "feature_cache")}
+                                 for r in rows],
+                    }  # fmt: skip
+                common = min(arms["on"]["best_val_accuracy"], arms["off"]["best_val_accuracy"])
+                for arm in arms.values():  # the same bar for both: the lower of the two bests
+                    arm["epochs_to_common_best"] = epochs_to_reach(arm["rows"], common)
+                runs.append({"seed": seed, **arms})
+                print(f"[bench] {name} seed {seed}: epochs to best on {arms['on']['epochs_to_best']} / off "
+                      f"{arms['off']['epochs_to_best']}; test on {arms['on']['best_test_accuracy']:.4f} / off "
+                      f"{arms['off']['best_test_accuracy']:.4f}; decoy image trials on {arms['on']['decoy_image_trials']}")
+            per_arm = {arm: {key: _spread([float(r[arm][key]) for r in runs if r[arm][key] is not None])
+                             for key in ("epochs_to_best", "epochs_to_common_best", "trial_epochs", "best_val_accuracy",
+                                         "best_test_accuracy", "ensemble_test_accuracy")}
+                       for arm in ("on", "off")}  # fmt: skip
+            off_epochs, on_epochs = per_arm["off"]["epochs_to_best"]["mean"], per_arm["on"]["epochs_to_best"]["mean"]
+            figures[name] = {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "no_decoy_image_trial_with_ranking": all(r["on"]["decoy_image_trials"] == 0 for r in runs),
+                "epochs_to_best_saved": round(1 - on_epochs / off_epochs, 3) if off_epochs else None,
+                **per_arm,
+                "runs": runs,
+            }
+    _write(args.results_name, figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="name", required=True)
@@ -404,9 +535,17 @@ def main() -> None:
     p = sub.add_parser("efficiency")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = sub.add_parser("pruning")
+    p.add_argument("--datasets", nargs="+", default=["hymenoptera", "flowers5"], choices=["hymenoptera", "flowers5"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--max-epochs", type=int, default=4, dest="max_epochs")
+    p.add_argument("--image-size", type=int, default=None, dest="image_size", help="one size for every backbone")
+    p.add_argument("--results-name", default="pruning", dest="results_name",
+                   help="results file sweep_<name>.json (e.g. pruning_smoke)")
     args = parser.parse_args()
     {"overhead": bench_overhead, "train_vs_bare": bench_train_vs_bare, "feature_cache": bench_feature_cache,
-     "accuracy": bench_accuracy, "efficiency": bench_efficiency}[args.name](args)  # fmt: skip
+     "accuracy": bench_accuracy, "efficiency": bench_efficiency, "pruning": bench_pruning}[args.name](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ SECTIONS = (
     ("ensemble", "Ensemble vs best single model"),
     ("selection", "How the served model was chosen"),
     ("leaderboard", "Leaderboard"),
+    ("transferability", "Backbones ranked before fine-tuning"),
     ("curves", "Learning curves"),
     ("overfitting", "Overfitting"),
     ("hyperparameters", "Hyperparameters and accuracy"),
@@ -111,6 +112,7 @@ def render(run: RunInputs) -> str:
         "ensemble": _ensemble(run),
         "selection": selection_section(run),
         "leaderboard": _leaderboard(run, flagged),
+        "transferability": _transferability(run.summary.get("transferability") or {}),
         "curves": _curves(run, flagged),
         "overfitting": _overfitting(run, flagged),
         "hyperparameters": _hyperparameters(run, specs, param_importances(run.trials, specs)),
@@ -223,6 +225,7 @@ _LEADERBOARD = (
     ("rank", "rank"), ("trial", "trial_id"), *((_SHORT.get(name, name), name) for name in HYPERPARAMETERS),
     ("val acc", "best_val_accuracy"), ("val macro F1", "best_val_macro_f1"), ("val log loss", "best_val_log_loss"),
     ("best epoch", "best_epoch"), ("epochs", "epochs_run"), ("stop reason", "stop_reason"), ("wall s", "wall_s"),
+    ("LogME", "transferability"),
 )  # fmt: skip
 
 
@@ -245,6 +248,19 @@ def _leaderboard(run: RunInputs, flagged: Mapping[str, Divergence]) -> str:
     return (_table([h for h, _ in _LEADERBOARD], rows, left=3, css="leaderboard")
             + _note("One row per trial, best first by the search metric; the same rows are in leaderboard.csv. "
                     "Validation scores are each trial's best epoch, before calibration."))  # fmt: skip
+
+
+def _transferability(ranking: Mapping[str, Any]) -> str:
+    if not ranking:
+        return _note("No transferability scores: this run was made before sweeps recorded them.")
+    scores, pruned, declined = ranking.get("scores") or {}, ranking.get("pruned") or {}, ranking.get("declined_proposals") or {}
+    rows = [[escape(str(name)), _fmt(score, 3), escape(str(pruned.get(name) or "no")), str(declined.get(name, 0))]
+            for name, score in sorted(scores.items(), key=lambda kv: -kv[1] if finite(kv[1]) else math.inf)]  # fmt: skip
+    state = f"on, margin {ranking.get('margin')}" if ranking.get("enabled") else f"off (search.rank_backbones: {ranking.get('setting')})"
+    return (_table(["backbone", "LogME", "pruned", "proposals declined"], rows)
+            + _note(f"Each backbone's LogME score on its frozen features of the train split (higher transfers better; "
+                    f"– where no trial trained a head on its cached features). Ranking {state}: a pruned backbone "
+                    "got no more trials that step through images; its declined proposals never ran."))  # fmt: skip
 
 
 def _curves(run: RunInputs, flagged: Mapping[str, Divergence]) -> str:

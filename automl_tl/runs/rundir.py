@@ -21,7 +21,8 @@ __all__ = ["RunDir", "SplitSettings", "split_settings", "write_leaderboard", "wr
 LEADERBOARD_COLUMNS = (
     "rank", "trial_id", *HYPERPARAMETERS,
     "best_val_accuracy", "best_val_macro_f1", "best_val_log_loss", "best_epoch", "epochs_run", "stop_reason",
-    "wall_s", "feature_cache", "workers", "peak_rss_mb", "accumulation_steps", "has_model",
+    "wall_s", "feature_cache", "workers", "peak_rss_mb", "accumulation_steps", "has_model", "transferability",
+    "pruned_by_rank",
 )  # fmt: skip
 
 

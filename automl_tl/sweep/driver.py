@@ -215,11 +215,12 @@ def resume_search(
     out: str | os.PathLike[str], progress: bool = True, shared_fs: bool = False
 ) -> SearchOutcome:
     """Continue a sweep whose driver stopped: finished trials are kept, unfinished ones resume."""
+    from automl_tl.sweep.searcher import RANKING_FILE
     from automl_tl.sweep.space import build_param_space
 
     started = time.time()
     run = RunDir.open(out)
-    run.pull("config.yaml", "data.json", STOP_REASONS)
+    run.pull("config.yaml", "data.json", STOP_REASONS, RANKING_FILE)
     if not run.exists("config.yaml") or not run.remote_exists("tune"):
         raise SearchError(f"{out} is not a run directory of automl_tl (no config.yaml or tune/)")
     config = load_config(run.path / "config.yaml")
@@ -240,6 +241,7 @@ def _finish(
     config: ExperimentConfig, run: RunDir, grid: Any, started: float, end: dict[str, Any]
 ) -> SearchOutcome:
     from automl_tl.sweep.progress import read_stop_reasons
+    from automl_tl.sweep.searcher import RANKING_FILE, ranking_summary, with_ranking
 
     metric = config.search.metric
     run.pull("trials")  # a remote run: the trials' best epochs, uploaded from their nodes
@@ -251,13 +253,14 @@ def _finish(
     if not done:
         errors = "; ".join(sorted({str(r["stop_reason"]) for r in rows})) or "no trial ran"
         raise SearchError(f"no trial finished an epoch: {errors}")
-    rows = rank_rows(rows, metric)
+    ranking = ranking_summary(config, rows, run.path / RANKING_FILE)  # LogME per backbone, and what it pruned
+    rows = with_ranking(rank_rows(rows, metric), ranking)
     best = rows[0]
     wall_s = time.time() - started
     write_leaderboard(run, rows)
     write_summary(run, config, rows, best, wall_s)
-    run.write_json("summary.json", {**run.read_json("summary.json"), "sweep": end})
-    run.push("leaderboard.csv", "summary.json", STOP_REASONS)
+    run.write_json("summary.json", {**run.read_json("summary.json"), "sweep": end, "transferability": ranking})
+    run.push("leaderboard.csv", "summary.json", STOP_REASONS, RANKING_FILE)
     used = f", {end['budget_used']:.0%} of the time budget" if end["budget_used"] is not None else ""
     logger.info(f"the sweep stopped: {end['stop_reason']} ({end['trials']} trials in {end['fit_s']:.0f}s{used})",
                 extra={**_SEARCH, "event": "sweep_end", **end})  # fmt: skip
@@ -302,5 +305,6 @@ def _row(run: RunDir, result: Any, config: ExperimentConfig, stopped: dict[str, 
         "peak_rss_mb": metrics.get("peak_rss_mb"),
         "accumulation_steps": metrics.get("accumulation_steps") or 1,  # above 1: backed off after out of memory
         "has_model": (run.path / "trials" / trial_id / "model.safetensors").is_file(),
+        "transferability": metrics.get("transferability"),  # LogME of the features it trained a head on
     }
     return row

@@ -114,7 +114,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=mode,
-            search_alg=_search_alg(config, param_space),
+            search_alg=_search_alg(config, param_space, run),
             scheduler=_scheduler(config, mode),
             num_samples=_trial_cap(config, param_space),
             max_concurrent_trials=search.max_concurrent_trials or _default_concurrency(res),
@@ -174,9 +174,10 @@ def _default_concurrency(res: Any) -> int:
     return max(1, int(cpus // (res.cpus_per_worker * res.workers_per_trial)))
 
 
-def _search_alg(config: ExperimentConfig, param_space: dict[str, Any]) -> Any:
+def _search_alg(config: ExperimentConfig, param_space: dict[str, Any], run: RunDir) -> Any:
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from automl_tl.sweep.searcher import RANKING_FILE, ranked_search
 
     from automl_tl.sweep.space import frozen_start_points
 
@@ -187,7 +188,8 @@ def _search_alg(config: ExperimentConfig, param_space: dict[str, Any]) -> Any:
     else:
         cap = config.search.max_trials()
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, cap // 3)) if cap else 5)
-    return OptunaSearch(sampler=sampler, points_to_evaluate=frozen_start_points(config, param_space) or None)
+    return ranked_search(config, param_space, run.path / RANKING_FILE, sampler=sampler,
+                         points_to_evaluate=frozen_start_points(config, param_space) or None)  # fmt: skip
 
 
 def _scheduler(config: ExperimentConfig, mode: str) -> Any:

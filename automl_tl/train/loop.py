@@ -89,10 +89,13 @@ def train_trial(
     weight = torch.tensor(class_weights(train_labels, num_classes), dtype=torch.float32) if balance == "weighted_loss" else None
 
     feature_mode = use_feature_cache and cfg.frozen_features and cfg.pretrained
+    scored: dict[str, float | None] = {}  # the backbone's transferability, where this trial has its features
     if feature_mode:
         from automl_tl.train.features import cached_features
+        from automl_tl.train.transferability import train_logme
 
         features = cached_features(data, cfg.backbone, pre, model)
+        scored["transferability"] = train_logme(data, cfg.backbone, pre, features.train)
         probe = cfg.optimizer == "lbfgs"  # the logistic-regression probe: the head fitted to convergence
         steps: Steps = (ProbeSteps if probe else FeatureSteps)(
             model.head, features.train, data.labels[data.train_idx], features.val,
@@ -158,6 +161,7 @@ def train_trial(
             "accumulation_steps": steps.accumulation,
             "micro_batch_size": steps.micro_batch(),
             "stop_reason": stop_reason,
+            **scored,
         }
         state["last_metrics"] = metrics  # a resume from this checkpoint knows whether the trial had ended
         with tempfile.TemporaryDirectory(prefix="automl_tl_ckpt_") as tmp:
