@@ -275,6 +275,12 @@ def create_backbone(
         _set_module(net, _classifier_path(net), new_head)
     elif not keep_head:
         net.reset_classifier(0)  # pooled features out
+    return freeze(net, spec, freeze_depth)
+
+
+def freeze(net: nn.Module, spec: BackboneSpec, freeze_depth: int) -> TransferNet:
+    """``net`` of backbone ``spec``, its head in place, with the stem and the first ``freeze_depth`` stages
+    frozen (every parameter they cover, tokens included); other parameters are left as they are."""
     net.eval()
     frozen = frozen_names(spec, freeze_depth)
     for pname, param in net.named_parameters():
