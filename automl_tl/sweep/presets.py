@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from automl_tl.config import PRESETS, ExperimentConfig, Preset, load_config
+from automl_tl.errors import ConfigError
 
 __all__ = [
     "PRESETS",
@@ -170,7 +171,7 @@ def _backbones(preset: Preset, hw: Hardware) -> tuple[list[str], str]:
     unreachable = f"the hub is unreachable ({hw.hub_note or 'not asked'})"
     if not picked:
         return list(_REGISTERED[preset]), f"the registered backbones, their weights installed: {unreachable}"
-    topped = [*picked, *(n for n in _REGISTERED[preset])][: len(wanted)]
+    topped = [*picked, *_REGISTERED[preset]][: len(wanted)]
     return topped, f"{tier}-tier ones whose weights are on disk, then registered ones: {unreachable}"
 
 
@@ -198,12 +199,15 @@ def _resources(preset: Preset, hw: Hardware) -> list[Choice]:
     ]  # fmt: skip
 
 
-def choose(preset: Preset, hw: Hardware) -> list[Choice]:
-    """Every field ``preset`` sets on a machine like ``hw``, with the fact each follows from."""
-    if preset not in PRESETS:
-        from automl_tl.errors import ConfigError
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {name!r}")
+    return cast(Preset, name)
 
-        raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
+
+def choose(name: str, hw: Hardware) -> list[Choice]:
+    """Every field preset ``name`` sets on a machine like ``hw``, with the fact each follows from."""
+    preset = _preset(name)
     backbones, why_backbones = _backbones(preset, hw)
     size = _IMAGE_SIZE[hw.machine][preset]
     resources = _resources(preset, hw)
@@ -246,7 +250,7 @@ def apply_preset(config: ExperimentConfig, hardware: Hardware | None = None) -> 
     return load_config(raw), choices
 
 
-def explain(preset: Preset, hardware: Hardware, choices: list[Choice]) -> list[str]:
+def explain(preset: str, hardware: Hardware, choices: list[Choice]) -> list[str]:
     """The lines that say what ``preset`` picked on ``hardware`` and why: one per choice."""
     return [f"preset {preset} on {hardware.describe()}", *(c.line() for c in choices)]
 
