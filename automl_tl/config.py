@@ -7,7 +7,8 @@ A config file has up to four sections; every key is optional and has a documente
     search:     {time_budget_s: 600, scheduler: asha, metric: val_accuracy}
     resources:  {workers_per_trial: 1, gpus_per_trial: 0}
 
-Run ``automl-tl config --show`` to print the full default config.
+Run ``automl-tl config --show`` to print the full default config. A top-level ``preset: fast|balanced|best``
+fills every field the file leaves unset from the hardware at hand (:mod:`automl_tl.sweep.presets`).
 
 Every section is a frozen pydantic model that refuses unknown keys. A file with several mistakes gets all of
 them in one :class:`ConfigError`, one line each, naming the dotted field, the bad value and what is allowed::
@@ -50,6 +51,7 @@ __all__ = [
     "AUGMENTATIONS",
     "OPTIMIZERS",
     "HEADS",
+    "PRESETS",
 ]
 
 T = TypeVar("T")
@@ -82,9 +84,11 @@ Augmentation = Literal["none", "light", "medium", "heavy"]
 # strength chosen on validation); a trial that trains more than the head then goes on with AdamW (LP-FT).
 Optimizer = Literal["adamw", "sgd", "lbfgs"]
 Head = Literal["linear", "mlp"]
+Preset = Literal["fast", "balanced", "best"]
 AUGMENTATIONS: tuple[Augmentation, ...] = get_args(Augmentation)
 OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 HEADS: tuple[Head, ...] = get_args(Head)
+PRESETS: tuple[Preset, ...] = get_args(Preset)
 DEFAULT_TRIALS = 12  # the cap of a sweep that has neither num_samples nor a time budget
 
 
@@ -287,12 +291,16 @@ class ExperimentConfig(_Section):
     space: SearchSpaceConfig = SearchSpaceConfig()
     search: SearchConfig = SearchConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    # Fills the fields the sections leave unset from the hardware found when the sweep starts.
+    preset: Preset | None = None
 
     def replace(self, section: str, **changes: Any) -> ExperimentConfig:
-        """A copy with some fields of one section changed, validated like a file would be."""
+        """A copy with some fields of one section changed, validated like a file would be; the fields set
+        before stay the only ones set besides ``changes`` (what a preset must not overwrite)."""
         current: BaseModel = getattr(self, section)
         sections = {name: getattr(self, name) for name in type(self).model_fields}
-        return _validated(ExperimentConfig, {**sections, section: {**current.model_dump(), **changes}})
+        changed = {**current.model_dump(exclude_unset=True), **changes}
+        return _validated(ExperimentConfig, {**sections, section: changed})
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> ExperimentConfig:

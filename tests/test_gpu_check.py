@@ -4,6 +4,7 @@ GPU trial builds, and the plan of ``benchmarks/gpu_check.py`` (which itself runs
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -113,7 +114,14 @@ def test_gpu_check_on_a_machine_without_gpu(capsys: pytest.CaptureFixture[str]) 
     gpu_check = _gpu_check()
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: run benchmarks/gpu_check.py itself")
+    before = os.environ.get("AUTOML_TL_WEIGHTS_DIR")
     assert gpu_check.main(["--dry-run", "--backbones", "mobilenetv2_100"]) == 0
-    assert "mobilenetv2_100: 1 DDP worker(s), 1 GPU(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mobilenetv2_100: 1 DDP worker(s), 1 GPU(s)" in out
+    # The current backbone passed the sweep's pre-flight on the random-init file its dry run wrote
+    current = next(line for line in out.splitlines() if line.startswith(gpu_check.CURRENT_BACKBONE + ":"))
+    assert "1 DDP worker(s), 1 GPU(s)" in current and "weights: local file" in current
+    assert current.endswith("/weights/eva02_tiny_patch14_224.mim_in22k.safetensors"), current
+    assert os.environ.get("AUTOML_TL_WEIGHTS_DIR") == before  # set for that check alone
     assert gpu_check.main(["--backbones", "mobilenetv2_100"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().out

@@ -22,6 +22,7 @@ from automl_tl.backbones._builder import (
     layer_index,
     memory_format_for,
     resolve_spec,
+    timm_weights_source,
 )
 from automl_tl.backbones._hub import weights_status
 from automl_tl.backbones._inference import fold_batch_norms, graph_of, ready_for_inference
@@ -52,6 +53,7 @@ __all__ = [
     "list_backbones",
     "get_backbone_spec",
     "resolve_spec",
+    "timm_weights_source",
     "check_backbones",
     "create_backbone",
     "layer_index",

@@ -137,15 +137,11 @@ def _hub_spec(name: str, weights_folder: str) -> BackboneSpec:
     except Exception as exc:  # timm raises RuntimeError for a tag it does not know, and more
         raise BackboneError(f"backbone '{name}': timm cannot build '{arch}': {str(exc).splitlines()[0]}") from None
     cfg = net.pretrained_cfg
-    full = f"{cfg.get('architecture')}.{cfg.get('tag')}" if cfg.get("tag") else arch
-    local = local_weights_file([arch, full])
-    hub = hub_source(cfg)
-    source: WeightSource = LocalFile(str(local), license=hub.license) if local is not None else hub
     stem, *stages = parameter_groups(net)
     return BackboneSpec(
         name=name,
         architecture=arch,
-        weights=source,
+        weights=_weights_source(arch, cfg),
         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
@@ -157,6 +153,27 @@ def _hub_spec(name: str, weights_folder: str) -> BackboneSpec:
         pretrained_classes=int(cfg.get("num_classes") or 0) or None,
         sized_at_build="img_size" in inspect.signature(type(net).__init__).parameters,
     )
+
+
+def _weights_source(arch: str, cfg: dict[str, Any]) -> WeightSource:
+    """Where the weights of timm's ``arch`` (pretrained config ``cfg``) come from: a file in the weights
+    folder, else timm's own hub source."""
+    full = f"{cfg.get('architecture')}.{cfg.get('tag')}" if cfg.get("tag") else arch
+    local = local_weights_file([arch, full])
+    hub = hub_source(cfg)
+    return LocalFile(str(local), license=hub.license) if local is not None else hub
+
+
+def timm_weights_source(name: str) -> WeightSource:
+    """The weight source of ``timm:<architecture>[.<tag>]`` read from timm's pretrained config alone, without
+    building the network (what a preset asks of many backbones at once)."""
+    from timm.models import get_pretrained_cfg
+
+    arch = name.removeprefix(HUB_PREFIX)
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None:
+        raise BackboneError(f"backbone '{name}': timm has no pretrained weights for '{arch}'")
+    return _weights_source(arch, cfg.to_dict())
 
 
 def parameter_groups(net: Any) -> list[tuple[str, ...]]:
@@ -258,6 +275,12 @@ def create_backbone(
         _set_module(net, _classifier_path(net), new_head)
     elif not keep_head:
         net.reset_classifier(0)  # pooled features out
+    return freeze(net, spec, freeze_depth)
+
+
+def freeze(net: nn.Module, spec: BackboneSpec, freeze_depth: int) -> TransferNet:
+    """``net`` of backbone ``spec``, its head in place, with the stem and the first ``freeze_depth`` stages
+    frozen (every parameter they cover, tokens included); other parameters are left as they are."""
     net.eval()
     frozen = frozen_names(spec, freeze_depth)
     for pname, param in net.named_parameters():

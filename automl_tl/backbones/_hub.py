@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,10 @@ from automl_tl.backbones._registry import BackboneSpec, TimmHub, WeightSource
 from automl_tl.backbones._weights import source_status, weights_dir
 from automl_tl.errors import BackboneError
 
-__all__ = ["HUB_TIMEOUT_S", "check_weights", "hub_source", "hub_weights_file", "local_weights_file", "weights_status"]
+__all__ = [
+    "HUB_TIMEOUT_S", "check_weights", "hub_reasons", "hub_source", "hub_weights_file", "local_weights_file",
+    "weights_status",
+]
 
 HUB_TIMEOUT_S = 2.0  # how long the pre-flight check waits for the hub to answer
 
@@ -147,37 +150,47 @@ def _unreachable(spec: BackboneSpec, source: TimmHub, reason: str) -> str:
     )
 
 
+def hub_reasons(sources: Mapping[str, TimmHub], timeout_s: float = HUB_TIMEOUT_S) -> dict[str, str | None]:
+    """For each source: None when its weights can be had (the local cache holds them, or the hub answers for
+    them), else why not. Hub requests run at once, each bounded by ``timeout_s``."""
+    from huggingface_hub import constants
+
+    reasons: dict[str, str | None] = {}
+    asks: dict[str, Callable[[], str | None]] = {}
+    for key, source in sources.items():
+        if hub_weights_file(source) is not None:
+            reasons[key] = None
+        elif constants.HF_HUB_OFFLINE:
+            reasons[key] = "HF_HUB_OFFLINE is set"
+        elif not source.repo_id and not source.url:
+            reasons[key] = "timm has no pretrained weights for it"
+        else:
+            asks[key] = lambda source=source: _hub_answers(source, timeout_s)  # type: ignore[misc]
+    reasons.update(_within(asks, timeout_s + 0.5))
+    return reasons
+
+
 def check_weights(specs: Sequence[BackboneSpec], timeout_s: float = HUB_TIMEOUT_S) -> None:
     """Every backbone of ``specs`` can get its pretrained weights, or one :class:`BackboneError` names each
     one that cannot, where it looked and how to supply the file. Hub lookups run at once, each bounded."""
-    from huggingface_hub import constants
-
     problems: dict[str, str] = {}
-    asks: dict[str, Callable[[], str | None]] = {}
     hubs: dict[str, tuple[BackboneSpec, TimmHub]] = {}
     for spec in specs:
         source = spec.weights
-        if not isinstance(source, TimmHub):
-            status = source_status(source)
-            if status != "ready":
-                problems[spec.name] = f"backbone '{spec.name}': {source.describe()}: {status}"
+        if isinstance(source, TimmHub):
+            hubs[spec.name] = (spec, source)
+        elif (status := source_status(source)) != "ready":
+            problems[spec.name] = f"backbone '{spec.name}': {source.describe()}: {status}"
+    for name, reason in hub_reasons({name: source for name, (_, source) in hubs.items()}, timeout_s).items():
+        spec, source = hubs[name]
+        if reason is None:
             continue
-        if hub_weights_file(source) is not None:
-            continue
-        hubs[spec.name] = (spec, source)
-        if constants.HF_HUB_OFFLINE:
-            problems[spec.name] = _unreachable(spec, source, "HF_HUB_OFFLINE is set")
-        elif not source.repo_id and not source.url:
-            problems[spec.name] = f"backbone '{spec.name}': timm has no pretrained weights for {spec.architecture}"
+        if not source.repo_id and not source.url:
+            problems[name] = f"backbone '{name}': timm has no pretrained weights for {spec.architecture}"
         else:
-            asks[spec.name] = lambda source=source: _hub_answers(source, timeout_s)  # type: ignore[misc]
-    for name, reason in _within(asks, timeout_s + 0.5).items():
-        if reason is not None:
-            problems[name] = _unreachable(*hubs[name], reason)
+            problems[name] = _unreachable(spec, source, reason)
     if problems:
         raise BackboneError("; ".join(problems[s.name] for s in specs if s.name in problems))
-
-
 
 
 def weights_status(source: WeightSource) -> str:

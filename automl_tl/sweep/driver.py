@@ -33,6 +33,7 @@ import yaml
 
 from automl_tl._owned import start_embedded_ray
 from automl_tl.sweep.state_mend import mend_stale_checkpoints
+from automl_tl.sweep.presets import resolve_preset
 from automl_tl.sweep.tuner import STOP_REASONS, build_tuner, fit, sweep_end
 from automl_tl.train.memory import malloc_env, scoped_env
 from automl_tl.backbones import check_backbones as check_backbone_weights
@@ -196,6 +197,7 @@ def run_search(
     """
     started = time.time()
     run = RunDir.open(out)
+    config = resolve_preset(config)  # the run directory keeps the resolved config: resume does not re-detect
     param_space = check_search(config)  # a bad backbone or space fails here, before Ray, data or the run directory
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
