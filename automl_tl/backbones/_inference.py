@@ -14,6 +14,7 @@ served unfolded. Given the input size, a CPU member is then traced and frozen in
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import torch
@@ -21,7 +22,16 @@ from timm.layers import BatchNormAct2d
 
 from automl_tl.backbones._builder import memory_format_for
 
-__all__ = ["fold_batch_norms", "graph_of", "ready_for_inference"]
+__all__ = ["AB_OFF_ENV", "ab_off", "fold_batch_norms", "graph_of", "ready_for_inference"]
+
+# Private, for ``benchmarks/bench_serve.py --ab`` alone: the speed mechanisms named here (comma-separated) run
+# as if they were absent, so the benchmark can time the serving code with and without each in the same run.
+AB_OFF_ENV = "AUTOML_TL_AB_OFF"
+
+
+def ab_off(mechanism: str) -> bool:
+    """Whether this process runs without ``mechanism`` (see :data:`AB_OFF_ENV`)."""
+    return mechanism in os.environ.get(AB_OFF_ENV, "").split(",")
 
 _PROBE_SIDE = 64  # pixels of the random image that traces and checks the fold: any CNN takes it, quickly
 
@@ -30,9 +40,9 @@ def ready_for_inference(model: torch.nn.Module, device: torch.device, input_size
     """``model`` in eval mode, with its batch norms folded when that is exact, on ``device`` in the memory
     layout that is fastest there; on CPU, given the ``input_size`` it will see, as a frozen graph
     (:func:`graph_of`)."""
-    folded = fold_batch_norms(model.eval())
+    folded = model.eval() if ab_off("batch_norm_folding") else fold_batch_norms(model.eval())
     ready = folded.to(device).to(memory_format=memory_format_for(device)).eval()
-    if input_size is not None and device.type == "cpu":
+    if input_size is not None and device.type == "cpu" and not ab_off("frozen_graph"):
         return graph_of(ready, input_size, memory_format_for(device))
     return ready
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from automl_tl.backbones._inference import ab_off
 from automl_tl.errors import ConfigError
 from automl_tl.inference.artifact import Artifact
 from automl_tl.inference.core import BatchResult, MemberRunner
@@ -177,7 +178,7 @@ class Forward:
             if lanes > 1:
                 for lane in self._lanes:
                     lane.submit(_on_threads, self.narrow_threads, self.runner.run, batch).result()
-                if len(self.runner.models) > 1 and self.runner.device.type == "cpu":
+                if len(self.runner.models) > 1 and self.runner.device.type == "cpu" and not ab_off("lone_request_timing"):
                     self.member_lanes = self._choose_member_lanes(one)
         self._free = list(range(lanes))
         self._wide = False  # a forward on every thread is running: nothing else may start

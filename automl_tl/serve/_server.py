@@ -23,7 +23,8 @@ import yaml
 from pydantic import ValidationError
 
 from automl_tl._owned import OWNER_ENV, check_leftovers, start_embedded_ray, stop_owned
-from automl_tl.train.memory import malloc_env
+from automl_tl.backbones._inference import AB_OFF_ENV, ab_off
+from automl_tl.train.memory import MALLOC_ENV, malloc_env
 from automl_tl.errors import ConfigError
 from automl_tl.runs.locate import resolve_artifact
 from automl_tl.serve._loopback import haproxy_wrapper
@@ -230,6 +231,7 @@ def start_server(
         env = {**_quiet_env(), **{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
         if local and chosen == "haproxy":
             env.update(_side_by_side_env(host))
+        env.update(_ab_env())
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         _started.update(serve=True, replica_env=env)  # the replicas must run the ingress their controller runs
     client = serve.context._get_global_client()
@@ -247,6 +249,17 @@ def start_server(
     url = _url(host, port, route_prefix)
     _wait_ready(url, ready_timeout_s)
     return url
+
+
+def _ab_env() -> dict[str, str]:
+    """The private switch of ``benchmarks/bench_serve.py --ab`` (:data:`AB_OFF_ENV`) passed on to Serve's
+    processes; without per-thread arenas a replica keeps the one arena of the allocator settings."""
+    if not os.environ.get(AB_OFF_ENV):
+        return {}
+    env = {AB_OFF_ENV: os.environ[AB_OFF_ENV]}
+    if ab_off("thread_arenas"):
+        env["MALLOC_ARENA_MAX"] = MALLOC_ENV["MALLOC_ARENA_MAX"]
+    return env
 
 
 def _side_by_side_env(host: str) -> dict[str, str]:
