@@ -33,6 +33,7 @@ def ab_off(mechanism: str) -> bool:
     """Whether this process runs without ``mechanism`` (see :data:`AB_OFF_ENV`)."""
     return mechanism in os.environ.get(AB_OFF_ENV, "").split(",")
 
+
 _PROBE_SIDE = 64  # pixels of the random image that traces and checks the fold: any CNN takes it, quickly
 
 
