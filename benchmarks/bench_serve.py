@@ -545,7 +545,7 @@ def ab_main(opts: argparse.Namespace) -> None:
     unknown = sorted(set(names) - set(MECHANISMS))
     if unknown:
         sys.exit(f"--only: unknown mechanism(s) {unknown}; known: {', '.join(MECHANISMS)}")
-    load_s, warm_s, lone = (3.0, 1.0, 5) if quick else (opts.load_s, 4.0, 30)
+    load_s, warm_s, lone = (3.0, 1.0, 5) if quick else (opts.load_s, 4.0, 20)
     out = RESULTS / ("serve_ab_smoke.json" if quick else "serve_ab.json")
     figures: dict[str, Any] = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
     figures.update({
@@ -588,7 +588,7 @@ def ab_main(opts: argparse.Namespace) -> None:
                 before = in_process(artifact, files, "ensemble", 2.0 if quick else 6.0)
                 # Those still in the code run switched off; those already removed from it are gone anyway.
                 off = [n for n in removed if n in MECHANISMS]
-                run = ab_round(artifact, bodies, opts.port, off, 4.0 if quick else 30.0, 2.0 if quick else 10.0, lone)
+                run = ab_round(artifact, bodies, opts.port, off, 4.0 if quick else 20.0, 2.0 if quick else 6.0, lone)
                 after = in_process(artifact, files, "ensemble", 2.0 if quick else 6.0)
                 reference = _faster(before, after)["best"]
                 figures["after_verdicts"] = {"removed": removed, "switched_off": off, "run": run, "in_process": reference,
