@@ -285,37 +285,6 @@ def test_license_terms() -> None:
     assert license_terms(None) == "unknown" and license_terms("unknown") == "unknown"
 
 
-@pytest.mark.parametrize("name", BACKBONES)
-def test_every_backbone_serves_as_a_frozen_graph_that_answers_as_it_does(name: str) -> None:
-    torch.manual_seed(0)
-    from automl_tl.backbones import graph_of, ready_for_inference
-
-    net = ready_for_inference(create_backbone(name, num_classes=3, pretrained=True), torch.device("cpu"))
-    graph = graph_of(net, 96, torch.channels_last)
-    assert isinstance(ready_for_inference(net, torch.device("cpu"), 96), torch.jit.ScriptModule)  # given the size
-    assert isinstance(graph, torch.jit.ScriptModule)
-    x = torch.randn(5, 3, 96, 96).contiguous(memory_format=torch.channels_last)  # a batch size it was not checked at
-    with torch.inference_mode():
-        assert torch.equal(graph(x), net(x))
-
-
-def test_a_network_whose_python_reads_its_input_is_served_as_it_is() -> None:
-    import warnings
-
-    from automl_tl.backbones import graph_of
-
-    class ByBatch(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.mean((2, 3)) * (2.0 if x.shape[0] > 1 else 1.0)  # a trace would keep the batch-1 branch
-
-    net = ByBatch().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer warns of the branch it cannot follow
-        assert graph_of(net, 8, torch.channels_last) is net
-    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
-    assert isinstance(graph_of(plain, 8, torch.channels_last), torch.jit.ScriptModule)  # the control
-
-
 @pytest.fixture()
 def silent_hub() -> Iterator[str]:
     """A hub endpoint that accepts connections and never answers: what an offline machine's network often

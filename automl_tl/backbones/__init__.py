@@ -24,7 +24,7 @@ from automl_tl.backbones._builder import (
     resolve_spec,
 )
 from automl_tl.backbones._hub import weights_status
-from automl_tl.backbones._inference import fold_batch_norms, graph_of, ready_for_inference
+from automl_tl.backbones._inference import fold_batch_norms, ready_for_inference
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -56,7 +56,6 @@ __all__ = [
     "create_backbone",
     "layer_index",
     "license_terms",
-    "graph_of",
     "memory_format_for",
     "fold_batch_norms",
     "ready_for_inference",

@@ -7,22 +7,20 @@ with class probabilities equal to the unfolded network's to float precision.
 Which convolution feeds which batch norm is read from one traced forward, not from module names, so it holds
 for any timm architecture. A folded copy is kept only if it answers as the original does on a random input;
 anything folding cannot express (a convolution that standardises its weight, an output used twice) is
-served unfolded. Given the input size, a CPU member is then traced and frozen into a TorchScript graph
-(:func:`graph_of`), kept only if it answers bit for bit as the network does.
+served unfolded.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import warnings
 
 import torch
 from timm.layers import BatchNormAct2d
 
 from automl_tl.backbones._builder import memory_format_for
 
-__all__ = ["AB_OFF_ENV", "ab_off", "fold_batch_norms", "graph_of", "ready_for_inference"]
+__all__ = ["AB_OFF_ENV", "ab_off", "fold_batch_norms", "ready_for_inference"]
 
 # Private, for ``benchmarks/bench_serve.py --ab`` alone: the speed mechanisms named here (comma-separated) run
 # as if they were absent, so the benchmark can time the serving code with and without each in the same run.
@@ -37,38 +35,11 @@ def ab_off(mechanism: str) -> bool:
 _PROBE_SIDE = 64  # pixels of the random image that traces and checks the fold: any CNN takes it, quickly
 
 
-def ready_for_inference(model: torch.nn.Module, device: torch.device, input_size: int | None = None) -> torch.nn.Module:
+def ready_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` in eval mode, with its batch norms folded when that is exact, on ``device`` in the memory
-    layout that is fastest there; on CPU, given the ``input_size`` it will see, as a frozen graph
-    (:func:`graph_of`)."""
+    layout that is fastest there."""
     folded = model.eval() if ab_off("batch_norm_folding") else fold_batch_norms(model.eval())
-    ready = folded.to(device).to(memory_format=memory_format_for(device)).eval()
-    if input_size is not None and device.type == "cpu" and not ab_off("frozen_graph"):
-        return graph_of(ready, input_size, memory_format_for(device))
-    return ready
-
-
-# Two forward lanes of one Serve replica are two threads of one process, and an eager forward takes the GIL
-# for every module call, so two lanes as threads serve less than two processes would. A frozen TorchScript
-# graph runs its ops without the GIL. torch 2.14 marks torch.jit deprecated in
-# favour of torch.export and torch.compile, whose CPU path compiles C++ when a process starts.
-def graph_of(model: torch.nn.Module, input_size: int, memory_format: torch.memory_format) -> torch.nn.Module:
-    """Eval-mode ``model`` traced and frozen for ``input_size`` square inputs, or ``model`` itself where the
-    graph does not answer exactly as it does for a batch of 1 and of 3 (a network whose Python branches on
-    its input) or cannot be traced."""
-    where = next((p.device for p in model.parameters()), torch.device("cpu"))
-    probe = torch.randn(3, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(where).contiguous(memory_format=memory_format)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore", FutureWarning)  # the deprecation notice, on every trace
-            graph = torch.jit.freeze(torch.jit.trace(model, probe[:1]))
-            for size in (1, 3, 1, 3):  # twice each: TorchScript specialises a graph on its first runs
-                if not torch.equal(graph(probe[:size]), model(probe[:size])):
-                    return model
-    except Exception:  # noqa: BLE001 - a network that cannot be traced is served as it is
-        return model
-    return graph  # type: ignore[no-any-return]
+    return folded.to(device).to(memory_format=memory_format_for(device)).eval()
 
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:

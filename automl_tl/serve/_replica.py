@@ -170,9 +170,8 @@ class Forward:
             # start a second OpenMP team (a 1 x 2 replica's lone forwards then took twice as long).
             one = self._lanes[0].submit(example).result()
             batch = [one] * batch_size
-            # A few batch sizes, twice each: a member that runs as a TorchScript graph specialises it on its
-            # first runs and again for the first new shapes, then keeps a general one: the first forwards of a
-            # shape are several times slower than the later ones.
+            # A few batch sizes, twice each: the first forwards of a shape pay for torch's lazy set-up (its
+            # kernels' scratch memory and caches), not the requests.
             for size in [n for n in sorted({1, 2, max(1, batch_size // 2), batch_size}) for _ in range(2)]:
                 self._lanes[0].submit(_on_threads, threads, self.runner.run, batch[:size]).result()
             if lanes > 1:
