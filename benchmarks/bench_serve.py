@@ -445,7 +445,6 @@ MECHANISMS: dict[str, dict[str, Any]] = {
                           "env": {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
                                   "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}},
     "haproxy_ingress": {"off": "Serve's Python proxy (ingress=proxy)", "options": {"ingress": "proxy"}},
-    "batch_norm_folding": {"off": "batch norms kept as they are", "switch": True},
 }  # fmt: skip
 KEEP_AT_LEAST_PCT = 10.0  # a mechanism stays where it gains this much on throughput or on lone-request p50
 AB_ORDER = ("on", "off", "off", "on")  # balanced, so a drift in the machine's speed meets both alike

@@ -24,7 +24,7 @@ from automl_tl.backbones._builder import (
     resolve_spec,
 )
 from automl_tl.backbones._hub import weights_status
-from automl_tl.backbones._inference import fold_batch_norms, ready_for_inference
+from automl_tl.backbones._inference import ready_for_inference
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -57,7 +57,6 @@ __all__ = [
     "layer_index",
     "license_terms",
     "memory_format_for",
-    "fold_batch_norms",
     "ready_for_inference",
     "fetch_weights",
     "fetched_sources",

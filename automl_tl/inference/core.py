@@ -153,7 +153,7 @@ class BatchResult:
 class MemberRunner:
     """Built members in eval mode on one device: the only code that forwards a member.
 
-    Each member is made ready with :func:`~automl_tl.backbones.ready_for_inference` (batch norms folded)."""
+    Each member is made ready with :func:`~automl_tl.backbones.ready_for_inference`."""
 
     def __init__(
         self,
