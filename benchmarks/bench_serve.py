@@ -495,7 +495,7 @@ def ab_round(artifact: Path, bodies: list[bytes], port: int, off: list[str], sec
 def _applied_env() -> dict[str, dict[str, str | None]]:
     """The settings each A/B switch acts through, as the Serve controller and the replica run with them: the
     proof that a round ran with what it says."""
-    names = (AB_OFF_ENV, "MALLOC_ARENA_MAX", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS")
+    names = (AB_OFF_ENV, "MALLOC_ARENA_MAX")
     out: dict[str, dict[str, str | None]] = {}
     for pid, cmd in _serve_pids().items():
         role = "replica" if cmd.startswith("ray::ServeReplica") else "controller" if "Controller" in cmd else None
