@@ -59,6 +59,7 @@ from automl_tl.serve._app import replica_env  # noqa: E402
 from automl_tl.serve._model import MemberRunner, plan_for  # noqa: E402
 from automl_tl.serve._replica import pin_torch_threads, spread  # noqa: E402
 from automl_tl.serve._server import Ingress, resolve_ingress  # noqa: E402
+from automl_tl.backbones._inference import AB_OFF_ENV  # noqa: E402
 
 CLIENTS = 32
 BATCH = 8
@@ -404,7 +405,7 @@ def _mean_batch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, 
 
 
 def serve_run(artifact: Path, bodies: list[bytes], mode: str, layout: str, seconds: float, port: int,
-              sequential: int, warm_up_s: float, ingress: Ingress = "auto", threads: int = 1,
+              sequential: int, warm_up_s: float, ingress: Ingress = "proxy", threads: int = 1,
               lanes: int | None = None) -> dict[str, Any]:  # fmt: skip
     # The single layout splits the cores into replicas of ``threads`` cores and torch threads each; the
     # composed layout runs one replica per member, one core each (its ingress reserves no core).
@@ -430,16 +431,188 @@ def serve_run(artifact: Path, bodies: list[bytes], mode: str, layout: str, secon
         stop_server()
 
 
+# --- A/B: each speed mechanism of the replica on and off, in the same run ---------------------------------
+
+# What turns each mechanism off: start_server options, the private switch AB_OFF_ENV read by the serving code
+# (the mechanism's name), or environment settings (Serve's own defaults).
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "forward_lanes": {"off": "one forward lane (forward_lanes=1)", "options": {"forward_lanes": 1}},
+    "lone_request_timing": {"off": "no start-up timing: a lone request always runs on every thread in lane 0",
+                            "switch": True},
+    "thread_arenas": {"off": "one malloc arena per replica (MALLOC_ENV) instead of one per allocating thread",
+                      "switch": True},
+}  # fmt: skip
+KEEP_AT_LEAST_PCT = 10.0  # a mechanism stays where it gains this much on throughput or on lone-request p50
+AB_ORDER = ("on", "off", "off", "on")  # balanced, so a drift in the machine's speed meets both alike
+
+
+def _turned_off(names: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """start_server options and environment that run the app without the mechanisms ``names``."""
+    options: dict[str, Any] = {}
+    env: dict[str, str] = {}
+    switched = [n for n in names if MECHANISMS[n].get("switch")]
+    for name in names:
+        options.update(MECHANISMS[name].get("options", {}))
+        env.update(MECHANISMS[name].get("env", {}))
+    if switched:
+        env[AB_OFF_ENV] = ",".join(switched)
+    return options, env
+
+
+def ab_round(artifact: Path, bodies: list[bytes], port: int, off: list[str], seconds: float, warm_up_s: float,
+             lone: int) -> dict[str, Any]:  # fmt: skip
+    """One start of the main deployment (MAIN: the ensemble, one replica of every core) without the
+    mechanisms ``off``: throughput under CLIENTS clients and lone-request latency."""
+    options, env = _turned_off(off)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        url = start_server(artifact, mode="ensemble", port=port, replicas=1, cpus_per_replica=CPUS,
+                           torch_threads=CPUS, max_batch_size=BATCH, **options)  # fmt: skip
+        try:
+            asyncio.run(_load(url, bodies, CLIENTS, warm_up_s))
+            single = _sequential(url, bodies[0], lone)
+            load = asyncio.run(_load(url, bodies, CLIENTS, seconds))
+            import requests
+
+            chosen = requests.get(f"{url}/v1/stats", timeout=30).json()["ingress"].get("lone_request")
+            ingress = requests.get(f"{url}/v1/metadata", timeout=30).json()["ingress"]
+            applied = _applied_env()
+        finally:
+            stop_server()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {"throughput_img_s": load["throughput_img_s"], "lone_p50_ms": single["p50_ms"],
+            "lone_spaced_p50_ms": single["spaced_p50_ms"], "load_p50_ms": load["p50_ms"],
+            "load_p99_ms": load["p99_ms"], "errors": load["errors"], "requests": load["requests"],
+            "lone_request": chosen, "ingress": ingress, "env": applied}  # fmt: skip
+
+
+def _applied_env() -> dict[str, dict[str, str | None]]:
+    """The settings each A/B switch acts through, as the Serve controller and the replica run with them: the
+    proof that a round ran with what it says."""
+    names = (AB_OFF_ENV, "MALLOC_ARENA_MAX")
+    out: dict[str, dict[str, str | None]] = {}
+    for pid, cmd in _serve_pids().items():
+        role = "replica" if cmd.startswith("ray::ServeReplica") else "controller" if "Controller" in cmd else None
+        if role is None:
+            continue
+        try:
+            pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+        out[role] = {name: env.get(name) for name in names}
+    return out
+
+
+def _gains(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means of the on and off rounds, each mechanism's gain over its absence (percent), and the verdict."""
+    mean = {state: {key: round(statistics.mean(r[key] for r in rounds if r["state"] == state), 2)
+                    for key in ("throughput_img_s", "lone_p50_ms")} for state in ("on", "off")}  # fmt: skip
+    on, off = mean["on"], mean["off"]
+    gain = {"throughput": round(100.0 * (on["throughput_img_s"] - off["throughput_img_s"]) / off["throughput_img_s"], 1),
+            "lone_p50": round(100.0 * (off["lone_p50_ms"] - on["lone_p50_ms"]) / off["lone_p50_ms"], 1)}  # fmt: skip
+    keep = max(gain.values()) >= KEEP_AT_LEAST_PCT
+    return {"mean": mean, "gain_pct": gain, "verdict": "keep" if keep else "remove"}
+
+
+def _targets(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, bool]:
+    """The serving targets for the main deployment, against the in-process reference (as in ``main``)."""
+    ratio = run["throughput_img_s"] / reference["throughput_img_s"]
+    gap = run["lone_p50_ms"] - reference["forward_ms_batch1"]
+    return {"zero_errors": run["errors"] == 0,
+            f"serve / in-process throughput >= 0.8 (got {ratio:.2f})": bool(ratio >= 0.8),
+            f"lone-request p50 - fastest in-process forward <= 10 ms (got {gap:.1f} ms)": bool(gap <= 10.0)}  # fmt: skip
+
+
+def ab_main(opts: argparse.Namespace) -> None:
+    """Each mechanism on and off in turn (AB_ORDER), then the deployment the verdicts leave against the
+    in-process reference. Results merge into ``serve_ab.json`` after each mechanism, so a cut-short run keeps
+    what it measured."""
+    quick = opts.smoke_test
+    names = [] if opts.only == "none" else opts.only.split(",") if opts.only else list(MECHANISMS)
+    unknown = sorted(set(names) - set(MECHANISMS))
+    if unknown:
+        sys.exit(f"--only: unknown mechanism(s) {unknown}; known: {', '.join(MECHANISMS)}")
+    load_s, warm_s, lone = (3.0, 1.0, 5) if quick else (opts.load_s, 4.0, 20)
+    out = RESULTS / ("serve_ab_smoke.json" if quick else "serve_ab.json")
+    figures: dict[str, Any] = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    figures.update({
+        "benchmark": "serve_ab", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke_test": quick,
+        "machine": f"{os.cpu_count()} CPUs, no GPU; 1-minute load average {os.getloadavg()[0]:.2f} at start",
+        "setup": {"deployment": f"{MAIN}: the ensemble, 1 replica x {CPUS} CPUs x {CPUS} torch threads, "
+                                f"max_batch_size {BATCH}, the default ingress",
+                  "artifact": "mobilenetv2_100@160 + tf_efficientnet_lite0@224", "clients": CLIENTS,
+                  "rounds": list(AB_ORDER[: opts.rounds]), "load_s": load_s, "warm_up_s": warm_s, "lone_requests": lone,
+                  "each_round": "a fresh Serve start on one Ray; warm-up load, lone requests (http.client, one at "
+                                "a time), then the load",
+                  "rule": f"keep where the mean with the mechanism beats the mean without by >= {KEEP_AT_LEAST_PCT:g} % "
+                          "on throughput or on lone-request p50 (gain relative to the figure without it)"},
+    })  # fmt: skip
+    figures.setdefault("mechanisms", {})
+    files = sorted((SHARED / "hymenoptera" / "val").glob("*/*.jpg"))
+    if not files:
+        sys.exit(f"{SHARED / 'hymenoptera'} is absent: this benchmark needs the shared data sets")
+    bodies = [p.read_bytes() for p in files]
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = _build_artifact(Path(tmp) / "artifact")
+        import ray
+
+        os.environ["MALLOC_ARENA_MAX"] = MALLOC_ENV["MALLOC_ARENA_MAX"]  # Ray's own processes, as start_server runs them
+        ray.init(address="local", num_cpus=CPUS, log_to_driver=False, include_dashboard=False)
+        try:
+            for name in names:
+                rounds = []
+                for state in AB_ORDER[: opts.rounds]:
+                    got = ab_round(artifact, bodies, opts.port, [] if state == "on" else [name], load_s, warm_s, lone)
+                    rounds.append({"state": state, **got})
+                    print(name, state, json.dumps(got), flush=True)
+                figures["mechanisms"][name] = {"off_means": MECHANISMS[name]["off"], "measured":
+                                               time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": rounds, **_gains(rounds)}  # fmt: skip
+                print(name, json.dumps(_gains(rounds)), flush=True)
+                out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+            if opts.after_verdicts:
+                removed = [n for n, m in figures["mechanisms"].items() if m["verdict"] == "remove"]
+                before = in_process(artifact, files, "ensemble", 2.0 if quick else 6.0)
+                # Those still in the code run switched off; those already removed from it are gone anyway.
+                off = [n for n in removed if n in MECHANISMS]
+                run = ab_round(artifact, bodies, opts.port, off, 4.0 if quick else 20.0, 2.0 if quick else 6.0, lone)
+                after = in_process(artifact, files, "ensemble", 2.0 if quick else 6.0)
+                reference = _faster(before, after)["best"]
+                figures["after_verdicts"] = {"removed": removed, "switched_off": off, "run": run, "in_process": reference,
+                                             "checks": _targets(run, reference)}  # fmt: skip
+                print("after verdicts", json.dumps(figures["after_verdicts"]), flush=True)
+        finally:
+            ray.shutdown()
+    figures["wall_s"] = round(time.monotonic() - t0, 1)
+    out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke-test", action="store_true", help="seconds, not minutes: checks the script runs")
+    parser.add_argument("--ab", action="store_true", help="each speed mechanism on and off (serve_ab.json)")
+    parser.add_argument("--only", help="with --ab: these mechanisms (comma-separated; none: only --after-verdicts) instead of all")
+    parser.add_argument("--rounds", type=int, choices=(2, 4), default=4, help="with --ab: on-off, or on-off-off-on")
+    parser.add_argument("--load-s", type=float, default=12.0, dest="load_s", help="with --ab: load per round")
+    parser.add_argument("--after-verdicts", action="store_true", dest="after_verdicts",
+                        help="with --ab: then check the serving targets without the mechanisms that did not pay")
+    parser.add_argument("--port", type=int, default=8765)
     opts = parser.parse_args()
     quick = opts.smoke_test
-    # The allocator settings of the CLI and the replicas, with a replica's arenas (one per thread that allocates
-    # tensors, serve._app.replica_env): the in-process side-by-side forward then does not wait on one heap lock
-    # either (4 arenas against 1 in-process: 14.8-16.2 against 16.8-17.6 ms, alternated runs on 2 cores).
+    # The in-process reference's allocator: the CLI's settings with a replica's arenas (below).
     os.environ["MALLOC_ARENA_MAX"] = replica_env(AppArgs(artifact=".", cpus_per_replica=CPUS))["MALLOC_ARENA_MAX"]
     tune_malloc()
+    if opts.ab:
+        ab_main(opts)
+        return
     # Warm-up load before each measured run: the main run's is long enough for the replicas' allocator pools to
     # reach their plateau (about 10-15 s at 32 clients here), so "flat" judges the steady state.
     main_s, side_s, inproc_s, seq, warm_main_s, warm_side_s = (
@@ -460,17 +633,17 @@ def main() -> None:
 
         os.environ["MALLOC_ARENA_MAX"] = MALLOC_ENV["MALLOC_ARENA_MAX"]  # Ray's own processes, as start_server runs them
         ray.init(address="local", num_cpus=CPUS, log_to_driver=False, include_dashboard=False)
-        port = 8765
+        port = opts.port
         runs: dict[str, Any] = {}
         other = "composed" if DEFAULT_LAYOUT == "single" else "single"
         plan: tuple[tuple[str, str, str, float, float, Ingress], ...] = (
-            (f"ensemble_{other}", "ensemble", other, side_s, warm_side_s, "auto"),
-            ("best_python_proxy", "best", "single", side_s, warm_side_s, "proxy"),  # the ingress before HAProxy
-            ("best", "best", "single", side_s, warm_side_s, "auto"),
-            (f"best{TWO_THREADS}", "best", "single", side_s, warm_side_s, "auto"),
-            (f"best{TWO_THREADS}{ONE_LANE}", "best", "single", side_s, warm_side_s, "auto"),
-            (f"ensemble_{DEFAULT_LAYOUT}", "ensemble", DEFAULT_LAYOUT, side_s, warm_side_s, "auto"),
-            (MAIN, "ensemble", "single", main_s, warm_main_s, "auto"),
+            (f"ensemble_{other}", "ensemble", other, side_s, warm_side_s, "proxy"),
+            ("best_haproxy", "best", "single", side_s, warm_side_s, "haproxy"),
+            ("best", "best", "single", side_s, warm_side_s, "proxy"),
+            (f"best{TWO_THREADS}", "best", "single", side_s, warm_side_s, "proxy"),
+            (f"best{TWO_THREADS}{ONE_LANE}", "best", "single", side_s, warm_side_s, "proxy"),
+            (f"ensemble_{DEFAULT_LAYOUT}", "ensemble", DEFAULT_LAYOUT, side_s, warm_side_s, "proxy"),
+            (MAIN, "ensemble", "single", main_s, warm_main_s, "proxy"),
         )
         for key, mode, layout, seconds, warm_s, ingress in plan:
             threads = CPUS if TWO_THREADS in key else 1
@@ -544,7 +717,7 @@ def main() -> None:
                   "requests": "raw image/jpeg bodies over keep-alive connections",
                   "lone_requests": f"http.client, one keep-alive connection; also with a {LONE_PAUSE_S} s pause "
                                    "before each, as the in-process *_spaced figures",
-                  "ingress": "auto (HAProxy on Linux) unless a run says otherwise"},  # fmt: skip
+                  "ingress": "Serve's Python proxy (the default) unless a run says otherwise"},  # fmt: skip
         "in_process": baseline,
         "in_process_runs": {"before_serve": first, "after_serve": last},
         "serve": runs,
@@ -558,7 +731,7 @@ def main() -> None:
         "ingress_haproxy_vs_python_proxy": {
             key: {"ingress": runs[key]["ingress"], "throughput_img_s": runs[key]["load"]["throughput_img_s"],
                   "single_request_p50_ms": runs[key]["single_request"]["p50_ms"]}
-            for key in ("best", "best_python_proxy")
+            for key in ("best_haproxy", "best")
         },  # fmt: skip
         "best_vs_ensemble": {
             key: {"throughput_img_s": runs[key]["load"]["throughput_img_s"], "p50_ms": runs[key]["load"]["p50_ms"],

@@ -203,6 +203,37 @@ def render_serve(f: Figures) -> list[str]:
     return lines
 
 
+SERVE_AB_KEYS = ("benchmark", "started", "wall_s", "smoke_test", "machine", "setup", "mechanisms", "after_verdicts")
+
+
+def render_serve_ab(f: Figures) -> list[str]:
+    lines = [f"Deployment: {fmt(get(f, 'setup.deployment'))}; {fmt(get(f, 'setup.clients'))} clients, "
+             f"{fmt(get(f, 'setup.load_s'))} s of load and {fmt(get(f, 'setup.lone_requests'))} lone requests per "
+             f"round, rounds {fmt(get(f, 'setup.rounds'))} with the mechanism on or off. Rule: "
+             f"{fmt(get(f, 'setup.rule'))}.", ""]  # fmt: skip
+    mechanisms = f.get("mechanisms") or {}
+
+    def per_round(m: Figures, state: str, key: str) -> str:
+        return " / ".join(fmt(r.get(key)) for r in m.get("rounds") or [] if r.get("state") == state)
+
+    lines += table(["mechanism", "off means", "img/s on (rounds)", "img/s off (rounds)", "throughput gain %",
+                    "lone p50 ms on (rounds)", "lone p50 ms off (rounds)", "lone p50 gain %", "verdict"],
+                   [(name, m.get("off_means"), f"{fmt(get(m, 'mean.on.throughput_img_s'))} ({per_round(m, 'on', 'throughput_img_s')})",
+                     f"{fmt(get(m, 'mean.off.throughput_img_s'))} ({per_round(m, 'off', 'throughput_img_s')})",
+                     get(m, "gain_pct.throughput"),
+                     f"{fmt(get(m, 'mean.on.lone_p50_ms'))} ({per_round(m, 'on', 'lone_p50_ms')})",
+                     f"{fmt(get(m, 'mean.off.lone_p50_ms'))} ({per_round(m, 'off', 'lone_p50_ms')})",
+                     get(m, "gain_pct.lone_p50"), m.get("verdict")) for name, m in mechanisms.items()])  # fmt: skip
+    after = f.get("after_verdicts")
+    if isinstance(after, Mapping):
+        lines += ["", f"Without the mechanisms that did not pay ({fmt(after.get('removed')) or 'none'}): "
+                  f"{fmt(get(after, 'run.throughput_img_s'))} img/s, lone p50 {fmt(get(after, 'run.lone_p50_ms'))} ms; "
+                  f"in-process {fmt(get(after, 'in_process.throughput_img_s'))} img/s, fastest batch-1 forward "
+                  f"{fmt(get(after, 'in_process.forward_ms_batch1'))} ms.", ""]  # fmt: skip
+        lines += [f"- {'met' if ok else 'not met'}: {fmt(check)}" for check, ok in (after.get("checks") or {}).items()]
+    return lines
+
+
 def render_gpu_check(f: Figures) -> list[str]:
     lines = [f"{fmt(f.get('epochs'))} epochs per backbone on `{fmt(f.get('data'))}`; AMP "
              f"{fmt(get(f, 'devices.amp_dtype'))}, torch {fmt(get(f, 'devices.torch'))}.", ""]  # fmt: skip
@@ -228,6 +259,7 @@ def render_other(f: Figures, skip: Iterable[str] = ("benchmark", "date", "starte
 
 RENDERERS: dict[str, tuple[str, Callable[[Figures], list[str]]]] = {
     "serve.json": ("Serving: Ray Serve against the same models in-process", render_serve),
+    "serve_ab.json": ("Serving mechanisms, each on and off in the same run", render_serve_ab),
     "sweep_accuracy.json": ("Accuracy of a sweep", render_sweep_accuracy),
     "sweep_efficiency.json": ("TPE + ASHA against random search without early stopping", render_sweep_efficiency),
     "sweep_overhead.json": ("Trial overhead", render_sweep_overhead),
@@ -236,7 +268,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Figures], list[str]]]] = {
     "data.json": ("Data loading and the cache", render_data),
     "gpu_check.json": ("GPU training throughput", render_gpu_check),
 }
-KNOWN_TOP_LEVEL = {"serve.json": SERVE_KEYS}
+KNOWN_TOP_LEVEL = {"serve.json": SERVE_KEYS, "serve_ab.json": SERVE_AB_KEYS}
 
 
 def render_file(name: str, figures: Figures) -> list[str]:

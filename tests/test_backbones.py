@@ -104,54 +104,6 @@ def test_pretrained_features_differ_from_random_init(name: str) -> None:
     assert not torch.equal(pretrained.net.conv_stem.weight, random.net.conv_stem.weight)
 
 
-@pytest.mark.parametrize("name", BACKBONES)
-def test_serving_folds_every_batch_norm_and_answers_as_before(name: str) -> None:
-    import copy
-
-    from automl_tl.backbones import ready_for_inference
-
-    torch.manual_seed(0)
-    net = create_backbone(name, num_classes=3, pretrained=True).eval()
-    original = copy.deepcopy(net)
-    served = ready_for_inference(net, torch.device("cpu"))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())
-    x = torch.randn(4, 3, 96, 96)
-    with torch.inference_mode():
-        want = torch.softmax(original(x), 1)
-        got = torch.softmax(served(x.contiguous(memory_format=torch.channels_last)), 1)
-    assert (got - want).abs().max().item() < 1e-5
-
-
-def test_batch_norms_that_cannot_be_folded_exactly_are_kept() -> None:
-    from timm.layers import StdConv2d
-
-    from automl_tl.backbones import fold_batch_norms
-
-    def norm(channels: int) -> torch.nn.BatchNorm2d:
-        layer = torch.nn.BatchNorm2d(channels)
-        layer.running_mean.uniform_(-1, 1)
-        layer.running_var.uniform_(0.5, 2.0)
-        return layer.eval()
-
-    class Branches(torch.nn.Module):
-        """The convolution's output goes to its norm and, unnormalised, around it."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), norm(3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            return self.norm(y) + y
-
-    standardised = torch.nn.Sequential(StdConv2d(3, 4, 3), norm(4)).eval()  # rescaling its weight is undone
-    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), norm(4)).eval()
-    assert fold_batch_norms(standardised) is standardised
-    branches = Branches().eval()
-    assert fold_batch_norms(branches) is branches  # folding would change the unnormalised branch too
-    assert isinstance(fold_batch_norms(plain)[1], torch.nn.Identity)  # the control: this one folds
-
-
 def test_imagenet_head_is_kept_without_num_classes() -> None:
     assert create_backbone("tf_efficientnet_lite0").net.num_classes == 1000
     assert create_backbone("mobilenetv2_100").net.num_classes == 0  # the dog-breed head is not kept
@@ -283,37 +235,6 @@ def test_license_terms() -> None:
         assert license_terms(non_commercial) == "non-commercial", non_commercial
     assert license_terms("fastvit-license") == "custom" and license_terms("dinov3-license") == "custom"
     assert license_terms(None) == "unknown" and license_terms("unknown") == "unknown"
-
-
-@pytest.mark.parametrize("name", BACKBONES)
-def test_every_backbone_serves_as_a_frozen_graph_that_answers_as_it_does(name: str) -> None:
-    torch.manual_seed(0)
-    from automl_tl.backbones import graph_of, ready_for_inference
-
-    net = ready_for_inference(create_backbone(name, num_classes=3, pretrained=True), torch.device("cpu"))
-    graph = graph_of(net, 96, torch.channels_last)
-    assert isinstance(ready_for_inference(net, torch.device("cpu"), 96), torch.jit.ScriptModule)  # given the size
-    assert isinstance(graph, torch.jit.ScriptModule)
-    x = torch.randn(5, 3, 96, 96).contiguous(memory_format=torch.channels_last)  # a batch size it was not checked at
-    with torch.inference_mode():
-        assert torch.equal(graph(x), net(x))
-
-
-def test_a_network_whose_python_reads_its_input_is_served_as_it_is() -> None:
-    import warnings
-
-    from automl_tl.backbones import graph_of
-
-    class ByBatch(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.mean((2, 3)) * (2.0 if x.shape[0] > 1 else 1.0)  # a trace would keep the batch-1 branch
-
-    net = ByBatch().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer warns of the branch it cannot follow
-        assert graph_of(net, 8, torch.channels_last) is net
-    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
-    assert isinstance(graph_of(plain, 8, torch.channels_last), torch.jit.ScriptModule)  # the control
 
 
 @pytest.fixture()

@@ -179,12 +179,16 @@ class Relay:
         self.held: Server | None = None
         self.port = 0
 
+    def _argv(self, port: int) -> list[str]:
+        """HAProxy as the ingress, so a stop must take the proxy process down with the rest."""
+        return [EXE, "serve", str(self.run_dir), "--mode", "best", "--port", str(port), "--ingress", "haproxy"]
+
     def take(self) -> tuple[Server, int]:
         """The server handed on by the previous test, or a new one on a free port."""
         if self.held is not None and self.held.proc.poll() is None:
             server, self.held = self.held, None
             return server, self.port
-        server = Server([EXE, "serve", str(self.run_dir), "--mode", "best", "--port", str(port := free_port())], _env())
+        server = Server(self._argv(port := free_port()), _env())
         try:
             server.wait_for("serving the best of")
         except BaseException:
@@ -194,7 +198,7 @@ class Relay:
 
     def serve_again(self, port: int) -> Server:
         """A new `serve` on ``port``, ready, held for the next test."""
-        server = Server([EXE, "serve", str(self.run_dir), "--mode", "best", "--port", str(port)], _env())
+        server = Server(self._argv(port), _env())
         self.held, self.port = server, port
         server.wait_for("serving the best of")
         assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).json()["status"] == "ready"

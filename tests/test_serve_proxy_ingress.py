@@ -1,7 +1,7 @@
-"""The Python-proxy ingress (``ingress="proxy"``), the path where HAProxy is not available, still serves.
+"""The Python-proxy ingress (``ingress="proxy"``, the default) serves.
 
-Its own module: the ingress is chosen when Serve starts, and ``tests/test_serve.py`` keeps one Serve with the
-default (HAProxy) running for all of its tests.
+Its own module: the ingress is chosen when Serve starts, and ``tests/test_serve.py`` keeps one Serve with
+HAProxy running for all of its tests.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from automl_tl.serve._server import resolve_ingress
 from .test_serve import CLASSES, _free_port, _post, _probs, predictor, process_names, run_dir  # noqa: F401 (fixtures)
 
 
-def test_auto_ingress_keeps_the_python_proxy_where_replicas_come_and_go() -> None:
-    with pytest.raises(ConfigError, match="ingress must be 'auto', 'haproxy' or 'proxy', got 'nginx'"):
+def test_the_ingress_is_the_python_proxy_or_haproxy() -> None:
+    with pytest.raises(ConfigError, match="ingress must be 'haproxy' or 'proxy', got 'nginx'"):
         resolve_ingress("nginx")
-    assert resolve_ingress("auto", single_node=False) == "proxy"
-    assert resolve_ingress("auto", autoscaling=True) == "proxy"
-    assert resolve_ingress("proxy") == "proxy" and resolve_ingress("haproxy", single_node=False) == "haproxy"
+    with pytest.raises(ConfigError, match="ingress must be 'haproxy' or 'proxy', got 'auto'"):
+        resolve_ingress("auto")
+    assert resolve_ingress("proxy") == "proxy" and resolve_ingress("haproxy") == "haproxy"
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_the_python_proxy_ingress_answers_like_the_predictor(
     ray_session: Any, run_dir: Path, predictor: Predictor, hymenoptera_dir: Path
 ) -> None:
     images = [sorted((hymenoptera_dir / "val" / name).glob("*.jpg"))[0] for name in CLASSES]
-    url = start_server(run_dir, mode="ensemble", port=_free_port(), cpus_per_replica=0.5, ingress="proxy")
+    url = start_server(run_dir, mode="ensemble", port=_free_port(), cpus_per_replica=0.5)  # the default ingress
     try:
         meta = requests.get(f"{url}/v1/metadata", timeout=10).json()
         assert meta["ingress"] == "proxy" and "haproxy" not in process_names()

@@ -25,7 +25,7 @@ from automl_tl.backbones._builder import (
     timm_weights_source,
 )
 from automl_tl.backbones._hub import weights_status
-from automl_tl.backbones._inference import fold_batch_norms, graph_of, ready_for_inference
+from automl_tl.backbones._inference import ready_for_inference
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -58,9 +58,7 @@ __all__ = [
     "create_backbone",
     "layer_index",
     "license_terms",
-    "graph_of",
     "memory_format_for",
-    "fold_batch_norms",
     "ready_for_inference",
     "fetch_weights",
     "fetched_sources",

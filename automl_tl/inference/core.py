@@ -153,27 +153,21 @@ class BatchResult:
 class MemberRunner:
     """Built members in eval mode on one device: the only code that forwards a member.
 
-    Each member is made ready with :func:`~automl_tl.backbones.ready_for_inference` (batch norms folded; on
-    CPU, given its input size, a frozen TorchScript graph, which runs without holding the GIL)."""
+    Each member is made ready with :func:`~automl_tl.backbones.ready_for_inference`."""
 
     def __init__(
         self,
         models: Sequence[torch.nn.Module],
         device: str | torch.device = "cpu",
-        input_sizes: Sequence[int] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self._format = memory_format_for(self.device)
-        sizes = list(input_sizes) if input_sizes is not None else [None] * len(models)
-        if len(sizes) != len(models):
-            raise ValueError(f"{len(sizes)} input sizes for {len(models)} models")
-        self.models = [ready_for_inference(m, self.device, size) for m, size in zip(models, sizes)]
+        self.models = [ready_for_inference(m, self.device) for m in models]
 
     @classmethod
     def build(cls, artifact: Artifact, indices: Sequence[int], device: str | torch.device = "cpu") -> MemberRunner:
         """The artifact's members ``indices``, rebuilt from their verified weights."""
-        sizes = [Preprocessing.from_dict(artifact.members[i].preprocessing).input_size for i in indices]
-        return cls([artifact.build_model(i) for i in indices], device, sizes)
+        return cls([artifact.build_model(i) for i in indices], device)
 
     def run(self, inputs: Sequence[Sequence[torch.Tensor]]) -> BatchResult:
         """``inputs[j][m]`` is image j's CHW input for member m; returns member m's (N, C) softmax."""

@@ -36,9 +36,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="dynamic batching size (default 8)")
     p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms",
                    help="longest wait to fill a batch (default 0: a batch closes when the model is free)")  # fmt: skip
-    p.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto",
-                   help="how HTTP reaches the replicas: HAProxy straight to them (auto's choice on one node with "
-                        "fixed replicas, on Linux) or Serve's Python proxy (auto's choice otherwise)")  # fmt: skip
+    p.add_argument("--ingress", choices=("haproxy", "proxy"), default="proxy",
+                   help="how HTTP reaches the replicas: Serve's Python proxy (default) or HAProxy straight to them "
+                        "(Linux, one node, a fixed replica count)")  # fmt: skip
     p.add_argument("--layout", choices=("single", "composed"),
                    help="ensemble in one deployment, or one deployment per member")
     p.add_argument("--access-log", action="store_true", default=None, dest="access_log",

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from automl_tl.backbones._inference import ab_off
 from automl_tl.errors import ConfigError
 from automl_tl.inference.artifact import Artifact
 from automl_tl.inference.core import BatchResult, MemberRunner
@@ -169,15 +170,14 @@ class Forward:
             # start a second OpenMP team (a 1 x 2 replica's lone forwards then took twice as long).
             one = self._lanes[0].submit(example).result()
             batch = [one] * batch_size
-            # A few batch sizes, twice each: a member that runs as a TorchScript graph specialises it on its
-            # first runs and again for the first new shapes, then keeps a general one: the first forwards of a
-            # shape are several times slower than the later ones.
+            # A few batch sizes, twice each: the first forwards of a shape pay for torch's lazy set-up (its
+            # kernels' scratch memory and caches), not the requests.
             for size in [n for n in sorted({1, 2, max(1, batch_size // 2), batch_size}) for _ in range(2)]:
                 self._lanes[0].submit(_on_threads, threads, self.runner.run, batch[:size]).result()
             if lanes > 1:
                 for lane in self._lanes:
                     lane.submit(_on_threads, self.narrow_threads, self.runner.run, batch).result()
-                if len(self.runner.models) > 1 and self.runner.device.type == "cpu":
+                if len(self.runner.models) > 1 and self.runner.device.type == "cpu" and not ab_off("lone_request_timing"):
                     self.member_lanes = self._choose_member_lanes(one)
         self._free = list(range(lanes))
         self._wide = False  # a forward on every thread is running: nothing else may start

