@@ -6,13 +6,15 @@ processes per minute and its drift from the first whole minute to the last.
 
     .venv/bin/python benchmarks/bench_soak.py                            # 10 min, 32 clients, kill every 120 s
     .venv/bin/python benchmarks/bench_soak.py --ingress haproxy          # HAProxy instead of Serve's proxy
-    .venv/bin/python benchmarks/bench_soak.py --duration-s 30 --kill-every-s 15   # a smoke run (soak_smoke.json)
+    .venv/bin/python benchmarks/bench_soak.py --duration-s 30 --kill-every-s 15   # a smoke run (under 120 s:
+                                                                                  # soak_smoke.json)
 
 Targets (issue 23): no failed request with the proxy ingress, at most the requests in flight on the killed
 replica with HAProxy; memory drift at most 3 %. With the proxy the app runs behind its gateway
 (``AppArgs.gateway``, serve._gateway), which sends a request again to a live replica when the one running
-it dies; HAProxy forwards straight to the model replicas, so what a killed replica held is lost (at most
-its ``max_ongoing_requests``, recorded as ``in_flight_bound``). The killer picks the oldest model replica
+it dies; HAProxy forwards straight to the model replicas, so what a killed replica held is lost: each kill
+records the requests in flight at it, and splits the failures that follow into those in flight at the kill
+and those sent after it (which HAProxy routed to the dead replica). The killer picks the oldest model replica
 (``Classifier``), never the gateway: the gateway runs no model, and a process holding client connections
 loses them when it dies whatever the design. The artifact is bench_serve's pair (mobilenetv2_100 at 160 px
 and tf_efficientnet_lite0 at 224 px, untrained: timing does not depend on the weights), served as two
@@ -40,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL_REPLICA = "ray::ServeReplica:automl_tl:Classifier"
-# (finished at s, latency ms, "" or what failed) per request; (at s, all bytes, model replicas' bytes) per sample.
-Done = list[tuple[float, float, str]]
+# (sent at s, finished at s, latency ms, "" or what failed) per request; (at s, all bytes, model replicas' bytes)
+# per memory sample.
+Done = list[tuple[float, float, float, str]]
 Samples = list[tuple[float, int, int]]
 
 
@@ -98,7 +101,8 @@ async def _load(url: str, bodies: list[bytes], clients: int, seconds: float, sta
 
     def record(finished_at: float, latency_ms: float, failure: str) -> None:
         what = failure.split(":")[0]  # the status or the error's type
-        done.append((finished_at - started, latency_ms, f"HTTP {what}" if what.isdigit() else what))
+        finished = finished_at - started
+        done.append((finished - latency_ms / 1000.0, finished, latency_ms, f"HTTP {what}" if what.isdigit() else what))
 
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
@@ -110,10 +114,10 @@ def _per_minute(done: Done, samples: Samples, minute_s: float, duration_s: float
     """A row per minute of the run; ``whole`` is False for a last minute cut short (requests finishing after
     the deadline), which no trend is computed over."""
     rows = []
-    for m in range(int(max((t for t, _, _ in done), default=0) // minute_s) + 1):
+    for m in range(int(max((t for _, t, _, _ in done), default=0) // minute_s) + 1):
         lo, hi = m * minute_s, (m + 1) * minute_s
-        ok = sorted(ms for t, ms, f in done if lo <= t < hi and not f)
-        failed = [f for t, _, f in done if lo <= t < hi and f]
+        ok = sorted(ms for _, t, ms, f in done if lo <= t < hi and not f)
+        failed = [f for _, t, _, f in done if lo <= t < hi and f]
         rss = [(b, r) for t, b, r in samples if lo <= t < hi]
         rows.append({
             "minute": m + 1,
@@ -135,10 +139,17 @@ def rss_drift_pct(minutes: list[dict[str, Any]]) -> float | None:
     return round(100.0 * (whole[-1] - whole[0]) / whole[0], 2) if len(whole) >= 2 else None
 
 
-def _after_kills(done: Done, kills: list[dict[str, Any]]) -> list[int]:
-    """Failed requests that finished between each kill and the next."""
+def _around_kills(done: Done, kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per kill: the requests in flight at that moment (on every replica) and, of the failed requests that
+    finished before the next kill, those that were in flight at it and those sent after it."""
     edges = [k["t_s"] for k in kills] + [float("inf")]
-    return [sum(1 for t, _, f in done if f and lo <= t < hi) for lo, hi in zip(edges, edges[1:])]
+    rows = []
+    for kill, lo, hi in zip(kills, edges, edges[1:]):
+        failed = [sent for sent, t, _, f in done if f and lo <= t < hi]
+        rows.append({**kill, "in_flight": sum(1 for sent, t, _, _ in done if sent < lo <= t),
+                     "failed_in_flight": sum(1 for sent in failed if sent < lo),
+                     "failed_sent_after": sum(1 for sent in failed if sent >= lo)})  # fmt: skip
+    return rows
 
 
 def _span(values: list[float | None]) -> list[float] | None:
@@ -161,7 +172,7 @@ def main() -> int:
 
     from bench_serve import _build_artifact  # the same pair bench_serve measures
 
-    from automl_tl.serve import make_args, start_server, stop_server
+    from automl_tl.serve import start_server, stop_server
     from tests.scenarios._common import free_port
 
     files = sorted((ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val").glob("*/*.jpg"))
@@ -169,7 +180,6 @@ def main() -> int:
     options: dict[str, Any] = {"mode": "ensemble", "replicas": args.replicas, "cpus_per_replica": 1.0, "gateway": gateway}
     with tempfile.TemporaryDirectory(prefix="bench_soak_") as tmp:
         artifact = _build_artifact(Path(tmp) / "artifact")
-        in_flight_bound = make_args(artifact, **options).ongoing_requests_limit()
         url = start_server(artifact, port=free_port(), ingress=args.ingress, **options)
         stop = threading.Event()
         kills: list[dict[str, Any]] = []
@@ -199,26 +209,24 @@ def main() -> int:
         "row_s": minute_s,
         "gateway": gateway,
         "requests": len(done),
-        "failed": sum(1 for _, _, f in done if f),
-        "failures": sorted({f for _, _, f in done if f}),
-        "failed_after_each_kill": _after_kills(done, kills),
-        "in_flight_bound": in_flight_bound,  # the most requests one model replica holds (max_ongoing_requests)
+        "failed": sum(1 for _, _, _, f in done if f),
+        "failures": sorted({f for _, _, _, f in done if f}),
         "p50_ms_range": _span([m["p50_ms"] for m in whole]),
         "p99_ms_range": _span([m["p99_ms"] for m in whole]),
         "rss_drift_pct": rss_drift_pct(minutes),
-        "kills": kills,
+        "kills": _around_kills(done, kills),
         "per_minute": minutes,
         "command": "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:]),
     }  # fmt: skip
-    target = RESULTS / ("soak.json" if args.duration_s >= 600 else "soak_smoke.json")
+    target = RESULTS / ("soak.json" if args.duration_s >= 120 else "soak_smoke.json")  # a soak, or a smoke run
     out = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
     out = {"benchmark": "soak", "date": began,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True),
                        "python": platform.python_version()},
            "runs": {**(out.get("runs") or {}), args.ingress: run}}  # fmt: skip
     target.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: run[k] for k in ("requests", "failed", "failed_after_each_kill", "p50_ms_range",
-                                          "p99_ms_range", "rss_drift_pct")}), f"-> {target}")  # fmt: skip
+    print(json.dumps({k: run[k] for k in ("requests", "failed", "p50_ms_range", "p99_ms_range", "rss_drift_pct")}),
+          json.dumps(run["kills"]), f"-> {target}")  # fmt: skip
     return 0
 
 

@@ -210,8 +210,7 @@ def render_soak(f: Figures) -> list[str]:
     lines: list[str] = []
     for ingress, run in (f.get("runs") or {}).items():
         lines += [f"**{ingress} ingress**: {fmt(run.get('what'))}; {fmt(run.get('requests'))} requests, "
-                  f"{fmt(run.get('failed'))} failed ({fmt(run.get('failed_after_each_kill'))} after each kill, "
-                  f"at most {fmt(run.get('in_flight_bound'))} in flight on a replica); resident memory drift "
+                  f"{fmt(run.get('failed'))} failed; resident memory drift "
                   f"{fmt(run.get('rss_drift_pct'))} % over whole minutes; p50 {fmt(run.get('p50_ms_range'))} ms and "
                   f"p99 {fmt(run.get('p99_ms_range'))} ms (lowest, highest whole minute); measured "
                   f"{fmt(run.get('date'))}: `{fmt(run.get('command'))}`.", ""]
@@ -219,6 +218,9 @@ def render_soak(f: Figures) -> list[str]:
                        [(m.get("minute"), m.get("whole"), m.get("requests"), m.get("failed"), m.get("p50_ms"),
                          m.get("p99_ms"), m.get("rss_mb"), m.get("rss_model_replicas_mb"))
                         for m in run.get("per_minute") or []]) + [""]  # fmt: skip
+        lines += table(["kill at s", "requests in flight", "failed: in flight at the kill", "failed: sent after it"],
+                       [(k.get("t_s"), k.get("in_flight"), k.get("failed_in_flight"), k.get("failed_sent_after"))
+                        for k in run.get("kills") or []]) + [""]  # fmt: skip
     return lines[:-1]
 
 
