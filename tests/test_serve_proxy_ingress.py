@@ -73,14 +73,23 @@ def _replica_pids(deployment: str) -> list[int]:
     return sorted(pid for pid in ours if title.get(pid, "").startswith(f"ray::ServeReplica:automl_tl:{deployment}"))
 
 
+# layout -> (its options, the deployment whose replica is killed, the one holding the HTTP requests); the
+# composed layout serves the best member alone, so that only four replicas start.
+KILLED = {
+    "single": ({"mode": "ensemble", "gateway": True}, "Classifier", "Gateway"),
+    "composed": ({"mode": "best", "layout": "composed"}, "Member0-b", "Classifier"),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.needs_shared_data
+@pytest.mark.parametrize("layout", list(KILLED))
 def test_a_replica_killed_with_requests_in_flight_fails_none_of_them(
-    ray_session: Any, run_dir: Path, hymenoptera_dir: Path
+    ray_session: Any, run_dir: Path, hymenoptera_dir: Path, layout: str
 ) -> None:
+    options, killed, holder = KILLED[layout]
     jpeg = sorted((hymenoptera_dir / "val" / CLASSES[0]).glob("*.jpg"))[0].read_bytes()
-    url = start_server(run_dir, mode="ensemble", port=_free_port(), replicas=2, cpus_per_replica=0.5,
-                       ingress="proxy", gateway=True)  # fmt: skip
+    url = start_server(run_dir, port=_free_port(), replicas=2, cpus_per_replica=0.5, ingress="proxy", **options)
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -92,8 +101,8 @@ def test_a_replica_killed_with_requests_in_flight_fails_none_of_them(
 
     clients = [threading.Thread(target=client) for _ in range(8)]
     try:
-        victims = _replica_pids("Classifier")
-        assert len(victims) == 2 and len(_replica_pids("Gateway")) == 2
+        victims = _replica_pids(killed)
+        assert len(victims) == 2 and len(_replica_pids(holder)) == 2
         for t in clients:
             t.start()
         while len(statuses) < 40:
@@ -109,7 +118,7 @@ def test_a_replica_killed_with_requests_in_flight_fails_none_of_them(
         # Through the gateway a user error is still the replica's own 4xx.
         bad = _post(url, data=b"not an image", headers={"Content-Type": "image/jpeg"})
         assert bad.status_code == 422 and "image" in bad.json()["detail"]
-        assert requests.get(f"{url}/v1/metadata", timeout=10).json()["layout"] == "single"
+        assert requests.get(f"{url}/v1/metadata", timeout=10).json()["layout"] == layout
     finally:
         stop.set()
         stop_server()
