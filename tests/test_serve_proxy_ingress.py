@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from pydantic import ValidationError
 from ray.exceptions import ActorDiedError
 
 from automl_tl.errors import ConfigError
 from automl_tl.inference.predictor import Predictor
-from automl_tl.serve import start_server, stop_server
+from automl_tl.serve import AppArgs, start_server, stop_server
 from automl_tl.serve._gateway import ATTEMPTS, retry_on_replica_death
 from automl_tl.serve._inputs import RequestError
 from automl_tl.serve._server import resolve_ingress
@@ -148,3 +149,9 @@ def test_a_call_is_retried_only_while_its_replica_dies() -> None:
     with pytest.raises(RequestError):  # not a death: no retry
         asyncio.run(retry_on_replica_death(user_error))
     assert calls == ["bad"]
+
+
+def test_the_gateway_goes_only_in_front_of_the_single_layout(run_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="gateway=True needs layout='single'.*got layout='composed'"):
+        AppArgs(artifact=str(run_dir), layout="composed", gateway=True)
+    assert AppArgs(artifact=str(run_dir), gateway=True).gateway
