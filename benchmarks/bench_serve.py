@@ -260,6 +260,31 @@ def _trend_mb(memory: list[tuple[float, int]]) -> float | None:
     return round(slope * float(t[-1] - t[0]), 1)
 
 
+async def closed_loop(session: Any, url: str, bodies: list[bytes], clients: int, stop_at: float,
+                      record: Callable[[float, float, str], None]) -> None:  # fmt: skip
+    """``clients`` closed-loop clients on ``session`` (an aiohttp.ClientSession), each POSTing the next of
+    ``bodies`` as soon as its previous answer is in, until ``stop_at`` (monotonic clock); per request
+    ``record(finished_at, latency_ms, failure)``, ``failure`` "" for a 200."""
+    import aiohttp
+
+    async def client(index: int) -> None:
+        n = index
+        while time.monotonic() < stop_at:
+            body = bodies[n % len(bodies)]
+            n += clients
+            sent, failure = time.perf_counter(), ""
+            try:
+                async with session.post(f"{url}/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                    payload = await r.read()
+                    if r.status != 200:
+                        failure = f"{r.status}: {payload[:120]!r}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            record(time.monotonic(), (time.perf_counter() - sent) * 1000.0, failure)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+
+
 async def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
     import aiohttp
 
@@ -271,22 +296,11 @@ async def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> 
     start = time.monotonic()
     pids = _serve_pids()
 
-    async def client(index: int, session: aiohttp.ClientSession) -> None:
-        n = index
-        while time.monotonic() < stop_at:
-            body = bodies[n % len(bodies)]
-            n += clients
-            sent = time.perf_counter()
-            try:
-                async with session.post(f"{url}/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}) as r:
-                    payload = await r.read()
-                    if r.status != 200:
-                        errors.append(f"{r.status}: {payload[:120]!r}")
-                        continue
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            latencies.append((time.perf_counter() - sent) * 1000.0)
+    def record(finished_at: float, latency_ms: float, failure: str) -> None:
+        if failure:
+            errors.append(failure)
+        else:
+            latencies.append(latency_ms)
 
     async def sample_memory() -> None:
         # Resident memory each second, and the exact peak of each sixth of the run: every process's VmHWM is
@@ -310,7 +324,7 @@ async def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> 
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(sample_memory(), *(client(i, session) for i in range(clients)))
+        await asyncio.gather(sample_memory(), closed_loop(session, url, bodies, clients, stop_at, record))
     elapsed = time.monotonic() - start
     # Each process's peak over the whole run is its highest window peak.
     peak_after = {pid: max(w.get(pid, 0) for w in windows) for pid in pids} if windows else {}

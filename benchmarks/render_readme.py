@@ -243,6 +243,24 @@ def render_gpu_check(f: Figures) -> list[str]:
                           for r in f.get("results") or []])  # fmt: skip
 
 
+def render_soak(f: Figures) -> list[str]:
+    lines: list[str] = []
+    for ingress, run in (f.get("runs") or {}).items():
+        lines += [f"**{ingress} ingress**: {fmt(run.get('what'))}; {fmt(run.get('requests'))} requests, "
+                  f"{fmt(run.get('failed'))} failed; resident memory drift "
+                  f"{fmt(run.get('rss_drift_pct'))} % over whole minutes; p50 {fmt(run.get('p50_ms_range'))} ms and "
+                  f"p99 {fmt(run.get('p99_ms_range'))} ms (lowest, highest whole minute); measured "
+                  f"{fmt(run.get('date'))}: `{fmt(run.get('command'))}`.", ""]
+        lines += table(["minute", "whole", "requests", "failed", "p50 ms", "p99 ms", "RSS MB", "model replicas MB"],
+                       [(m.get("minute"), m.get("whole"), m.get("requests"), m.get("failed"), m.get("p50_ms"),
+                         m.get("p99_ms"), m.get("rss_mb"), m.get("rss_model_replicas_mb"))
+                        for m in run.get("per_minute") or []]) + [""]  # fmt: skip
+        lines += table(["kill at s", "requests in flight", "failed: in flight at the kill", "failed: sent after it"],
+                       [(k.get("t_s"), k.get("in_flight"), k.get("failed_in_flight"), k.get("failed_sent_after"))
+                        for k in run.get("kills") or []]) + [""]  # fmt: skip
+    return lines[:-1]
+
+
 def leaves(figures: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Every scalar of a nested mapping as (dotted path, value), lists of scalars kept whole."""
     if isinstance(figures, Mapping):
@@ -267,6 +285,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Figures], list[str]]]] = {
     "sweep_feature_cache.json": ("Frozen trials on cached features", render_sweep_feature_cache),
     "data.json": ("Data loading and the cache", render_data),
     "gpu_check.json": ("GPU training throughput", render_gpu_check),
+    "soak.json": ("Soak: replicas killed under load", render_soak),
 }
 KNOWN_TOP_LEVEL = {"serve.json": SERVE_KEYS, "serve_ab.json": SERVE_AB_KEYS}
 

@@ -21,8 +21,8 @@ user error is a :class:`~automl_tl.serve._inputs.RequestError` and becomes a 4xx
 # replica from the few globals that pickling keeps. Real annotation objects travel with the functions.
 import asyncio
 import base64
+import functools
 import hashlib
-import hmac
 import importlib.resources
 import os
 import re
@@ -48,6 +48,8 @@ from automl_tl.errors import AutoMLError
 from automl_tl.inference.predictor import top_predictions
 from automl_tl.runs.locate import resolve_artifact
 from automl_tl.serve._args import HAPROXY_FLAG, AppArgs, Secret, read_token
+from automl_tl.serve._gateway import (Gateway, Answer, answer_in_process, authorize, error_response, read_body,
+                                      retry_on_replica_death)  # fmt: skip
 from automl_tl.serve._loopback import bind_loopback
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
@@ -119,8 +121,7 @@ api = FastAPI(
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+    return error_response(exc)
 
 
 @api.exception_handler(AutoMLError)
@@ -246,29 +247,14 @@ class Classifier:
         }
 
     def _authorize(self, request: Request) -> None:
-        if self._token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise RequestError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(given.strip().encode("utf-8"), self._token.get_secret_value().encode("utf-8")):
-            raise RequestError(401, "invalid bearer token")
+        authorize(request, self._token)
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self._args.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise RequestError(400, f"Content-Length must be a number of bytes, got {declared!r:.40}")
-            if int(declared) > limit:
-                raise RequestError(413, f"request body is {int(declared):,} bytes, over the limit of {limit:,}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self._args.max_body_bytes)
+
+    async def answer_http(self, scope: dict[str, Any], body: bytes) -> Answer:
+        """A request the :class:`~automl_tl.serve._gateway.Gateway` forwarded, answered by this replica's own app."""
+        return await answer_in_process(cast(Any, self).app, scope, body)  # the app serve.ingress wraps
 
     def _prepare(self, content_type: str | None, body: bytes) -> list[tuple[str, tuple[torch.Tensor, ...], float]]:
         """Parse, decode and preprocess every image of a body (runs in a worker thread)."""
@@ -295,7 +281,9 @@ class Classifier:
             await self._forward.admit()
             return await (await self._batched(inputs))
         assert self._members is not None
-        rows = await asyncio.gather(*(h.infer.remote(x.numpy()) for h, x in zip(self._members, inputs)))
+        # Each member call again on a live replica if its replica dies running it.
+        rows = await asyncio.gather(*(retry_on_replica_death(functools.partial(h.infer.remote, x.numpy()))
+                                      for h, x in zip(self._members, inputs)))  # fmt: skip
         return tuple(r[0][0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows)
 
     async def _answer(self, name: str, inputs: tuple[torch.Tensor, ...], decode_ms: float, k: int) -> dict[str, Any]:
@@ -402,8 +390,14 @@ def build_app(args: AppArgs, token: Secret | None = None, extra_env: Mapping[str
     limit = args.ongoing_requests_limit()
     classifier, member_model = cast(Deployment, Classifier), cast(Deployment, MemberModel)
     if args.layout == "single":
-        return classifier.options(ray_actor_options=actor, max_ongoing_requests=limit, logging_config=logs,
-                                  **scale).bind(args, token)  # fmt: skip
+        model = classifier.options(ray_actor_options=actor, max_ongoing_requests=limit, logging_config=logs,
+                                   **scale).bind(args, token)  # fmt: skip
+        if not args.gateway:
+            return model
+        gateway = cast(Deployment, Gateway).options(
+            ray_actor_options={"num_cpus": 0, "runtime_env": actor["runtime_env"]},
+            max_ongoing_requests=limit * 4, logging_config=logs, **scale)  # fmt: skip
+        return gateway.bind(args, model, token)
     members = [
         member_model.options(
             name=f"Member{n}-{_safe(artifact.members[i].member_id)}",

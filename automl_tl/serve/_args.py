@@ -20,9 +20,8 @@ __all__ = ["AppArgs", "DEFAULT_LAYOUT", "Secret", "config_error", "read_token"]
 ServeMode = Literal["best", "ensemble"]
 Layout = Literal["single", "composed"]
 
-# Measured by benchmarks/bench_serve.py (results/serve.json), 2 cores, 32 clients: one deployment holding every
-# member served 2.4-4.0x the images per second of one deployment per member with fan-out in the ingress, at
-# less than half its latency under load; a lone request took about as long either way.
+# One deployment holding every member batches each image once through all of them, with no fan-out hop
+# between deployments: faster here than one deployment per member (figures: benchmarks/results/serve.json).
 DEFAULT_LAYOUT: Layout = "single"
 
 # The environment flag that makes Ray Serve put HAProxy in front of its proxies.
@@ -48,6 +47,9 @@ class AppArgs(BaseModel):
     artifact: str = Field(description="artifact folder, its manifest.json, or a run directory holding artifact/")
     mode: ServeMode = "ensemble"
     layout: Layout = DEFAULT_LAYOUT
+    # The single layout behind a thin ingress (serve._gateway.Gateway) that sends a request again to a live
+    # replica when the one running it dies, at the cost of one hop more per request.
+    gateway: bool = False
     replicas: int = Field(1, ge=1, le=1024)
     min_replicas: int | None = Field(None, ge=0, le=1024)
     max_replicas: int | None = Field(None, ge=1, le=1024)
@@ -81,6 +83,9 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
+        if self.gateway and self.layout != "single":
+            raise ValueError(f"gateway=True needs layout='single' (the composed layout's ingress retries its member "
+                             f"calls itself), got layout={self.layout!r}")  # fmt: skip
         if self.token_env and self.token_file:
             raise ValueError("give token_env or token_file, not both")
         lo, hi = self.min_replicas, self.max_replicas

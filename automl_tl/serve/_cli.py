@@ -41,6 +41,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(Linux, one node, a fixed replica count)")  # fmt: skip
     p.add_argument("--layout", choices=("single", "composed"),
                    help="ensemble in one deployment, or one deployment per member")
+    p.add_argument("--gateway", action="store_true", default=None,
+                   help="single layout: a thin ingress in front of the replicas that sends a request again to a live "
+                        "replica when the one running it dies (one hop more per request)")  # fmt: skip
     p.add_argument("--access-log", action="store_true", default=None, dest="access_log",
                    help="log a line per request in each replica's Serve log (off by default: it costs throughput)")
     p.add_argument("--token-env", metavar="VAR", dest="token_env", help="require a bearer token read from $VAR")
@@ -59,7 +62,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         name: getattr(args, name)
         for name in ("cpus_per_replica", "min_replicas", "max_replicas", "target_ongoing_requests", "max_batch_size",
-                     "layout", "token_env", "token_file", "max_pixels", "forward_lanes", "access_log")  # fmt: skip
+                     "layout", "token_env", "token_file", "max_pixels", "forward_lanes", "access_log", "gateway")  # fmt: skip
         if getattr(args, name) is not None
     }
     if args.batch_wait_ms is not None:
