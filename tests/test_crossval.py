@@ -196,3 +196,23 @@ def test_the_probe_trial_converges_in_one_step_and_records_its_penalty(
     assert info["optimizer"] == "lbfgs" and info["probe_l2"] in L2_GRID
     trial = head_trial("probe", info)
     assert trial is not None and trial.probe_l2 == info["probe_l2"]
+
+
+@pytest.mark.slow
+def test_an_lp_ft_trial_fine_tunes_the_model_its_probe_was_fitted_on(
+    hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    from automl_tl.runs.rundir import RunDir
+    from automl_tl.sweep.driver import prepare_data
+    from automl_tl.train.loop import TrialConfig, train_trial
+
+    config = load_config({"data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)}})
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    data = prepare_data(config, run, None, progress=False)
+    reports: list[dict[str, object]] = []
+    # freeze depth 3 trains most of the network: the probe's feature pass and the fine-tuning share one model
+    cfg = TrialConfig.from_params({**_params(freeze_depth=3, max_epochs=1), "image_size": 64})
+    last = train_trial(cfg, data, lambda metrics, ckpt: reports.append(metrics), tmp_path / "lpft")
+    assert last is not None and len(reports) == 1 and reports[0]["epoch"] == 1
+    assert float(reports[0]["val_accuracy"]) > 0.6  # type: ignore[arg-type]

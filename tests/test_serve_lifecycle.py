@@ -260,7 +260,7 @@ def test_two_servers_run_side_by_side_on_different_ports(relay: Relay, run_dir: 
 
 
 @pytest.mark.slow
-def test_demo_stopped_mid_sweep_leaves_nothing(hymenoptera_dir: Path, data_cache_dir: Path, run_dir: Path, tmp_path: Path) -> None:
+def test_demo_stopped_mid_sweep_leaves_nothing(hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     demo = Server(
         [EXE, "demo", "--data", str(hymenoptera_dir / "train"), "--out", str(tmp_path / "demo"), "--budget-s", "60",
@@ -281,8 +281,7 @@ def test_demo_stopped_mid_sweep_leaves_nothing(hymenoptera_dir: Path, data_cache
         _no_listener_left(snapshot, demo.proc.pid)
     finally:
         demo.stop(signal.SIGKILL)
-    with serving(run_dir, port):
-        assert requests.get(f"http://127.0.0.1:{port}/v1/healthz", timeout=30).status_code == 200
+    assert _free(port)  # the port it would have served on is not held (the signal tests serve on a freed port)
 
 
 # --- leftovers, exposure ---------------------------------------------------------------------------------

@@ -177,24 +177,67 @@ def test_local_run_dir_on_a_multi_node_cluster_is_refused(tmp_path: Path, monkey
     check_storage(RunDir(tmp_path), shared_fs=False)  # one node: a local path is fine
 
 
-@pytest.mark.slow
-def test_sweep_into_s3_and_load_the_artifact_back(
-    bucket: str, s3_server: dict[str, str], hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
-) -> None:
-    uri = f"{bucket}/runs/ants-bees"
+# A caller of the Python API: a search into S3, then what it left behind in this process and in the bucket.
+_API_SEARCH = r"""
+import json, os, sys
+before = dict(os.environ)  # before anything of automl_tl, Ray or torch is loaded
+import automl_tl
+
+config, data, uri, image, test = sys.argv[1:6]
+result = automl_tl.search(data, uri, config=config, test=test)
+changed = sorted(k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k))
+prediction = result.predictor().predict([image], top_k=1)[0]
+
+from automl_tl.sweep.driver import ray_for_search
+from automl_tl.train.memory import MALLOC_ENV
+
+with ray_for_search():  # the processes Ray starts get the settings this process does not
+    import ray
+    workers = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in MALLOC_ENV}).remote())
+    assert not any(k in os.environ for k in MALLOC_ENV)
+print(json.dumps({
+    "changed": changed, "workers": workers, "run_dir": result.run_dir, "artifact": result.artifact,
+    "report": result.report, "ranks": [row.rank for row in result.leaderboard], "best": result.best.trial_id,
+    "label": prediction.label,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_server: dict[str, str], hymenoptera_dir: Path, data_cache_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real sweep into a fresh bucket, by a caller of the Python API in a process of its own: the tests
+    below check what it left in the bucket, in the caller's process and on a "node"'s cache, and serve it."""
+    tmp_path = tmp_path_factory.mktemp("s3run")
+    name = f"automl-tl-{uuid.uuid4().hex[:10]}"
+    create_bucket(s3_server["AWS_ENDPOINT_URL"], name)
+    uri = f"s3://{name}/runs/ants-bees"
     node_cache = tmp_path / "node_cache"  # what a worker node's $AUTOML_TL_CACHE_DIR would be
     config = write_config(tmp_path / "config.yaml", tiny_config(hymenoptera_dir / "train", data_cache_dir))
     env = ray_env(**s3_server, AUTOML_TL_CACHE_DIR=str(node_cache), AUTOML_TL_RUNS_DIR=str(tmp_path / "mirrors"))
-    cmd = [str(VENV_BIN / "automl-tl"), "search", "--config", str(config), "--out", uri,
-           "--test", str(hymenoptera_dir / "val")]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+    cwd = tmp_path / "caller"
+    cwd.mkdir()
+    image = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-c", _API_SEARCH, str(config), str(hymenoptera_dir / "train"),
+                             uri, str(image), str(hymenoptera_dir / "val")], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     try:
         output, _ = proc.communicate(timeout=420)
     finally:
-        stop_process_group(proc, grace_s=5)  # the CLI and the embedded Ray it started, whatever happened
+        stop_process_group(proc, grace_s=5)  # the caller and the embedded Ray it started, whatever happened
     assert proc.returncode == 0, output[-4000:]
+    answer = json.loads(output.strip().splitlines()[-1])
+    return {"uri": uri, "answer": answer, "env": env, "cwd": cwd, "node_cache": node_cache, "tmp": tmp_path}
 
+
+@pytest.mark.slow
+def test_sweep_into_s3_and_load_the_artifact_back(
+    s3_run: dict[str, Any], s3_server: dict[str, str], hymenoptera_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    uri, env, node_cache, tmp_path = s3_run["uri"], s3_run["env"], s3_run["node_cache"], s3_run["tmp"]
     files = _s3_files(uri)
     for name in ("config.yaml", "data.json", "leaderboard.csv", "summary.json", "artifact/manifest.json"):
         assert name in files, f"{name} missing from {uri}: {sorted(files)}"
@@ -264,58 +307,18 @@ def test_sweep_into_s3_and_load_the_artifact_back(
         load_artifact(f"{uri}/artifact")
 
 
-# A caller of the Python API: a search into S3, then what it left behind in this process and in the bucket.
-_API_SEARCH = r"""
-import json, os, sys
-before = dict(os.environ)  # before anything of automl_tl, Ray or torch is loaded
-import automl_tl
-
-config, data, uri, image = sys.argv[1:5]
-result = automl_tl.search(data, uri, config=config)
-changed = sorted(k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k))
-prediction = result.predictor().predict([image], top_k=1)[0]
-
-from automl_tl.sweep.driver import ray_for_search
-from automl_tl.train.memory import MALLOC_ENV
-
-with ray_for_search():  # the processes Ray starts get the settings this process does not
-    import ray
-    workers = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in MALLOC_ENV}).remote())
-    assert not any(k in os.environ for k in MALLOC_ENV)
-print(json.dumps({
-    "changed": changed, "workers": workers, "run_dir": result.run_dir, "artifact": result.artifact,
-    "report": result.report, "ranks": [row.rank for row in result.leaderboard], "best": result.best.trial_id,
-    "label": prediction.label,
-}))
-"""
-
-
 @pytest.mark.slow
 def test_api_search_into_s3_writes_the_bucket_and_leaves_the_process_as_it_was(
-    bucket: str, s3_server: dict[str, str], hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+    s3_run: dict[str, Any], s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from automl_tl.train.memory import MALLOC_ENV
 
-    uri = f"{bucket}/api/run"
-    config = write_config(tmp_path / "config.yaml", tiny_config(hymenoptera_dir / "train", data_cache_dir))
-    env = {k: v for k, v in ray_env(**s3_server, AUTOML_TL_RUNS_DIR=str(tmp_path / "mirrors")).items()
-           if not k.startswith("MALLOC_")}  # fmt: skip
-    cwd = tmp_path / "caller"
-    cwd.mkdir()
-    image = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
-    proc = subprocess.Popen([str(VENV_BIN / "python"), "-c", _API_SEARCH, str(config), str(hymenoptera_dir / "train"),
-                             uri, str(image)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=420)
-    finally:
-        stop_process_group(proc, grace_s=5)
-    assert proc.returncode == 0, output[-4000:]
-    answer = json.loads(output.strip().splitlines()[-1])
-
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    uri, answer = s3_run["uri"], s3_run["answer"]
     assert answer["changed"] == []  # no variable set, changed or left behind in the caller's environment
     assert answer["workers"] == MALLOC_ENV  # while Ray's workers started with the allocator settings
-    assert list(cwd.iterdir()) == []  # no local "s3:" folder
+    assert list(s3_run["cwd"].iterdir()) == []  # no local "s3:" folder
     assert answer["run_dir"] == uri and answer["artifact"] == f"{uri}/artifact"
     assert answer["report"] == f"{uri}/report.html" and answer["ranks"] == [1, 2]
     files = _s3_files(uri)

@@ -101,17 +101,20 @@ def _whole_path(cache_path: str, folder: str, backbone: str, pre: Preprocessing)
     return Path(folder) / f"{backbone.replace(':', '_')}-{pre.input_size}-all-{key}.npz"
 
 
-@torch.inference_mode()
 def _compute(data: TrialData, rows: np.ndarray, pre: Preprocessing, model: TransferNet, batch_size: int) -> np.ndarray:
     from automl_tl.data import Dataset
 
     images = Dataset.open(Path(data.cache_path))
     transform = train_transform("none", pre)
     fmt = memory_format_for(torch.device("cpu"))
+    # Outside inference mode: converting the layout makes new parameter tensors, and ones made in inference
+    # mode could not be trained afterwards (LP-FT fine-tunes this same model).
     model.eval().to(memory_format=fmt)
     out = []
-    for start in range(0, len(rows), batch_size):
-        batch = torch.stack([transform(array_to_tensor(images.image(int(i)))) for i in rows[start : start + batch_size]])
-        out.append(model.forward_features(batch.contiguous(memory_format=fmt)).float())
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            rows_in = rows[start : start + batch_size]
+            batch = torch.stack([transform(array_to_tensor(images.image(int(i)))) for i in rows_in])
+            out.append(model.forward_features(batch.contiguous(memory_format=fmt)).float())
     features: np.ndarray = torch.cat(out).numpy() if out else np.zeros((0, model.spec.feature_width), np.float32)
     return features
