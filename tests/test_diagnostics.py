@@ -82,6 +82,19 @@ def test_approximate_search_past_the_exact_size_finds_the_same_pairs(monkeypatch
     assert sorted((i, j) for i, j, _ in approx) == sorted((i, j) for i, j, _ in exact)
 
 
+def test_where_every_image_has_a_close_neighbour_only_real_copies_are_pairs() -> None:
+    # All images share most of their features (as small grey silhouettes do in a pretrained network's
+    # space): every pair is about 0.92 similar, which a fixed 0.9 bar would take for copies.
+    rng = np.random.default_rng(5)
+    common = rng.normal(size=64)
+    x = common + 0.3 * rng.normal(size=(300, 64)) * np.linalg.norm(common) / 8
+    x[299] = x[7] + 0.01 * rng.normal(size=64)  # one real copy
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    sims = x @ x.T
+    assert np.median(sims[np.triu_indices(300, 1)]) > 0.9
+    assert [(i, j) for i, j, _ in near_duplicate_pairs(x, 0.9)] == [(7, 299)]
+
+
 def test_an_image_unlike_every_class_is_an_outlier() -> None:
     x, y = clusters(seed=4)
     x[7] = np.random.default_rng(9).normal(size=x.shape[1]) * 3.0

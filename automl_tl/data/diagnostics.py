@@ -43,6 +43,12 @@ __all__ = [
 NEAR_DUPLICATE_SIMILARITY = 0.9
 NEAR_DUPLICATE_FLOOR = 0.6
 NEAR_DUPLICATE_MARGIN = 0.08
+# Both bars scale with the set's own spread: where every image has a close neighbour (small grey silhouettes,
+# which a pretrained network maps close together), a near-duplicate must lie this many times closer than a
+# typical nearest neighbour (cosine distance 1 - s, median over the images) ...
+NEAR_DUPLICATE_CLOSER = 2.5
+# ... and stand out from the runner-up by at least this share of that typical distance.
+NEAR_DUPLICATE_MARGIN_SHARE = 0.3
 # Up to this many images the neighbour search is exact (blocked matrix products); past it faiss's HNSW.
 EXACT_SEARCH_MAX = 20_000
 _NEIGHBOURS = 16  # neighbours examined per image
@@ -137,19 +143,32 @@ def diagnose(
 
 def near_duplicate_pairs(x: np.ndarray[Any, Any], similarity: float) -> list[tuple[int, int, float]]:
     """Pairs (i < j) of rows of the normalised ``x`` that look like copies of one image, most similar
-    first: cosine similarity >= ``similarity``, or an image whose nearest neighbour is at least
-    :data:`NEAR_DUPLICATE_FLOOR` similar and closer by :data:`NEAR_DUPLICATE_MARGIN` than its second
-    nearest (an altered copy is far closer to its original than to anything else, even when cropping and
-    recompression lower their similarity)."""
+    first: cosine similarity at or above the bar, or an image whose nearest neighbour is at least
+    :data:`NEAR_DUPLICATE_FLOOR` similar and closer than its second nearest by the margin (an altered copy is
+    far closer to its original than to anything else, even when cropping and recompression lower their
+    similarity). The bar is ``similarity`` and the margin :data:`NEAR_DUPLICATE_MARGIN`, each raised to
+    what the set's typical nearest-neighbour distance calls for (:func:`duplicate_bars`)."""
     sims, nbrs = _neighbours(x, min(_NEIGHBOURS, x.shape[0] - 1))
+    bar, margin = duplicate_bars(sims, similarity)
     found: dict[tuple[int, int], float] = {}
     for i in range(x.shape[0]):
         runner_up = float(sims[i, 1]) if sims.shape[1] > 1 else -1.0
         for rank, (s, j) in enumerate(zip(sims[i].tolist(), nbrs[i].tolist())):
-            stands_out = rank == 0 and s >= NEAR_DUPLICATE_FLOOR and s - runner_up >= NEAR_DUPLICATE_MARGIN
-            if j >= 0 and (s >= similarity or stands_out):
+            stands_out = rank == 0 and s >= NEAR_DUPLICATE_FLOOR and s - runner_up >= margin
+            if j >= 0 and (s >= bar or stands_out):
                 found[(min(i, j), max(i, j))] = s
     return sorted(((i, j, s) for (i, j), s in found.items()), key=lambda t: (-t[2], t[0], t[1]))
+
+
+def duplicate_bars(sims: np.ndarray[Any, Any], similarity: float) -> tuple[float, float]:
+    """The similarity bar and runner-up margin for a set whose rows' neighbour similarities are ``sims``
+    (descending per row): ``similarity`` and :data:`NEAR_DUPLICATE_MARGIN`, or stricter where the set's median
+    nearest-neighbour distance is small."""
+    if sims.shape[1] == 0:
+        return similarity, NEAR_DUPLICATE_MARGIN
+    typical = float(np.median(1.0 - sims[:, 0]))
+    return (max(similarity, 1.0 - typical / NEAR_DUPLICATE_CLOSER),
+            max(NEAR_DUPLICATE_MARGIN, NEAR_DUPLICATE_MARGIN_SHARE * typical))  # fmt: skip
 
 
 def _neighbours(x: np.ndarray[Any, Any], k: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
