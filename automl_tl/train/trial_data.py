@@ -1,10 +1,21 @@
-"""The data handle every trial of a sweep shares: where the decoded images are and which rows each split holds."""
+"""The data handle every trial of a sweep shares, and how a stream-mode trial reads its images.
+
+A stream-mode data set (``data.mode: stream``) keeps its images encoded in Parquet shards on the run's storage.
+A one-worker trial reads its split from them directly, one shard file at a time (:func:`stream_batches`), so its
+memory does not grow with the set; Ray Train workers get the same rows as a Ray Dataset whose decoding and
+augmentation run in Ray Data's CPU workers (:func:`stream_dataset`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
+import torch
+
+__all__ = ["TrialData", "stream_batches", "stream_dataset", "decode_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,3 +32,76 @@ class TrialData:
     # The cache file on the run's shared storage (s3://...) when nodes cannot open ``cache_path`` directly:
     # each node then downloads it once into its own cache (``automl_tl.runs.storage.localize_data``).
     shared_cache: str | None = None
+    # Stream mode: where the encoded shards are (``cache_path`` is then their index, without pixels) and
+    # where the features computed once for the cluster are kept (the run's storage).
+    shards: str | None = None
+    shared_features: str | None = None
+
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def stream_batches(
+    shards: str, file_rows: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, transform: Transform,
+    max_side: int = 1 << 16,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``transform``-ed images of the shard rows ``file_rows`` (labelled ``labels``), in an order
+    drawn from ``seed``: shard files in a shuffled order, rows shuffled within each file. One file is held
+    at a time; a batch may span two files. A trailing single image is dropped (a norm needs two)."""
+    from automl_tl.data.shards import shard_files
+
+    import pyarrow.dataset as pads
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    label_of = dict(zip(np.asarray(file_rows, dtype=np.int64).tolist(), np.asarray(labels).tolist()))
+    wanted = pa.array(np.fromiter(label_of, dtype=np.int64, count=len(label_of)))
+    fs, files = shard_files(shards)
+    images: list[torch.Tensor] = []
+    targets: list[int] = []
+    for k in rng.permutation(len(files)):
+        table = pads.dataset(files[int(k)], filesystem=fs, format="parquet").to_table(
+            columns=["row", "image"], filter=pads.field("row").isin(wanted)
+        )
+        rows, payloads = table.column("row").to_pylist(), table.column("image").to_pylist()
+        del table
+        for j in rng.permutation(len(rows)):
+            images.append(transform(_tensor(payloads[int(j)], max_side)))
+            targets.append(label_of[rows[int(j)]])
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(targets, dtype=torch.long)
+                images, targets = [], []
+    if len(images) > 1 or (images and batch_size == 1):
+        yield torch.stack(images), torch.tensor(targets, dtype=torch.long)
+
+
+def _tensor(payload: bytes, max_side: int) -> torch.Tensor:
+    from automl_tl.data._decode import decode
+    from automl_tl.train.augment import array_to_tensor
+
+    item = decode(payload, max_side, 1 << 40)
+    pixels = np.frombuffer(item.pixels or b"", dtype=np.uint8).reshape(item.height, item.width, 3)
+    return array_to_tensor(pixels)
+
+
+def decode_batch(batch: dict[str, Any], transform: Transform) -> dict[str, np.ndarray]:
+    """One Ray Data batch of shard rows to model inputs: ``x`` (N, C, H, W float32), ``y`` and ``row``."""
+    x = torch.stack([transform(_tensor(bytes(p), 1 << 16)) for p in batch["image"]])
+    return {"x": x.numpy(), "y": np.asarray(batch["label"], dtype=np.int64), "row": np.asarray(batch["row"])}
+
+
+def stream_dataset(shards: str, file_rows: np.ndarray, transform: Transform, batch_size: int = 32) -> Any:
+    """The shard rows ``file_rows`` as a Ray Dataset of decoded, transformed images (``x``, ``y``, ``row``),
+    decoded in Ray Data's CPU workers: what Ray Train hands each worker with ``get_dataset_shard``."""
+    import ray.data
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from automl_tl.data.shards import shard_files
+
+    fs, files = shard_files(shards)
+    wanted = pa.array(np.asarray(file_rows, dtype=np.int64))
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=["row", "label", "image"],
+                               filter=pads.field("row").isin(wanted))  # fmt: skip
+    return ds.map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=batch_size,
+                          batch_format="numpy")  # fmt: skip
