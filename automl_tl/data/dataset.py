@@ -118,6 +118,11 @@ class Dataset:
             raise DatasetError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         return np.flatnonzero(self.splits == split)
 
+    def file_rows(self, indices: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The rows of the cache file (and of a stream-mode data set's shards) that hold images ``indices``."""
+        rows: np.ndarray[Any, Any] = self._rows[np.asarray(indices, dtype=np.int64)]
+        return rows
+
     def image(self, index: int) -> np.ndarray[Any, Any]:
         """Image ``index`` as HWC uint8 RGB, at most ``cache_max_side`` on its longer side (a read-only view
         into the memory-mapped cache: copy it before changing it)."""

@@ -84,24 +84,25 @@ def _tensor(payload: bytes, max_side: int) -> torch.Tensor:
     return array_to_tensor(pixels)
 
 
-def decode_batch(batch: dict[str, Any], transform: Transform) -> dict[str, np.ndarray]:
-    """One Ray Data batch of shard rows to model inputs: ``x`` (N, C, H, W float32), ``y`` and ``row``."""
-    x = torch.stack([transform(_tensor(bytes(p), 1 << 16)) for p in batch["image"]])
-    return {"x": x.numpy(), "y": np.asarray(batch["label"], dtype=np.int64), "row": np.asarray(batch["row"])}
+def decode_batch(batch: dict[str, Any], transform: Transform, wanted: np.ndarray) -> dict[str, np.ndarray]:
+    """One Ray Data batch of shard rows to model inputs, only the rows in ``wanted`` (sorted): ``x`` (N, C, H, W
+    float32), ``y`` and ``row``."""
+    rows = np.asarray(batch["row"], dtype=np.int64)
+    keep = np.flatnonzero(np.isin(rows, wanted, assume_unique=True))
+    images = [transform(_tensor(bytes(batch["image"][i]), 1 << 16)) for i in keep]
+    x = torch.stack(images).numpy() if images else np.zeros((0, 3, 1, 1), dtype=np.float32)
+    return {"x": x, "y": np.asarray(batch["label"], dtype=np.int64)[keep], "row": rows[keep]}
 
 
 def stream_dataset(shards: str, file_rows: np.ndarray, transform: Transform, batch_size: int = 32) -> Any:
     """The shard rows ``file_rows`` as a Ray Dataset of decoded, transformed images (``x``, ``y``, ``row``),
     decoded in Ray Data's CPU workers: what Ray Train hands each worker with ``get_dataset_shard``."""
     import ray.data
-    import pyarrow as pa
-    import pyarrow.dataset as pads
 
     from automl_tl.data.shards import shard_files
 
     fs, files = shard_files(shards)
-    wanted = pa.array(np.asarray(file_rows, dtype=np.int64))
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=["row", "label", "image"],
-                               filter=pads.field("row").isin(wanted))  # fmt: skip
-    return ds.map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=batch_size,
+    wanted = np.unique(np.asarray(file_rows, dtype=np.int64))
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["row", "label", "image"])
+    return ds.map_batches(decode_batch, fn_kwargs={"transform": transform, "wanted": wanted}, batch_size=batch_size,
                           batch_format="numpy")  # fmt: skip
