@@ -165,7 +165,7 @@ class Dataset:
             payload = self._encoded.get(row)
             if payload is None:
                 raise DatasetError(f"image {self.paths[index]} (row {row}) is missing from the shards in {self.shards}")
-        return decode_image(payload, self.config)
+        return decode_image(payload, self.config.cache_max_side, self.config.max_image_pixels)
 
     def _chunk_views(self) -> list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
         if self._chunks is None:

@@ -102,9 +102,10 @@ def encode_for_shard(payload: bytes | np.ndarray, item: Decoded) -> bytes:
     return out.getvalue()
 
 
-def decode_image(payload: bytes, config: DataConfig) -> np.ndarray:
-    """A shard's image as HWC uint8 RGB (what ``Dataset.image`` returns in cache mode)."""
-    item = decode(payload, config.cache_max_side, config.max_image_pixels)
+def decode_image(payload: bytes, max_side: int = 1 << 16, max_pixels: int = 1 << 40) -> np.ndarray:
+    """A shard's image as HWC uint8 RGB (what ``Dataset.image`` returns in cache mode); shards hold images
+    already at most the cache side, so the defaults never shrink one."""
+    item = decode(payload, max_side, max_pixels)
     if item.status != STATUS_OK or item.pixels is None:
         raise DatasetError(f"a shard holds an image that no longer decodes ({item.status}: {item.detail})")
     return np.frombuffer(item.pixels, dtype=np.uint8).reshape(item.height, item.width, 3)

@@ -9,6 +9,7 @@ augmentation run in Ray Data's CPU workers (:func:`stream_dataset`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -76,12 +77,10 @@ def stream_batches(
 
 
 def _tensor(payload: bytes, max_side: int) -> torch.Tensor:
-    from automl_tl.data._decode import decode
-    from automl_tl.train.augment import array_to_tensor
+    """A shard's image as a CHW uint8 tensor (the layout the augmentations take)."""
+    from automl_tl.data.shards import decode_image
 
-    item = decode(payload, max_side, 1 << 40)
-    pixels = np.frombuffer(item.pixels or b"", dtype=np.uint8).reshape(item.height, item.width, 3)
-    return array_to_tensor(pixels)
+    return torch.from_numpy(decode_image(payload, max_side).copy()).permute(2, 0, 1)
 
 
 def decode_batch(batch: dict[str, Any], transform: Transform, wanted: np.ndarray) -> dict[str, np.ndarray]:
@@ -104,5 +103,5 @@ def stream_dataset(shards: str, file_rows: np.ndarray, transform: Transform, bat
     fs, files = shard_files(shards)
     wanted = np.unique(np.asarray(file_rows, dtype=np.int64))
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["row", "label", "image"])
-    return ds.map_batches(decode_batch, fn_kwargs={"transform": transform, "wanted": wanted}, batch_size=batch_size,
+    return ds.map_batches(functools.partial(decode_batch, transform=transform, wanted=wanted), batch_size=batch_size,
                           batch_format="numpy")  # fmt: skip
