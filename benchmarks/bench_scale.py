@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=96)
     parser.add_argument("--work", default=None, help="where the generated sets go (default: a temp folder)")
     parser.add_argument("--decode-only", action="store_true")
+    parser.add_argument("--no-decode", action="store_true", help="keep decode_224 of an earlier --out file")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -183,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "side_px": args.side, "epoch": "train split, light augmentation to 64 px, no model, one thread",
     }  # fmt: skip
-    figures["decode_224"] = _child("decode", str(work / "decode-cache"))
-    print(json.dumps(figures["decode_224"]), flush=True)
+    out = Path(args.out)
+    earlier = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    if args.no_decode:
+        figures["decode_224"] = earlier.get("decode_224")
+    else:
+        figures["decode_224"] = _child("decode", str(work / "decode-cache"))
+        print(json.dumps(figures["decode_224"]), flush=True)
+    figures["sizes"] = dict(earlier.get("sizes") or {})  # sizes run earlier stay unless run again
     if not args.decode_only:
-        figures["sizes"] = {}
         for count in args.sizes:
             data = work / f"set-{count}"
             started = time.perf_counter()
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[mode] = {**ingest, **epoch}
                 print(count, mode, json.dumps(row[mode]), flush=True)
             figures["sizes"][str(count)] = row
-    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+            out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")  # each size as soon as it is done
+    out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 

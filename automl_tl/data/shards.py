@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from automl_tl.config import DataConfig
-from automl_tl.data._cache import CacheWriter
+from automl_tl.data._cache import SCHEMA, CacheWriter
 from automl_tl.data._decode import Decoded, decode
 from automl_tl.data._files import locate
 from automl_tl.data.report import REASON_UNREADABLE, STATUS_OK
@@ -45,20 +45,12 @@ __all__ = ["SHARD_SCHEMA", "decoded_cache_bytes", "resolve_mode", "write_shards"
 
 logger = logging.getLogger(__name__)
 
+# The cache file's columns of one record, less its listing (path, given split), with the encoded image
 SHARD_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("id", pa.string()),
-        ("label", pa.int32()),
-        ("status", pa.string()),
-        ("detail", pa.string()),
-        ("orig_width", pa.int32()),
-        ("orig_height", pa.int32()),
-        ("orig_mode", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("image", pa.binary()),
-    ]
+    [("row", pa.int64())]
+    + [SCHEMA.field(name) for name in ("id", "label", "status", "detail", "orig_width", "orig_height", "orig_mode",
+                                       "width", "height")]  # fmt: skip
+    + [("image", pa.binary())]
 )
 _META_COLUMNS = [name for name in SHARD_SCHEMA.names if name != "image"]
 _KEPT_FORMATS = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF")  # JPEG, PNG, WebP (RIFF....WEBP)
