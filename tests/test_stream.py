@@ -89,3 +89,13 @@ def test_stream_and_cache_sweeps_rank_trials_alike(ray_session: Any, hymenoptera
     assert [tuple(r[k] for k in keys) for r in boards["stream"]] == [tuple(r[k] for k in keys) for r in boards["cache"]]
     for s, c in zip(boards["stream"], boards["cache"]):
         assert float(s["best_val_accuracy"]) == pytest.approx(float(c["best_val_accuracy"]), abs=0.06)
+
+
+def test_the_report_names_the_mode_and_its_threshold(hymenoptera_dir: Path, data_cache_dir: Path) -> None:
+    from automl_tl.data import format_report, load_dataset
+
+    config = DataConfig(cache_dir=str(data_cache_dir), stream_above_gb=20.0)
+    report = load_dataset(str(hymenoptera_dir / "val"), config, progress=False).report
+    assert report.data_mode == "cache" and report.shards is None  # 153 images: far below 20 GB decoded
+    assert "data mode: cache (data.mode: auto, streams above 20 GB decoded)" in format_report(report)
+    assert report.to_dict()["data_mode"] == "cache"
