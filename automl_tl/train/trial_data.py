@@ -1,9 +1,10 @@
 """The data handle every trial of a sweep shares, and how a stream-mode trial reads its images.
 
 A stream-mode data set (``data.mode: stream``) keeps its images encoded in Parquet shards on the run's storage.
-A one-worker trial reads its split from them directly, one shard file at a time (:func:`stream_batches`), so its
-memory does not grow with the set; Ray Train workers get the same rows as a Ray Dataset whose decoding and
-augmentation run in Ray Data's CPU workers (:func:`stream_dataset`).
+A trial reads its split (a DDP rank: its share) from them directly, one shard file at a time
+(:func:`stream_batches`), so its memory does not grow with the set. :func:`stream_dataset` is the same rows as
+a Ray Dataset whose decoding and augmentation run in Ray Data's CPU workers (the feature pass before the
+trials uses it).
 """
 
 from __future__ import annotations
