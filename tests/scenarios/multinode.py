@@ -242,9 +242,9 @@ def stream_sweep_from_s3(cluster: Any, args: argparse.Namespace, result: dict[st
         ray.shutdown()  # a job whose workers reach the bucket
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
         # freeze depth 6: every trial trains on images, streamed from the bucket on its own node
-        raw = tiny_config(Path(args.data), Path(args.cache), trials=3, freeze_depths=[6])
+        raw = tiny_config(Path(args.data), Path(args.cache), trials=2, freeze_depths=[6])
         raw["data"].update(source="s3://stream/hymenoptera", mode="stream")
-        raw["search"].update(max_concurrent_trials=3, seed=1)
+        raw["search"].update(max_concurrent_trials=2, seed=1)
         started = time.time()
         outcome = run_search(load_config(raw), "s3://stream/run", progress=False)
         shards = [i for i in s3.get_file_info(pafs.FileSelector("stream/run/data/shards", recursive=True))
