@@ -64,6 +64,9 @@ def test_streamed_batches_hold_each_requested_row_once(tmp_path: Path) -> None:
     assert first[0].shape == (7, 3, 8, 8) and sorted(first[1].tolist()) == sorted(labels[rows].tolist())
     again = list(stream_batches(str(tmp_path / "shards"), rows, labels[rows], 100, 0, resize))[0]
     assert torch.equal(first[0], again[0])  # the same seed reads in the same order
+    twice = np.array([3, 3, 4])  # a sampler drawing with replacement
+    drawn = list(stream_batches(str(tmp_path / "shards"), twice, labels[twice], 100, 0, resize))[0]
+    assert sorted(drawn[1].tolist()) == sorted(labels[twice].tolist()) and len(drawn[0]) == 3
 
 
 def _leaderboard(run_dir: Path) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ trials uses it).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -48,8 +49,9 @@ def stream_batches(
     max_side: int = 1 << 16,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``transform``-ed images of the shard rows ``file_rows`` (labelled ``labels``), in an order
-    drawn from ``seed``: shard files in a shuffled order, rows shuffled within each file. One file is held
-    at a time; a batch may span two files. A trailing single image is dropped (a norm needs two)."""
+    drawn from ``seed``: shard files in a shuffled order, rows shuffled within each file. A row listed twice
+    (a class-balancing sampler draws with replacement) comes twice, augmented apart. One file is held at a
+    time; a batch may span two files. A trailing single image is dropped (a norm needs two)."""
     from automl_tl.data.shards import shard_files
 
     import pyarrow.dataset as pads
@@ -57,6 +59,7 @@ def stream_batches(
 
     rng = np.random.default_rng(seed)
     label_of = dict(zip(np.asarray(file_rows, dtype=np.int64).tolist(), np.asarray(labels).tolist()))
+    copies = collections.Counter(np.asarray(file_rows, dtype=np.int64).tolist())
     wanted = pa.array(np.fromiter(label_of, dtype=np.int64, count=len(label_of)))
     fs, files = shard_files(shards)
     images: list[torch.Tensor] = []
@@ -67,9 +70,10 @@ def stream_batches(
         )
         rows, payloads = table.column("row").to_pylist(), table.column("image").to_pylist()
         del table
-        for j in rng.permutation(len(rows)):
-            images.append(transform(_tensor(payloads[int(j)], max_side)))
-            targets.append(label_of[rows[int(j)]])
+        order = [j for j in rng.permutation(len(rows)).tolist() for _ in range(copies[rows[j]])]
+        for j in rng.permutation(order).tolist():
+            images.append(transform(_tensor(payloads[j], max_side)))
+            targets.append(label_of[rows[j]])
             if len(images) == batch_size:
                 yield torch.stack(images), torch.tensor(targets, dtype=torch.long)
                 images, targets = [], []
