@@ -158,6 +158,11 @@ class DataConfig(_Section):
     near_duplicates: Literal["drop-across-splits", "keep"] = "drop-across-splits"
     # Threads decoding images on the first pass; None means one per CPU.
     decode_workers: Annotated[Int, Field(ge=1, le=256)] | None = None
+    # cache: decode once into one Arrow file every node maps; stream: resize into Parquet shards of encoded
+    # images on the run's storage, decoded by Ray Data while trials read them; auto: stream when the decoded
+    # cache would exceed stream_above_gb (images x cache_max_side^2 x 3 bytes, an upper bound).
+    mode: Literal["auto", "cache", "stream"] = "auto"
+    stream_above_gb: Annotated[Float, Field(gt=0.0)] = 50.0
 
     @model_validator(mode="after")
     def _leaves_training_images(self) -> DataConfig:

@@ -39,7 +39,7 @@ def record(hymenoptera_dir: Path, data_cache_dir: Path, tmp_path_factory: pytest
     assert result.is_file(), f"the scenario wrote no result (exit {proc.returncode}):\n{(output or '')[-4000:]}"
     data: dict[str, Any] = json.loads(result.read_text())
     assert not data.get("error"), data["error"]
-    print(json.dumps({k: data.get(k) for k in ("sweep_wall_s", "node_loss", "leaderboard", "serve")}, indent=1))
+    print(json.dumps({k: data.get(k) for k in ("sweep_wall_s", "node_loss", "leaderboard", "serve", "stream")}, indent=1))
     return data
 
 
@@ -84,3 +84,15 @@ def test_serve_keeps_answering_while_a_replica_is_killed(record: dict[str, Any])
     racing = serve["racing_kill"]
     assert racing["failed"] <= 1, racing  # at most the one request in flight on the killed replica
     assert racing["replacement_s"] >= 0 and between["replacement_s"] >= 0 and serve["replicas_alive_after"] == 2
+
+
+def test_a_stream_mode_sweep_from_s3_keeps_the_set_off_every_node_disk(record: dict[str, Any]) -> None:
+    stream = record["stream"]
+    assert not stream.get("error"), stream["error"]
+    rows = stream["leaderboard"]
+    assert len(rows) == 2 and all(r["has_model"] and not r["stop_reason"].startswith("error") for r in rows), rows
+    assert all(r["freeze_depth"] == 6 and r["feature_cache"] == "unused" for r in rows)  # images, streamed
+    assert max(float(r["best_val_accuracy"]) for r in rows) > 0.5  # one epoch on images: better than chance
+    assert stream["shard_files"] >= 1 and stream["shard_bytes"] > 0
+    assert len(stream["node_shard_bytes"]) == 3
+    assert all(held < stream["shard_bytes"] for held in stream["node_shard_bytes"].values()), stream

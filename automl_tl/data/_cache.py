@@ -131,8 +131,10 @@ class CacheWriter:
         self._rows = {name: [] for name in SCHEMA.names}
         self._pending_bytes = 0
 
-    def finish(self) -> Path:
-        """Close the file and move it to ``<key>.arrow`` (atomic; an identical file may already be there)."""
+    def finish(self, tag: str = "") -> Path:
+        """Close the file and move it to ``<key>.arrow`` (atomic; an identical file may already be there).
+
+        ``tag`` (the shards' location, for a stream-mode index) is part of the key."""
         self._flush()
         self._writer.close()
         self._sink.close()
@@ -140,6 +142,8 @@ class CacheWriter:
         digest = hashlib.sha256(
             f"v{FORMAT_VERSION}\nside={config.cache_max_side}\npixels={config.max_image_pixels}\n{classes}\n".encode()
         )
+        if tag:
+            digest.update(f"tag={tag}\n".encode())
         for line in sorted(self._key_lines):
             digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
         final = self._folder / f"{digest.hexdigest()[:40]}.arrow"

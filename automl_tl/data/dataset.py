@@ -83,6 +83,10 @@ class Dataset:
         self.splits = _frozen(splits)
         self.ids = _frozen(ids[rows])
         self.paths = _frozen(_strings(table, "path")[rows])
+        # Stream mode: the cache file is an index (no pixels) and the images sit encoded in these shards.
+        shards = cache.source.get("shards")
+        self.shards: str | None = str(shards) if shards else None
+        self._encoded: dict[int, bytes] = {}
         self.report = _build_report(self, status, given, groups, listing, cache_hit, tuple(problems))
 
     @classmethod
@@ -114,10 +118,17 @@ class Dataset:
             raise DatasetError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         return np.flatnonzero(self.splits == split)
 
+    def file_rows(self, indices: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The rows of the cache file (and of a stream-mode data set's shards) that hold images ``indices``."""
+        rows: np.ndarray[Any, Any] = self._rows[np.asarray(indices, dtype=np.int64)]
+        return rows
+
     def image(self, index: int) -> np.ndarray[Any, Any]:
         """Image ``index`` as HWC uint8 RGB, at most ``cache_max_side`` on its longer side (a read-only view
         into the memory-mapped cache: copy it before changing it)."""
         row = int(self._rows[index])
+        if self.shards is not None:
+            return self._shard_image(index, row)
         chunks = self._chunk_views()
         k = int(np.searchsorted(self._chunk_starts, row, side="right")) - 1
         offsets, data = chunks[k]
@@ -140,6 +151,21 @@ class Dataset:
             if drop_last and chunk.size < batch_size:
                 return
             yield ImageBatch(chunk, tuple(self.image(int(i)) for i in chunk), self.labels[chunk])
+
+    def _shard_image(self, index: int, row: int) -> np.ndarray[Any, Any]:
+        """An image of a stream-mode data set: its whole split is read from the shards on first use (the
+        evaluation of a split touches every image of it), one split held at a time."""
+        from automl_tl.data.shards import decode_image, read_rows
+
+        payload = self._encoded.get(row)
+        if payload is None:
+            rows = self._rows[self.indices(str(self.splits[index]))]
+            table = read_rows(self.shards or "", rows, ("row", "image"))
+            self._encoded = dict(zip(table.column("row").to_pylist(), table.column("image").to_pylist()))
+            payload = self._encoded.get(row)
+            if payload is None:
+                raise DatasetError(f"image {self.paths[index]} (row {row}) is missing from the shards in {self.shards}")
+        return decode_image(payload, self.config.cache_max_side, self.config.max_image_pixels)
 
     def _chunk_views(self) -> list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
         if self._chunks is None:
@@ -237,6 +263,9 @@ def _build_report(
         cache_path=str(ds.cache_path),
         cache_hit=cache_hit,
         problems=problems,
+        data_mode="stream" if ds.shards else "cache",
+        shards=ds.shards,
+        mode_setting=f"{ds.config.mode}, streams above {ds.config.stream_above_gb:g} GB decoded",
     )
 
 

@@ -16,6 +16,7 @@ from automl_tl.data._cache import CacheFile, cache_dir, fingerprint, lookup, ope
 from automl_tl.data._ingest import ingest
 from automl_tl.data._split import check_classes, draw_splits, refuse
 from automl_tl.data.dataset import Dataset, ListingInfo
+from automl_tl.data.shards import resolve_mode, write_shards
 from automl_tl.data.sources import DataSource, resolve_source
 from automl_tl.errors import DatasetError
 
@@ -34,6 +35,7 @@ def load_dataset(
     *,
     test_source: str | None = None,
     strict: bool = True,
+    shard_root: str | None = None,
 ) -> Dataset:
     """Load ``source`` (see :mod:`automl_tl.data.sources` for the forms it takes) as a split Dataset.
 
@@ -41,6 +43,10 @@ def load_dataset(
     only for the final evaluation; its classes must be those of ``source``. Validation is logged (stage
     ``data``); ``progress`` adds a bar on a terminal. ``strict=False`` (what ``inspect`` uses) lists an empty
     class, a single class or a class too small for the splits in ``report.problems`` instead of raising.
+
+    In stream mode (``data.mode``, see :func:`automl_tl.data.shards.resolve_mode`) the images go into Parquet
+    shards under ``shard_root`` (a URI every node reaches; default ``<cache dir>/shards``) through Ray Data,
+    and the returned Dataset reads them from there.
     """
     config = config if config is not None else DataConfig()
     test_text = test_source if test_source is not None else config.test_source
@@ -56,11 +62,19 @@ def load_dataset(
         _check_same_classes(main, test)
         sources.append(test.as_split("test"))
     folder = cache_dir(config)
-    fp = fingerprint([s.identity for s in sources], config)
+    identities = [s.identity for s in sources]
+    stream = resolve_mode(config, sum(len(s.records) for s in sources)) == "stream"
+    fp = fingerprint(identities, config)
+    if stream:  # one set of shards per listing and place
+        root = (shard_root or str(folder / "shards")).rstrip("/") + "/" + fp[:24]
+        fp = fingerprint([*identities, f"shards={root}"], config)
     cache = _open_previous(folder, fp)
     if cache is None:
         _check_listing(sources, config, strict)  # fail before decoding anything when the layout cannot work
-        path = ingest(sources, main.classes, folder, config, progress)
+        if stream:
+            path = write_shards(sources, main.classes, root, folder, config)
+        else:
+            path = ingest(sources, main.classes, folder, config, progress)
         remember(folder, fp, path)
     listing = ListingInfo(
         main.text, main.kind, sources[1].text if len(sources) > 1 else None,

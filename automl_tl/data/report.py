@@ -107,6 +107,11 @@ class DataReport:
     cache_hit: bool
     # Why a sweep cannot run on this data (an empty class, a single class, a class too small for the splits).
     problems: tuple[str, ...] = ()
+    # How trials read the images: "cache" (the decoded file above) or "stream" (the Parquet shards named here),
+    # and the data.mode setting that chose it with its threshold (data.stream_above_gb).
+    data_mode: str = "cache"
+    shards: str | None = None
+    mode_setting: str = "auto, streams above 50 GB decoded"
 
     @property
     def label_conflicts(self) -> tuple[DuplicateGroup, ...]:
@@ -150,6 +155,8 @@ def format_report(report: DataReport) -> str:
     if report.test_source:
         lines.append(f"test data: {report.test_source}")
     lines.append(f"cache: {report.cache_path} ({'reused' if report.cache_hit else 'written'})")
+    where = f", shards in {report.shards}" if report.shards else ""
+    lines.append(f"data mode: {report.data_mode}{where} (data.mode: {report.mode_setting})")
     lines.append(
         f"images: {report.images} in the data set, from {report.files_seen} files; {len(report.skipped)} skipped, "
         f"{report.duplicates_dropped} duplicate copies dropped, {report.ignored_files} hidden/other files ignored"

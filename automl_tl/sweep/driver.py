@@ -146,7 +146,8 @@ def prepare_data(
     from automl_tl.data.deep import leak_free_splits
 
     data_cfg = config.data if test_source is None else config.data.model_copy(update={"test_source": test_source})
-    dataset = load_dataset(data_cfg.source, data_cfg, progress=progress)
+    # stream mode: the shards go to the run's storage, where every node reads them
+    dataset = load_dataset(data_cfg.source, data_cfg, progress=progress, shard_root=f"{run.location}/data/shards")
     train_idx, val_idx, test_idx = leak_free_splits(dataset, config)
     cache_path = str(dataset.cache_path)
     data_id = Path(cache_path).stem
@@ -164,6 +165,7 @@ def prepare_data(
             "cache_path": cache_path,
             "data_id": data_id,
             "shared_cache": shared_cache,
+            "shards": dataset.shards,
             "class_names": list(dataset.class_names),
             "train": train_idx.tolist(),
             "val": val_idx.tolist(),
@@ -180,7 +182,18 @@ def prepare_data(
         labels=np.asarray(dataset.labels, dtype=np.int64),
         feature_cache_dir=str(Path(cache_path).parent / "features"),
         shared_cache=shared_cache,
+        shards=dataset.shards,
+        shared_features=f"{run.remote.rstrip('/')}/features" if run.remote is not None and dataset.shards else None,
     )
+
+
+def _stream_features(config: ExperimentConfig, data: TrialData) -> None:
+    """Stream mode: the frozen trials' features, computed once for the cluster before the trials start."""
+    from automl_tl.train.features import frozen_combinations, stream_features
+
+    space = config.space
+    pairs = frozen_combinations(space.backbones, space.image_sizes, space.freeze_depths, space.augmentations)
+    stream_features(data, pairs, use_gpu=config.resources.use_gpu)
 
 
 def run_search(
@@ -207,6 +220,7 @@ def run_search(
                 extra=_SEARCH)  # fmt: skip
     with ray_for_search():
         check_storage(run, shared_fs)
+        _stream_features(config, data)
         tuner = build_tuner(config, run, data, param_space, restore=False, progress=progress)
         fit_started = time.time()
         grid = fit(tuner, run)
@@ -233,6 +247,7 @@ def resume_search(
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
             logger.warning(note, extra={"stage": "resume"})
         param_space = build_param_space(config)
+        _stream_features(config, data)
         tuner = build_tuner(config, run, data, param_space, restore=True, progress=progress)
         fit_started = time.time()
         grid = fit(tuner, run)

@@ -49,12 +49,15 @@ def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: T
         with np.load(whole) as stored:
             rows = stored["features"]
             return FeatureSet(torch.from_numpy(rows[data.train_idx]), torch.from_numpy(rows[data.val_idx]), hit=True)
-    key = feature_key(data.data_id, backbone, pre, data.train_idx, data.val_idx)
-    folder = Path(data.feature_cache_dir)
+    path = _trial_path(data, backbone, pre)
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{backbone.replace(':', '_')}-{pre.input_size}-{key}.npz"
     with open(folder / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process computes; the rest wait and then read
+        if not path.is_file() and data.shared_features:  # computed once for the cluster (stream mode)
+            from automl_tl.runs.storage import download, join
+
+            download(join(data.shared_features, path.name), path)
         if path.is_file():
             with np.load(path) as stored:
                 return FeatureSet(torch.from_numpy(stored["train"]), torch.from_numpy(stored["val"]), hit=True)
@@ -63,6 +66,12 @@ def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: T
         with atomic_path(path) as partial:
             np.savez(partial, train=train, val=val)
     return FeatureSet(torch.from_numpy(train), torch.from_numpy(val), hit=False)
+
+
+def _trial_path(data: TrialData, backbone: str, pre: Preprocessing) -> Path:
+    """Where the train and validation features of one backbone and preprocessing are kept on this node."""
+    key = feature_key(data.data_id, backbone, pre, data.train_idx, data.val_idx)
+    return Path(data.feature_cache_dir) / f"{backbone.replace(':', '_')}-{pre.input_size}-{key}.npz"
 
 
 def dataset_features(
@@ -118,3 +127,84 @@ def _compute(data: TrialData, rows: np.ndarray, pre: Preprocessing, model: Trans
             out.append(model.forward_features(batch.contiguous(memory_format=fmt)).float())
     features: np.ndarray = torch.cat(out).numpy() if out else np.zeros((0, model.spec.feature_width), np.float32)
     return features
+
+
+# --- stream mode: features once for the cluster, with Ray Data --------------------------------------------
+
+
+class _Extract:
+    """A Ray Data actor holding one frozen extractor: decoded batches in, pooled features out."""
+
+    def __init__(self, backbone: str, image_size: int, use_gpu: bool) -> None:
+        from automl_tl.backbones import create_backbone, resolve_spec
+
+        spec = resolve_spec(backbone)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.fmt = memory_format_for(self.device)
+        model = create_backbone(backbone, num_classes=2, freeze_depth=spec.max_freeze_depth, image_size=image_size)
+        self.model = model.eval().to(self.device).to(memory_format=self.fmt)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(batch["x"]).to(self.device).contiguous(memory_format=self.fmt)
+        return {"row": batch["row"], "features": self.model.forward_features(x).float().cpu().numpy()}
+
+
+def frozen_combinations(backbones: tuple[str, ...], image_sizes: tuple[int, ...], freeze_depths: tuple[int, ...],
+                        augmentations: tuple[str, ...]) -> list[tuple[str, int]]:  # fmt: skip
+    """The (backbone, image size) pairs of a search space whose trials may train on frozen features."""
+    from automl_tl.backbones import resolve_spec
+    from automl_tl.train.augment import is_deterministic
+
+    if not any(is_deterministic(a) for a in augmentations):
+        return []
+    out = []
+    for name in backbones:
+        spec = resolve_spec(name)
+        if freeze_depths and max(freeze_depths) < spec.max_freeze_depth:
+            continue
+        out += [(name, size) for size in (image_sizes or (spec.input_size,))]
+    return out
+
+
+def stream_features(data: TrialData, combinations: list[tuple[str, int]], use_gpu: bool = False) -> list[str]:
+    """Compute, before the trials, the train and validation features every frozen trial of a stream-mode sweep
+    reads: images decoded by Ray Data's CPU tasks, features by an actor per GPU (one on CPU), written where
+    :func:`cached_features` looks (and to ``data.shared_features``, for the other nodes). Returns the files."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from automl_tl.backbones import resolve_spec
+    from automl_tl.data import Dataset
+    from automl_tl.train.trial_data import stream_dataset
+
+    if data.shards is None:
+        return []
+    index = Dataset.open(Path(data.cache_path))
+    order = np.concatenate([data.train_idx, data.val_idx])
+    file_rows = index.file_rows(order)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
+    written = []
+    for backbone, size in combinations:
+        pre = Preprocessing.from_spec(resolve_spec(backbone), size)
+        path = _trial_path(data, backbone, pre)
+        if path.is_file():
+            continue
+        decoded = stream_dataset(data.shards, file_rows, train_transform("none", pre))
+        features = decoded.map_batches(
+            _Extract, fn_constructor_args=(backbone, pre.input_size, gpus > 0), batch_size=32, batch_format="numpy",
+            compute=ActorPoolStrategy(size=max(1, gpus)), num_gpus=1 if gpus else 0, num_cpus=1,
+        )  # fmt: skip
+        by_row: dict[int, np.ndarray] = {}
+        for batch in features.iter_batches(batch_format="numpy", batch_size=None):
+            by_row.update(zip(batch["row"].tolist(), batch["features"]))
+        rows = np.stack([by_row[int(r)] for r in file_rows]).astype(np.float32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as partial:
+            np.savez(partial, train=rows[: len(data.train_idx)], val=rows[len(data.train_idx) :])
+        if data.shared_features:
+            from automl_tl.runs.storage import join, upload
+
+            upload(path, join(data.shared_features, path.name))
+        written.append(str(path))
+    return written

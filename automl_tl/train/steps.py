@@ -248,6 +248,13 @@ class ImageSteps(Steps):
         train_idx = self.data.train_idx
         order = epoch_order(len(train_idx), self.data.labels[train_idx], self.balance, self.cfg.seed * 7919 + epoch)
         mine = order[self.rank :: self.world_size]  # every rank sees its own share of the same permutation
+        if self.data.shards is not None:  # stream mode: this share, read shard by shard in a seeded order
+            from automl_tl.train.trial_data import stream_batches
+
+            rows = train_idx[mine]
+            yield from stream_batches(self.data.shards, self.images.file_rows(rows), self.data.labels[rows],
+                                      self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.augment)  # fmt: skip
+            return
         for start in range(0, len(mine), self.cfg.batch_size):
             rows = train_idx[mine[start : start + self.cfg.batch_size]]
             if len(rows) == 1 and start > 0:

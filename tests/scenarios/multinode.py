@@ -10,7 +10,9 @@ nodes with ``ray.cluster_utils.Cluster`` (one CPU each, token auth on, everythin
    and a trial on a worker node has stored a checkpoint but not finished, removes that worker node;
 3. builds the artifact and serves it with 2 replicas; a client sends bounded loops of sequential requests
    while one replica's actor is killed, once racing a request in flight and once between two requests,
-   and counts the failed requests of each.
+   and counts the failed requests of each;
+4. runs a short stream-mode sweep (``data.mode: stream``) with the data set and the run directory in a moto S3
+   bucket, on three live nodes, and records the shards' bytes per node's disk.
 
 Everything measured goes to the ``--result`` JSON; the test asserts on it. The cluster is shut down in a
 ``finally`` whatever happens.
@@ -209,6 +211,60 @@ def serve_with_replica_kill(run_dir: Path, address: str, args: argparse.Namespac
         stop_server()
 
 
+# --- stream mode: the set in a moto S3 bucket, shards streamed by every node -------------------------------
+
+
+def _parquet_bytes(folders: list[str]) -> int:
+    return sum(p.stat().st_size for f in folders if Path(f).is_dir() for p in Path(f).rglob("*.parquet") if p.is_file())
+
+
+def stream_sweep_from_s3(cluster: Any, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """A short stream-mode sweep whose data and run directory are in a moto bucket, on three live nodes; records
+    the leaderboard, the shards' bytes in the bucket and the shard bytes each node's disk holds."""
+    import pyarrow.fs as pafs
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from automl_tl.config import load_config
+    from automl_tl.runs.storage import node_cache_dir
+    from automl_tl.sweep.driver import run_search
+    from tests.scenarios._common import create_bucket, moto_server
+
+    while len([n for n in ray.nodes() if n.get("Alive")]) < 3:  # the node-loss phase removed one
+        cluster.add_node(num_cpus=1, temp_dir=result["temp_dir"], object_store_memory=200 * 1024 * 1024)
+        cluster.wait_for_nodes()
+    with moto_server() as env:
+        create_bucket(env["AWS_ENDPOINT_URL"], "stream")
+        os.environ.update(env)
+        s3 = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], scheme="http", region="us-east-1",
+                               access_key="testing", secret_key="testing")  # fmt: skip
+        pafs.copy_files(args.data, "stream/hymenoptera", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+        ray.shutdown()  # a job whose workers reach the bucket
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        # freeze depth 6: every trial trains on images, streamed from the bucket on its own node
+        raw = tiny_config(Path(args.data), Path(args.cache), trials=2, freeze_depths=[6])
+        raw["data"].update(source="s3://stream/hymenoptera", mode="stream")
+        raw["search"].update(max_concurrent_trials=2, seed=1)
+        started = time.time()
+        outcome = run_search(load_config(raw), "s3://stream/run", progress=False)
+        shards = [i for i in s3.get_file_info(pafs.FileSelector("stream/run/data/shards", recursive=True))
+                  if i.type == pafs.FileType.File]  # fmt: skip
+        folders = [args.cache, str(node_cache_dir()), result["temp_dir"]]
+        probe = ray.remote(num_cpus=0)(_parquet_bytes)
+        per_node = {
+            n["NodeID"]: ray.get(probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(folders))
+            for n in ray.nodes() if n.get("Alive")
+        }  # fmt: skip
+        result["stream"] = {
+            "wall_s": round(time.time() - started, 1),
+            "shard_files": len(shards),
+            "shard_bytes": sum(i.size for i in shards),
+            "node_shard_bytes": per_node,
+            "leaderboard": [{k: r.get(k) for k in ("trial_id", "stop_reason", "has_model", "best_val_accuracy",
+                                                   "freeze_depth", "feature_cache")} for r in outcome.rows],  # fmt: skip
+        }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True, help="hymenoptera/train")
@@ -235,6 +291,10 @@ def main() -> int:
         result["node_ips"] = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
         run_dir = sweep_with_node_loss(cluster, workers, args, result)
         serve_with_replica_kill(run_dir, cluster.address, args, result)
+        try:  # its own record: a failure here fails only its own test
+            stream_sweep_from_s3(cluster, args, result)
+        except Exception:  # noqa: BLE001
+            result["stream"] = {"error": traceback.format_exc()}
     except Exception:  # noqa: BLE001 - reported to the test through the result file
         result["error"] = traceback.format_exc()
     finally:
