@@ -75,12 +75,14 @@ def _leaderboard(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_stream_and_cache_sweeps_rank_trials_alike(ray_session: Any, hymenoptera_dir: Path, tmp_path: Path) -> None:
+def test_stream_and_cache_sweeps_rank_trials_alike(
+    ray_session: Any, hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
     from automl_tl.sweep.driver import run_search
 
     boards = {}
     for mode in ("cache", "stream"):
-        raw = tiny_config(hymenoptera_dir / "train", tmp_path / "cache", trials=3)
+        raw = tiny_config(hymenoptera_dir / "train", data_cache_dir, trials=2)
         raw["data"]["mode"] = mode
         raw["search"]["max_concurrent_trials"] = 1  # the searcher sees the results in one order in both
         run_search(load_config(raw), tmp_path / f"run-{mode}", progress=False)
