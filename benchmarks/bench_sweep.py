@@ -311,7 +311,9 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 with log_to(sys.stdout):  # the sweep's progress lines, as `automl-tl search` prints them
                     outcome = run_search(config, run_dir, test_source=test, progress=False)
-                    results = build_results(run_dir)
+                    results_started = time.perf_counter()
+                    results = build_results(run_dir)  # cross-validation, refit, ensemble, test scores
+                    results_s = time.perf_counter() - results_started
                 summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                 probe = _probe_figures(run_dir, config)
                 run = {
@@ -319,6 +321,8 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                     "wall_s": round(time.perf_counter() - started, 1),
                     "trials": len(outcome.rows),
                     "sweep": summary["sweep"],
+                    "results_s": round(results_s, 1),  # after the sweep, outside its budget
+                    "load_average_1_5_15min_at_end": [round(x, 1) for x in os.getloadavg()],
                     "selection": {k: v for k, v in results["selection"].items() if k != "cross_validation"},
                     "cross_validation_top": dict(list(((results["selection"]["cross_validation"] or {}).get("trials") or {}).items())[:5]),
                     "best_trial": {k: results["best"]["config"].get(k) for k in ("backbone", "freeze_depth", "augmentation", "optimizer", "image_size")},
@@ -343,6 +347,8 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 "probe_test_accuracy": _spread([r["probe_test_accuracy"] for r in runs]),
                 "budget_used": _spread([float(r["sweep"]["budget_used"] or 0.0) for r in runs]),
                 "runs": runs,
+                "conditions": "; ".join(filter(None, [args.conditions, "load averages (1, 5, 15 min) at each run's "
+                                                      f"end: {[r['load_average_1_5_15min_at_end'] for r in runs]}"])),
             }
     earlier = RESULTS / f"sweep_{args.results_name}.json"
     if earlier.is_file():  # a run of some data sets keeps the others' last figures, each with its own date
@@ -476,7 +482,9 @@ def bench_pruning(args: argparse.Namespace) -> None:
                     run_dir = Path(tmp) / f"{name}-{seed}-{arm}"
                     started = time.perf_counter()
                     outcome = run_search(config, run_dir, test_source=test, progress=False)
-                    results = build_results(run_dir)
+                    results_started = time.perf_counter()
+                    results = build_results(run_dir)  # cross-validation, refit, ensemble, test scores
+                    results_s = time.perf_counter() - results_started
                     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                     rows = _in_proposal_order(outcome.rows, run_dir)
                     image_trials = [r for r in rows if _steps_through_images(r)]
@@ -532,6 +540,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--results-name", default="accuracy", dest="results_name",
                    help="results file sweep_<name>.json (e.g. accuracy_smoke)")
+    p.add_argument("--conditions", default="", help="what else ran on the machine meanwhile, for the results file")
     p = sub.add_parser("efficiency")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

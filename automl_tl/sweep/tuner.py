@@ -16,7 +16,7 @@ from automl_tl.runs.rundir import RunDir
 from automl_tl.evaluate.ranking import metric_mode
 from automl_tl.train.trial_data import TrialData
 
-__all__ = ["LEFTOVER_WAIT_S", "STOP_REASONS", "build_tuner", "fit", "sweep_end"]
+__all__ = ["LEFTOVER_WAIT_S", "STOP_REASONS", "build_tuner", "fit", "sweep_end", "trial_deadline"]
 
 STOP_REASONS = "stop_reasons.jsonl"  # why each trial stopped, one JSON line per trial
 LEFTOVER_WAIT_S = 10.0  # a finished trial's Ray Train worker group shuts itself down in about 3 s
@@ -98,7 +98,7 @@ def build_tuner(
 
     search, res = config.search, config.resources
     setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV),
-                       memory_cap_bytes=_largest_node_memory())  # fmt: skip
+                       memory_cap_bytes=_largest_node_memory(), deadline=trial_deadline(config, restore))  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(setup, len(data.val_idx))
     )
@@ -131,6 +131,17 @@ def build_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def trial_deadline(config: ExperimentConfig, restore: bool) -> float | None:
+    """When the sweep's time budget ends (``time.time()``), for trials to stop at by themselves.
+
+    Tune's own budget stops the experiment, but it waits for trials to stop gracefully, and a trial actor
+    that does not (a reused actor whose previous trial still runs) held a sweep past its budget. A resumed
+    sweep has only what Tune's restored budget says is left, which Tune alone knows: no deadline then.
+    """
+    budget = config.search.time_budget_s
+    return None if budget is None or restore else time.time() + budget
 
 
 def _trial_cap(config: ExperimentConfig, param_space: dict[str, Any]) -> int:

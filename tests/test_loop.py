@@ -1,0 +1,74 @@
+"""One trial's training loop against the sweep's deadline: the budget is the limit.
+
+    .venv/bin/python -m pytest -q tests/test_loop.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from automl_tl.backbones import create_backbone, resolve_spec
+from automl_tl.config import load_config
+from automl_tl.inference.transforms import Preprocessing
+from automl_tl.runs.rundir import RunDir
+from automl_tl.train.loop import TrialConfig, TrialData, train_trial
+from automl_tl.train.steps import ImageSteps
+
+
+@pytest.fixture(scope="module")
+def data(hymenoptera_dir: Path, data_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrialData:
+    from automl_tl.sweep.driver import prepare_data
+
+    config = load_config({"data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)}})
+    return prepare_data(config, RunDir(tmp_path_factory.mktemp("run")), None, progress=False)
+
+
+def _few(data: TrialData) -> TrialData:
+    """Three batches of training images and a few validation images: epochs of a second or two."""
+    return dataclasses.replace(data, train_idx=data.train_idx[::4][:48], val_idx=data.val_idx[:8])
+
+
+def _cfg(**change: Any) -> TrialConfig:
+    params = {"backbone": "mobilenetv2_100", "freeze_depth": 6, "learning_rate": 3e-3, "backbone_lr_ratio": 0.1,
+              "augmentation": "none", "optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.0,
+              "batch_size": 16, "max_epochs": 3, "head": "linear", "head_dropout": 0.0, "image_size": 64}  # fmt: skip
+    return TrialConfig.from_params({**params, **change})
+
+
+def test_a_trial_that_starts_past_the_deadline_trains_nothing(data: TrialData, tmp_path: Path) -> None:
+    reported: list[dict[str, Any]] = []
+    last = train_trial(_cfg(), data, lambda m, c: reported.append(m), tmp_path / "out", deadline=time.time() - 1)
+    assert last is None and reported == []
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_epoch_reaching_the_deadline_takes_no_further_batch(data: TrialData) -> None:
+    cfg, data = _cfg(), _few(data)
+    spec = resolve_spec(cfg.backbone)
+    pre = Preprocessing.from_spec(spec, cfg.image_size)
+    model = create_backbone(cfg.backbone, num_classes=len(data.class_names), pretrained=False,
+                            freeze_depth=cfg.freeze_depth, image_size=pre.input_size)  # fmt: skip
+    steps = ImageSteps(model, pre, cfg, data, None, "off", torch.device("cpu"), 0, 1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    steps.train_epoch(optimizer, schedule, 1)
+    assert steps.step == steps.steps_per_epoch() > 1 and not steps.cut_short  # no deadline: the whole epoch
+    steps.deadline = time.time() - 1
+    steps.train_epoch(optimizer, schedule, 2)
+    assert steps.cut_short and steps.step == steps.steps_per_epoch() + 1  # one batch, then the deadline
+
+
+def test_a_trial_ends_at_the_deadline_with_its_last_epoch_evaluated(data: TrialData, tmp_path: Path) -> None:
+    reported: list[dict[str, Any]] = []
+    deadline = time.time() + 6.0  # past model building; the trial alone would run 200 epochs
+    cfg = _cfg(max_epochs=200, plateau_patience=200)
+    last = train_trial(cfg, _few(data), lambda m, c: reported.append(m), tmp_path / "out", deadline=deadline)
+    assert time.time() < deadline + 5.0  # one batch and one evaluation past it, at most
+    assert last is not None and reported[-1]["stop_reason"] == "time_budget" and 1 <= last.epoch < 200
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # its best epoch is a usable model
