@@ -41,6 +41,17 @@ def _cfg(**change: Any) -> TrialConfig:
     return TrialConfig.from_params({**params, **change})
 
 
+def test_a_feature_scale_enlarges_the_input_of_frozen_extractors_only() -> None:
+    native = resolve_spec("tf_efficientnet_lite0").input_size
+    frozen = _cfg(backbone="tf_efficientnet_lite0", freeze_depth=8, image_size=None, feature_scale=1.25)
+    assert frozen.frozen_features and frozen.preprocessing().input_size == 16 * round(native * 1.25 / 16) > native
+    assert _cfg(backbone="tf_efficientnet_lite0", freeze_depth=8, image_size=None).preprocessing().input_size == native
+    tuned = _cfg(backbone="tf_efficientnet_lite0", freeze_depth=4, image_size=None, feature_scale=1.25)
+    assert tuned.preprocessing().input_size == native  # a backbone that trains keeps its size
+    augmented = _cfg(backbone="tf_efficientnet_lite0", freeze_depth=8, augmentation="light", feature_scale=1.25)
+    assert augmented.preprocessing().input_size == 64
+
+
 def test_a_trial_that_starts_past_the_deadline_trains_nothing(data: TrialData, tmp_path: Path) -> None:
     reported: list[dict[str, Any]] = []
     last = train_trial(_cfg(), data, lambda m, c: reported.append(m), tmp_path / "out", deadline=time.time() - 1)

@@ -81,6 +81,9 @@ def test_frozen_start_points_lie_in_the_space() -> None:
                 {"search": {"frozen_first": False}}):  # fmt: skip
         off = load_config(raw)
         assert frozen_start_points(off, build_param_space(off)) == []
+    scaled = load_config({"space": {"feature_scales": [1.0, 1.25]}})
+    points = frozen_start_points(scaled, build_param_space(scaled))  # the probe at 1.25 after the one at 1.0
+    assert [(p["optimizer"], p["feature_scale"]) for p in points] == [("lbfgs", 1.0)] * 2 + [("lbfgs", 1.25)] * 2 + [("adamw", 1.0)] * 2
     capped = load_config({"search": {"num_samples": 3}})
     (first,) = frozen_start_points(capped, build_param_space(capped))  # at most half the trials
     assert first["optimizer"] == "lbfgs"

@@ -233,8 +233,8 @@ def _feature_loader(data_info: Mapping[str, Any], cache_path: str, num_classes: 
     from pathlib import Path
 
     from automl_tl.backbones import create_backbone, resolve_spec
-    from automl_tl.inference.transforms import Preprocessing
     from automl_tl.train.features import cached_features
+    from automl_tl.train.loop import TrialConfig
     from automl_tl.train.trial_data import TrialData
 
     data = TrialData(
@@ -242,14 +242,15 @@ def _feature_loader(data_info: Mapping[str, Any], cache_path: str, num_classes: 
         train_idx=np.asarray(data_info["train"], dtype=np.int64), val_idx=np.asarray(data_info["val"], dtype=np.int64),
         labels=np.asarray(data_info["labels"], dtype=np.int64), feature_cache_dir=str(Path(cache_path).parent / "features"),
     )  # fmt: skip
-    loaded: dict[tuple[str, int | None], torch.Tensor] = {}
+    loaded: dict[tuple[str, int], torch.Tensor] = {}
 
     def features(trial: HeadTrial) -> torch.Tensor:
-        backbone, size = str(trial.params["backbone"]), trial.params.get("image_size")
+        pre = TrialConfig.from_params(trial.params).preprocessing()
+        backbone, size = str(trial.params["backbone"]), pre.input_size
         if (backbone, size) not in loaded:
             spec = resolve_spec(backbone)
             model = create_backbone(backbone, num_classes=num_classes, freeze_depth=spec.max_freeze_depth)
-            found = cached_features(data, backbone, Preprocessing.from_spec(spec, size), model)
+            found = cached_features(data, backbone, pre, model)
             loaded[(backbone, size)] = torch.cat([found.train, found.val])
         return loaded[(backbone, size)]
 

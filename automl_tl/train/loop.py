@@ -28,7 +28,6 @@ from automl_tl.train.trial_data import TrialData
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.evaluate.metrics import classification_metrics
 from automl_tl.evaluate.ranking import metric_mode, rank_key
-from automl_tl.inference.transforms import Preprocessing
 from automl_tl.train.trial_config import HYPERPARAMETERS, TrialConfig
 from automl_tl.train.steps import (
     FeatureSteps, ImageSteps, ProbeSteps, Steps, amp_dtype, class_weights, probe_start, resolve_class_balance,
@@ -80,7 +79,7 @@ def train_trial(
     device = device or torch.device("cpu")
     seed_everything(cfg.seed + 1000 * rank)
     spec = resolve_spec(cfg.backbone)
-    pre = Preprocessing.from_spec(spec, cfg.image_size)
+    pre = cfg.preprocessing()
     num_classes = len(data.class_names)
     model = create_backbone(
         cfg.backbone,
