@@ -252,6 +252,9 @@ class SearchConfig(_Section):
     # then ranked, and the ensemble chosen, on cv_folds-fold cross-validated predictions over train + val.
     cv_below_images: Annotated[Int, Field(ge=0)] = 500
     cv_folds: Annotated[Int, Field(ge=2, le=20)] = 5
+    # Test-time augmentation: on cross-validated heads, also score each one averaged with its answer on the
+    # mirrored images (one more feature pass per backbone) and serve it so where that is better.
+    test_time_augmentation: Bool = False
 
     def max_trials(self) -> int | None:
         """The trial cap: ``num_samples`` when given; none when a time budget bounds the sweep, else DEFAULT_TRIALS."""

@@ -307,7 +307,9 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     from automl_tl.evaluate.results import build_results
 
     switched = {"feature_scales": tuple(args.feature_scales)}  # the transfer methods this run switches on
+    search = {"test_time_augmentation": args.tta}
     figures: dict[str, Any] = {"budget_s": args.budget_s, "seeds": list(args.seeds), "space": {**ACCURACY_SPACE, **switched},
+                               "search": search,
                                "other_settings": "defaults; animal-shapes runs the demo's sweep at this budget"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
@@ -316,7 +318,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
             runs = []
             for seed in args.seeds:
                 run_dir = Path(tmp) / f"{name}-{seed}"
-                config = _accuracy_config(name, args.budget_s, cache, seed, switched)
+                config = _accuracy_config(name, args.budget_s, cache, seed, switched).replace("search", **search)
                 started = time.perf_counter()
                 with log_to(sys.stdout):  # the sweep's progress lines, as `automl-tl search` prints them
                     outcome = run_search(config, run_dir, test_source=test, progress=False)
@@ -333,6 +335,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                     "results_s": round(results_s, 1),  # after the sweep, outside its budget
                     "load_average_1_5_15min_at_end": [round(x, 1) for x in os.getloadavg()],
                     "selection": {k: v for k, v in results["selection"].items() if k != "cross_validation"},
+                    "tta": ((results["selection"]["cross_validation"] or {}).get("tta") or {}),
                     "cross_validation_top": _cv_top(results, outcome.rows),
                     "best_trial": {k: results["best"]["config"].get(k) for k in ("backbone", "freeze_depth", "augmentation", "optimizer", "image_size", "feature_scale")},
                     "best_test_accuracy": results["best"]["test"]["accuracy"],
@@ -551,6 +554,7 @@ def main() -> None:
                    help="results file sweep_<name>.json (e.g. accuracy_smoke)")
     p.add_argument("--feature-scales", type=float, nargs="+", default=[1.0], dest="feature_scales",
                    help="space.feature_scales: 1.0 1.25 also probes each backbone at 1.25 times its input size")
+    p.add_argument("--tta", action="store_true", help="search.test_time_augmentation: flip, chosen on the folds")
     p.add_argument("--conditions", default="", help="what else ran on the machine meanwhile, for the results file")
     p = sub.add_parser("efficiency")
     p.add_argument("--trials", type=int, default=12)
