@@ -108,6 +108,15 @@ def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
     assert sweep_end(finite, build_param_space(finite), 2, 20.0)["stop_reason"].startswith("space_exhausted")
     assert sweep_end(config, space, 3, 100.0)["stop_reason"].startswith("trials_ended")  # early, and says so
 
+    from automl_tl.sweep.tuner import _deadline_stopper, trial_deadline
+
+    before = time.time()
+    deadline = trial_deadline(config, restore=False)  # trials and Tune both end at the budget's end
+    assert deadline is not None and before + 600 <= deadline <= time.time() + 600
+    assert trial_deadline(config, restore=True) is None  # a resume: only Tune knows the budget left
+    assert trial_deadline(config.replace("search", time_budget_s=None), restore=False) is None
+    assert not _deadline_stopper(deadline).stop_all() and _deadline_stopper(time.time() - 1).stop_all()
+
     from automl_tl.sweep.progress import SweepProgress
 
     uncapped = SweepProgress("val_accuracy", "max", -1, time_budget_s=600.0)

@@ -97,8 +97,9 @@ def build_tuner(
     from automl_tl.sweep.trial import FAULT_ENV, TrialSetup, run_trial, trial_resources
 
     search, res = config.search, config.resources
+    deadline = trial_deadline(config, restore)
     setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV),
-                       memory_cap_bytes=_largest_node_memory(), deadline=trial_deadline(config, restore))  # fmt: skip
+                       memory_cap_bytes=_largest_node_memory(), deadline=deadline)  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(setup, len(data.val_idx))
     )
@@ -125,6 +126,7 @@ def build_tuner(
             name="tune",
             storage_path=run.location,
             verbose=0,
+            stop=_deadline_stopper(deadline) if deadline is not None else None,
             callbacks=[SweepProgress(search.metric, mode, _trial_cap(config, param_space), search.scheduler,
                                      search.time_budget_s, run.path / STOP_REASONS, progress=progress)],  # fmt: skip
             failure_config=tune.FailureConfig(max_failures=res.max_failures if res.engine() == "inline" else 0),
@@ -142,6 +144,21 @@ def trial_deadline(config: ExperimentConfig, restore: bool) -> float | None:
     """
     budget = config.search.time_budget_s
     return None if budget is None or restore else time.time() + budget
+
+
+def _deadline_stopper(deadline: float) -> Any:
+    """A Tune stopper that ends the experiment at the trials' deadline: Tune's own budget clock starts only at
+    its first step, so without it Tune would go on proposing trials that the deadline ends at once."""
+    from ray.tune.stopper import Stopper
+
+    class DeadlineStopper(Stopper):
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return time.time() >= deadline
+
+    return DeadlineStopper()
 
 
 def _trial_cap(config: ExperimentConfig, param_space: dict[str, Any]) -> int:
