@@ -164,10 +164,11 @@ def test_test_time_flip_is_chosen_only_where_it_helps_on_the_folds() -> None:
     helped = cross_validate_heads(trials, lambda t: x, y, folds, 3, flipped=lambda t: second_view)["probe"]
     assert helped.tta_probs is not None and helped.tta_probs.shape == helped.oof_probs.shape
     assert choose_tta(y, helped) == ("hflip",)
+    assert helped.to_dict()["tta_log_loss"] < helped.to_dict()["log_loss"]  # the report shows both
     misled = cross_validate_heads(trials, lambda t: x, y, folds, 3, flipped=lambda t: x[rng.permutation(120)])["probe"]
     assert choose_tta(y, misled) == ()
     plain = cross_validate_heads(trials, lambda t: x, y, folds, 3)["probe"]
-    assert plain.tta_probs is None and choose_tta(y, plain) == ()
+    assert plain.tta_probs is None and choose_tta(y, plain) == () and "tta_log_loss" not in plain.to_dict()
     np.testing.assert_allclose(plain.oof_probs, helped.oof_probs)  # the plain answer does not change
 
 

@@ -93,6 +93,8 @@ class FoldScores:
     fold_accuracy: tuple[float, ...]
     log_loss: float
     tta_probs: np.ndarray | None = None  # the same heads, averaged with their answer on the mirrored images
+    tta_fold_accuracy: tuple[float, ...] = ()
+    tta_log_loss: float | None = None
 
     @property
     def mean(self) -> float:
@@ -103,8 +105,10 @@ class FoldScores:
         return float(np.std(self.fold_accuracy, ddof=1)) if len(self.fold_accuracy) > 1 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        tta = {"tta_accuracy_mean": float(np.mean(self.tta_fold_accuracy)), "tta_log_loss": self.tta_log_loss,
+               "tta_fold_accuracy": list(self.tta_fold_accuracy)} if self.tta_fold_accuracy else {}  # fmt: skip
         return {"accuracy_mean": self.mean, "accuracy_std": self.std, "log_loss": self.log_loss,
-                "fold_accuracy": list(self.fold_accuracy)}  # fmt: skip
+                "fold_accuracy": list(self.fold_accuracy), **tta}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +184,11 @@ def cross_validate_heads(
         with one_thread():
             both = out_of_fold(fit_predict, folds)
         oof, tta = both[:, :num_classes], (both[:, :num_classes] + both[:, num_classes:]) / 2
-        scores[trial.trial_id] = FoldScores(oof, fold_accuracies(labels, oof, folds), log_loss(labels, oof),
-                                            tta if flipped is not None else None)  # fmt: skip
+        score = FoldScores(oof, fold_accuracies(labels, oof, folds), log_loss(labels, oof))
+        if flipped is not None:
+            score = dataclasses.replace(score, tta_probs=tta, tta_fold_accuracy=fold_accuracies(labels, tta, folds),
+                                        tta_log_loss=log_loss(labels, tta))  # fmt: skip
+        scores[trial.trial_id] = score
     return scores
 
 
