@@ -14,19 +14,12 @@ import pytest
 import torch
 
 from automl_tl.backbones import create_backbone, resolve_spec
-from automl_tl.config import load_config
 from automl_tl.inference.transforms import Preprocessing
-from automl_tl.runs.rundir import RunDir
 from automl_tl.train.loop import TrialConfig, TrialData, train_trial
 from automl_tl.train.steps import ImageSteps
 
-
-@pytest.fixture(scope="module")
-def data(hymenoptera_dir: Path, data_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrialData:
-    from automl_tl.sweep.driver import prepare_data
-
-    config = load_config({"data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)}})
-    return prepare_data(config, RunDir(tmp_path_factory.mktemp("run")), None, progress=False)
+from .test_oom import _cfg as _oom_cfg
+from .test_oom import data  # noqa: F401  (the module's fixture: hymenoptera's train split, decoded once)
 
 
 def _few(data: TrialData) -> TrialData:
@@ -35,10 +28,7 @@ def _few(data: TrialData) -> TrialData:
 
 
 def _cfg(**change: Any) -> TrialConfig:
-    params = {"backbone": "mobilenetv2_100", "freeze_depth": 6, "learning_rate": 3e-3, "backbone_lr_ratio": 0.1,
-              "augmentation": "none", "optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.0,
-              "batch_size": 16, "max_epochs": 3, "head": "linear", "head_dropout": 0.0, "image_size": 64}  # fmt: skip
-    return TrialConfig.from_params({**params, **change})
+    return _oom_cfg(**{"batch_size": 16, "max_epochs": 3, **change})
 
 
 def test_a_feature_scale_enlarges_the_input_of_frozen_extractors_only() -> None:
