@@ -191,6 +191,9 @@ class SearchSpaceConfig(_Section):
     max_epochs: Annotated[Int, Field(ge=1, le=1000)] = 8
     # Image sizes to try; empty means each backbone's native size.
     image_sizes: Choices[Annotated[Int, Field(ge=16, le=1024)]] = ()
+    # A frozen feature extractor reads images this many times its input size (1.0: as it was trained);
+    # [1.0, 1.25] also probes each backbone at the larger size.
+    feature_scales: Annotated[Choices[Annotated[Float, Field(ge=0.5, le=2.0)]], Field(min_length=1)] = (1.0,)
     heads: Annotated[Choices[Head], Field(min_length=1)] = HEADS
     mlp_dropout: FloatRange = FloatRange(low=0.0, high=0.5)
     # Layer-wise learning-rate decay: each backbone stage learns this many times as fast as the one above it;
@@ -254,6 +257,9 @@ class SearchConfig(_Section):
     # then ranked, and the ensemble chosen, on cv_folds-fold cross-validated predictions over train + val.
     cv_below_images: Annotated[Int, Field(ge=0)] = 500
     cv_folds: Annotated[Int, Field(ge=2, le=20)] = 5
+    # Test-time augmentation: on cross-validated heads, also score each one averaged with its answer on the
+    # mirrored images (one more feature pass per backbone) and serve it so where that is better.
+    test_time_augmentation: Bool = False
 
     def max_trials(self) -> int | None:
         """The trial cap: ``num_samples`` when given; none when a time budget bounds the sweep, else DEFAULT_TRIALS."""

@@ -192,7 +192,7 @@ ACCURACY_SPACE: dict[str, Any] = {
 }
 
 
-TOP_KEYS = ("backbone", "freeze_depth", "augmentation", "optimizer", "learning_rate", "best_val_accuracy", "epochs_run",
+TOP_KEYS = ("backbone", "freeze_depth", "augmentation", "optimizer", "feature_scale", "learning_rate", "best_val_accuracy", "epochs_run",
             "stop_reason", "wall_s", "feature_cache")  # fmt: skip
 
 # name: (data, test data, test_fraction, issue 22's target test accuracy); animal-shapes runs the demo's sweep
@@ -203,17 +203,18 @@ ACCURACY_CASES: dict[str, tuple[str, str | None, float, float]] = {
 }
 
 
-def _accuracy_config(name: str, budget_s: float, cache: Path, seed: int) -> ExperimentConfig:
+def _accuracy_config(name: str, budget_s: float, cache: Path, seed: int, space: dict[str, Any]) -> ExperimentConfig:
     """The benchmark's sweep: all four backbones and defaults otherwise; animal-shapes runs the demo's own."""
     data, _, test_fraction, _ = ACCURACY_CASES[name]
     if name == "animal-shapes":
         from automl_tl.demo import demo_config
 
         demo = demo_config(budget_s=budget_s)
+        demo = demo.replace("space", **space)
         return demo.replace("data", cache_dir=str(cache), seed=seed).replace("search", num_samples=None, seed=seed)
     return load_config({
         "data": {"source": data, "cache_dir": str(cache), "test_fraction": test_fraction, "seed": seed},
-        "space": ACCURACY_SPACE,
+        "space": {**ACCURACY_SPACE, **space},
         "search": {"time_budget_s": budget_s, "seed": seed},
     })  # fmt: skip
 
@@ -284,6 +285,13 @@ def _probe_figures(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
             "best_on_test": max(p["test_accuracy"] for p in per_backbone.values())}  # fmt: skip
 
 
+def _cv_top(results: dict[str, Any], rows: list[dict[str, Any]], top: int = 8) -> dict[str, Any]:
+    """The best cross-validated trials, each with what it was (backbone, optimizer, feature scale)."""
+    scored = list(((results["selection"]["cross_validation"] or {}).get("trials") or {}).items())[:top]
+    what = {r["trial_id"]: {k: r.get(k) for k in ("backbone", "optimizer", "feature_scale")} for r in rows}
+    return {t: {**what.get(t, {}), **s} for t, s in scored}
+
+
 def hits(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probs.argmax(axis=1) == labels))
 
@@ -298,7 +306,10 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     from automl_tl._logs import log_to
     from automl_tl.evaluate.results import build_results
 
-    figures: dict[str, Any] = {"budget_s": args.budget_s, "seeds": list(args.seeds), "space": ACCURACY_SPACE,
+    switched = {"feature_scales": tuple(args.feature_scales)}  # the transfer methods this run switches on
+    search = {"test_time_augmentation": args.tta}
+    figures: dict[str, Any] = {"budget_s": args.budget_s, "seeds": list(args.seeds), "space": {**ACCURACY_SPACE, **switched},
+                               "search": search,
                                "other_settings": "defaults; animal-shapes runs the demo's sweep at this budget"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
@@ -307,11 +318,13 @@ def bench_accuracy(args: argparse.Namespace) -> None:
             runs = []
             for seed in args.seeds:
                 run_dir = Path(tmp) / f"{name}-{seed}"
-                config = _accuracy_config(name, args.budget_s, cache, seed)
+                config = _accuracy_config(name, args.budget_s, cache, seed, switched).replace("search", **search)
                 started = time.perf_counter()
                 with log_to(sys.stdout):  # the sweep's progress lines, as `automl-tl search` prints them
                     outcome = run_search(config, run_dir, test_source=test, progress=False)
-                    results = build_results(run_dir)
+                    results_started = time.perf_counter()
+                    results = build_results(run_dir)  # cross-validation, refit, ensemble, test scores
+                    results_s = time.perf_counter() - results_started
                 summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                 probe = _probe_figures(run_dir, config)
                 run = {
@@ -319,9 +332,12 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                     "wall_s": round(time.perf_counter() - started, 1),
                     "trials": len(outcome.rows),
                     "sweep": summary["sweep"],
+                    "results_s": round(results_s, 1),  # after the sweep, outside its budget
+                    "load_average_1_5_15min_at_end": [round(x, 1) for x in os.getloadavg()],
                     "selection": {k: v for k, v in results["selection"].items() if k != "cross_validation"},
-                    "cross_validation_top": dict(list(((results["selection"]["cross_validation"] or {}).get("trials") or {}).items())[:5]),
-                    "best_trial": {k: results["best"]["config"].get(k) for k in ("backbone", "freeze_depth", "augmentation", "optimizer", "image_size")},
+                    "tta": ((results["selection"]["cross_validation"] or {}).get("tta") or {}),
+                    "cross_validation_top": _cv_top(results, outcome.rows),
+                    "best_trial": {k: results["best"]["config"].get(k) for k in ("backbone", "freeze_depth", "augmentation", "optimizer", "image_size", "feature_scale")},
                     "best_test_accuracy": results["best"]["test"]["accuracy"],
                     "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
                     "probe_test_accuracy": probe["chosen"]["test_accuracy"],
@@ -343,6 +359,8 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 "probe_test_accuracy": _spread([r["probe_test_accuracy"] for r in runs]),
                 "budget_used": _spread([float(r["sweep"]["budget_used"] or 0.0) for r in runs]),
                 "runs": runs,
+                "conditions": "; ".join(filter(None, [args.conditions, "load averages (1, 5, 15 min) at each run's "
+                                                      f"end: {[r['load_average_1_5_15min_at_end'] for r in runs]}"])),
             }
     earlier = RESULTS / f"sweep_{args.results_name}.json"
     if earlier.is_file():  # a run of some data sets keeps the others' last figures, each with its own date
@@ -476,7 +494,9 @@ def bench_pruning(args: argparse.Namespace) -> None:
                     run_dir = Path(tmp) / f"{name}-{seed}-{arm}"
                     started = time.perf_counter()
                     outcome = run_search(config, run_dir, test_source=test, progress=False)
-                    results = build_results(run_dir)
+                    results_started = time.perf_counter()
+                    results = build_results(run_dir)  # cross-validation, refit, ensemble, test scores
+                    results_s = time.perf_counter() - results_started
                     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                     rows = _in_proposal_order(outcome.rows, run_dir)
                     image_trials = [r for r in rows if _steps_through_images(r)]
@@ -532,6 +552,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--results-name", default="accuracy", dest="results_name",
                    help="results file sweep_<name>.json (e.g. accuracy_smoke)")
+    p.add_argument("--feature-scales", type=float, nargs="+", default=[1.0], dest="feature_scales",
+                   help="space.feature_scales: 1.0 1.25 also probes each backbone at 1.25 times its input size")
+    p.add_argument("--tta", action="store_true", help="search.test_time_augmentation: flip, chosen on the folds")
+    p.add_argument("--conditions", default="", help="what else ran on the machine meanwhile, for the results file")
     p = sub.add_parser("efficiency")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

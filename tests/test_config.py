@@ -133,7 +133,7 @@ def test_several_mistakes_are_reported_together(tmp_path: Path, capsys: pytest.C
             "search.num_samples: must be >= 1, got 0",
             "search.scheduler: must be one of 'asha', 'hyperband', 'pbt', 'none', got 'median'",
             "space: unknown key 'learnin_rate'; allowed: augmentations, backbone_lr_ratio, backbones, batch_sizes, "
-            "freeze_depths, heads, image_sizes, label_smoothing, layer_decay, learning_rate, max_epochs, mlp_dropout, "
+            "feature_scales, freeze_depths, heads, image_sizes, label_smoothing, layer_decay, learning_rate, max_epochs, mlp_dropout, "
             "optimizers, "
             "weight_decay (did you mean 'learning_rate'?)",
         ]

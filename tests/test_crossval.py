@@ -150,6 +150,28 @@ def test_folds_rank_the_converged_probe_above_an_untrained_head_and_select_on_al
     assert chosen.members[0] == "probe" and chosen.weights[0] > 0.5
 
 
+def test_test_time_flip_is_chosen_only_where_it_helps_on_the_folds() -> None:
+    """A second view with fresh noise averages it away (chosen); one from other rows misleads (refused)."""
+    from automl_tl.evaluate.crossval import choose_tta
+
+    x, y = _blobs(120, 3, 3.0, seed=4)
+    rng = np.random.default_rng(5)
+    centres = np.zeros((3, WIDTH))
+    centres[np.arange(3), np.arange(3)] = 3.0
+    second_view = torch.from_numpy((centres[y] + rng.normal(size=(120, WIDTH))).astype(np.float32))
+    trials = [HeadTrial("probe", _params(), best_epoch=1, probe_l2=1e-2)]
+    folds = stratified_folds(y, 4)
+    helped = cross_validate_heads(trials, lambda t: x, y, folds, 3, flipped=lambda t: second_view)["probe"]
+    assert helped.tta_probs is not None and helped.tta_probs.shape == helped.oof_probs.shape
+    assert choose_tta(y, helped) == ("hflip",)
+    assert helped.to_dict()["tta_log_loss"] < helped.to_dict()["log_loss"]  # the report shows both
+    misled = cross_validate_heads(trials, lambda t: x, y, folds, 3, flipped=lambda t: x[rng.permutation(120)])["probe"]
+    assert choose_tta(y, misled) == ()
+    plain = cross_validate_heads(trials, lambda t: x, y, folds, 3)["probe"]
+    assert plain.tta_probs is None and choose_tta(y, plain) == () and "tta_log_loss" not in plain.to_dict()
+    np.testing.assert_allclose(plain.oof_probs, helped.oof_probs)  # the plain answer does not change
+
+
 def test_refit_on_all_rows_is_keyed_as_the_trials_network() -> None:
     from automl_tl.backbones import create_backbone
 

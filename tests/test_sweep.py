@@ -81,6 +81,9 @@ def test_frozen_start_points_lie_in_the_space() -> None:
                 {"search": {"frozen_first": False}}):  # fmt: skip
         off = load_config(raw)
         assert frozen_start_points(off, build_param_space(off)) == []
+    scaled = load_config({"space": {"feature_scales": [1.0, 1.25]}})
+    points = frozen_start_points(scaled, build_param_space(scaled))  # the probe at 1.25 after the one at 1.0
+    assert [(p["optimizer"], p["feature_scale"]) for p in points] == [("lbfgs", 1.0)] * 2 + [("lbfgs", 1.25)] * 2 + [("adamw", 1.0)] * 2
     capped = load_config({"search": {"num_samples": 3}})
     (first,) = frozen_start_points(capped, build_param_space(capped))  # at most half the trials
     assert first["optimizer"] == "lbfgs"
@@ -104,6 +107,15 @@ def test_the_time_budget_bounds_trials_unless_a_count_is_given() -> None:
     assert sweep_end(config.replace("search", num_samples=12), space, 12, 130.0)["stop_reason"].startswith("trial_cap")
     assert sweep_end(finite, build_param_space(finite), 2, 20.0)["stop_reason"].startswith("space_exhausted")
     assert sweep_end(config, space, 3, 100.0)["stop_reason"].startswith("trials_ended")  # early, and says so
+
+    from automl_tl.sweep.tuner import _deadline_stopper, trial_deadline
+
+    before = time.time()
+    deadline = trial_deadline(config, restore=False)  # trials and Tune both end at the budget's end
+    assert deadline is not None and before + 600 <= deadline <= time.time() + 600
+    assert trial_deadline(config, restore=True) is None  # a resume: only Tune knows the budget left
+    assert trial_deadline(config.replace("search", time_budget_s=None), restore=False) is None
+    assert not _deadline_stopper(deadline).stop_all() and _deadline_stopper(time.time() - 1).stop_all()
 
     from automl_tl.sweep.progress import SweepProgress
 

@@ -76,3 +76,32 @@ def test_sweep_validation_scores_through_the_inference_transform_object(pre: Pre
     assert torch.equal(got, former(array_to_tensor(image)).as_subclass(torch.Tensor))
     with pytest.raises(ValueError, match="CHW uint8"):
         eval_transform(pre)(torch.zeros(3, 8, 8))
+
+
+def test_a_member_served_with_test_time_flip_averages_both_views_on_every_path(tmp_path: Path) -> None:
+    """The manifest's ``tta`` is applied where members are built, so Predictor, Serve and export agree."""
+    import dataclasses
+
+    from automl_tl.inference.artifact import load_artifact
+    from automl_tl.inference.export import build_export_graph
+    from automl_tl.inference.predictor import Predictor
+
+    from .test_artifact import make_artifact, make_member
+
+    record, state = make_member("m", 64)
+    plain = load_artifact(make_artifact(tmp_path / "plain", [(record, state)]))
+    tta_dir = make_artifact(tmp_path / "tta", [(dataclasses.replace(record, tta=("hflip",)), state)])
+    tta = load_artifact(tta_dir)
+    assert tta.members[0].tta == ("hflip",) and plain.members[0].tta == ()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        base = plain.build_model(0)
+        want = (torch.softmax(base(x), 1) + torch.softmax(base(x.flip(3)), 1)) / 2
+        got = torch.softmax(tta.build_model(0)(x), 1)
+        assert not torch.allclose(torch.softmax(base(x), 1), want, atol=1e-4)  # the flip does change the answer
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        graph, _, _ = build_export_graph(tta, mode="best")  # what every export format writes
+        images = [np.random.default_rng(i).integers(0, 255, (80, 72, 3), dtype=np.uint8) for i in range(2)]
+        served = Predictor.load(tta_dir, mode="best").predict_proba(images)
+        batch = torch.stack([eval_transform(Preprocessing.from_dict(record.preprocessing))(im) for im in images])
+        np.testing.assert_allclose(graph(batch).numpy(), served, atol=1e-5)

@@ -27,6 +27,7 @@ from automl_tl.evaluate.metrics import log_loss
 __all__ = [
     "FoldScores",
     "HeadTrial",
+    "choose_tta",
     "cross_validate_heads",
     "fold_accuracies",
     "head_trial",
@@ -91,6 +92,9 @@ class FoldScores:
     oof_probs: np.ndarray
     fold_accuracy: tuple[float, ...]
     log_loss: float
+    tta_probs: np.ndarray | None = None  # the same heads, averaged with their answer on the mirrored images
+    tta_fold_accuracy: tuple[float, ...] = ()
+    tta_log_loss: float | None = None
 
     @property
     def mean(self) -> float:
@@ -101,8 +105,10 @@ class FoldScores:
         return float(np.std(self.fold_accuracy, ddof=1)) if len(self.fold_accuracy) > 1 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        tta = {"tta_accuracy_mean": float(np.mean(self.tta_fold_accuracy)), "tta_log_loss": self.tta_log_loss,
+               "tta_fold_accuracy": list(self.tta_fold_accuracy)} if self.tta_fold_accuracy else {}  # fmt: skip
         return {"accuracy_mean": self.mean, "accuracy_std": self.std, "log_loss": self.log_loss,
-                "fold_accuracy": list(self.fold_accuracy)}  # fmt: skip
+                "fold_accuracy": list(self.fold_accuracy), **tta}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,25 +161,44 @@ def cross_validate_heads(
     labels: np.ndarray,
     folds: np.ndarray,
     num_classes: int,
+    flipped: Callable[[HeadTrial], torch.Tensor] | None = None,
 ) -> dict[str, FoldScores]:
-    """Out-of-fold predictions of every trial over the rows of ``features`` (one head per fold and trial)."""
+    """Out-of-fold predictions of every trial over the rows of ``features`` (one head per fold and trial);
+    with ``flipped`` (the same rows' features of the mirrored images), also each head's test-time-augmented
+    answer: its softmax averaged over both."""
     from automl_tl.train.probe import head_probs, one_thread
 
     labels = np.asarray(labels, dtype=np.int64)
     scores = {}
     for trial in trials:
         x = features(trial)
+        x_flip = flipped(trial) if flipped is not None else x
         template, _ = fresh_head(trial, num_classes)
 
         def fit_predict(train: np.ndarray, test: np.ndarray, trial: HeadTrial = trial, x: torch.Tensor = x,
-                        template: torch.nn.Module = template) -> np.ndarray:  # fmt: skip
+                        x_flip: torch.Tensor = x_flip, template: torch.nn.Module = template) -> np.ndarray:  # fmt: skip
             head = _fit_head(trial, template, x[torch.from_numpy(train)], labels[train], num_classes)
-            return head_probs(head, x[torch.from_numpy(test)])
+            rows = torch.from_numpy(test)
+            return np.concatenate([head_probs(head, x[rows]), head_probs(head, x_flip[rows])], axis=1)
 
         with one_thread():
-            oof = out_of_fold(fit_predict, folds)
-        scores[trial.trial_id] = FoldScores(oof, fold_accuracies(labels, oof, folds), log_loss(labels, oof))
+            both = out_of_fold(fit_predict, folds)
+        oof, tta = both[:, :num_classes], (both[:, :num_classes] + both[:, num_classes:]) / 2
+        score = FoldScores(oof, fold_accuracies(labels, oof, folds), log_loss(labels, oof))
+        if flipped is not None:
+            score = dataclasses.replace(score, tta_probs=tta, tta_fold_accuracy=fold_accuracies(labels, tta, folds),
+                                        tta_log_loss=log_loss(labels, tta))  # fmt: skip
+        scores[trial.trial_id] = score
     return scores
+
+
+def choose_tta(labels: np.ndarray, scores: FoldScores) -> tuple[str, ...]:
+    """The test-time views a trial is served with: the mirrored image when averaging with it loses no
+    accuracy and lowers log loss on the out-of-fold predictions, else none."""
+    if scores.tta_probs is None:
+        return ()
+    plain, tta = _key(labels, scores.oof_probs), _key(labels, scores.tta_probs)
+    return ("hflip",) if tta[0] >= plain[0] and tta[1] > plain[1] else ()
 
 
 def refit_state(trial: HeadTrial, x: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, torch.Tensor]:
@@ -211,6 +236,7 @@ class FoldDecision:
     scores: dict[str, FoldScores]
     heads: dict[str, HeadTrial]
     features: Callable[[HeadTrial], torch.Tensor]
+    tta: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # views each trial is served with
 
     def refit(self, trial_id: str, num_classes: int) -> dict[str, torch.Tensor]:
         """The head of ``trial_id`` trained on train + val, keyed as in its network's state dict."""
@@ -220,7 +246,8 @@ class FoldDecision:
     def to_dict(self) -> dict[str, Any]:
         ranked = sorted(self.scores.items(), key=lambda kv: (-kv[1].mean, kv[1].log_loss))
         return {"used": self.used, "why": self.why, "folds": self.folds, "rows": int(self.labels.size),
-                "best": self.best_id, "trials": {t: s.to_dict() for t, s in ranked}}  # fmt: skip
+                "best": self.best_id, "tta": {t: list(v) for t, v in self.tta.items() if v},
+                "trials": {t: s.to_dict() for t, s in ranked}}  # fmt: skip
 
 
 def _key(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
@@ -228,13 +255,16 @@ def _key(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     return float(np.mean(np.asarray(probs).argmax(axis=1) == labels)), -log_loss(labels, probs)
 
 
-def _feature_loader(data_info: Mapping[str, Any], cache_path: str, num_classes: int) -> Callable[[HeadTrial], torch.Tensor]:
-    """Train + val features of a head trial's backbone and input size: the sweep's cache, else computed once."""
+def _feature_loader(
+    data_info: Mapping[str, Any], cache_path: str, num_classes: int, flip: bool = False
+) -> Callable[[HeadTrial], torch.Tensor]:
+    """Train + val features of a head trial's backbone and input size (``flip``: of the mirrored images): the
+    sweep's cache, else computed once."""
     from pathlib import Path
 
     from automl_tl.backbones import create_backbone, resolve_spec
-    from automl_tl.inference.transforms import Preprocessing
     from automl_tl.train.features import cached_features
+    from automl_tl.train.loop import TrialConfig
     from automl_tl.train.trial_data import TrialData
 
     data = TrialData(
@@ -242,14 +272,15 @@ def _feature_loader(data_info: Mapping[str, Any], cache_path: str, num_classes: 
         train_idx=np.asarray(data_info["train"], dtype=np.int64), val_idx=np.asarray(data_info["val"], dtype=np.int64),
         labels=np.asarray(data_info["labels"], dtype=np.int64), feature_cache_dir=str(Path(cache_path).parent / "features"),
     )  # fmt: skip
-    loaded: dict[tuple[str, int | None], torch.Tensor] = {}
+    loaded: dict[tuple[str, int], torch.Tensor] = {}
 
     def features(trial: HeadTrial) -> torch.Tensor:
-        backbone, size = str(trial.params["backbone"]), trial.params.get("image_size")
+        pre = TrialConfig.from_params(trial.params).preprocessing()
+        backbone, size = str(trial.params["backbone"]), pre.input_size
         if (backbone, size) not in loaded:
             spec = resolve_spec(backbone)
             model = create_backbone(backbone, num_classes=num_classes, freeze_depth=spec.max_freeze_depth)
-            found = cached_features(data, backbone, Preprocessing.from_spec(spec, size), model)
+            found = cached_features(data, backbone, pre, model, flip=flip)
             loaded[(backbone, size)] = torch.cat([found.train, found.val])
         return loaded[(backbone, size)]
 
@@ -263,8 +294,12 @@ def decide_on_folds(
     val_probs: Mapping[str, np.ndarray],
     k: int,
     seed: int = 0,
+    tta: bool = False,
 ) -> FoldDecision:
     """Cross-validate the head trials among ``infos`` (trial id -> ``trial.json``) over train + val.
+
+    ``tta``: each head trial is also scored with test-time augmentation (:func:`choose_tta`); where it helps,
+    its out-of-fold predictions are the augmented ones, and so is the artifact's member.
 
     Trials that trained more than a head cannot be refitted cheaply; they only have validation predictions.
     The folds decide unless the best of those beats the best cross-validated head on the validation images
@@ -282,11 +317,15 @@ def decide_on_folds(
     if not heads:
         return dataclasses.replace(empty, why="no trial trained only a head on cached features")
     folds = stratified_folds(y_all, k, seed)
-    scores = cross_validate_heads(list(heads.values()), features, y_all, folds, num_classes)
-    probs = {t: s.oof_probs for t, s in scores.items()}
+    flipped = _feature_loader(data_info, cache_path, num_classes, flip=True) if tta else None
+    scores = cross_validate_heads(list(heads.values()), features, y_all, folds, num_classes, flipped)
+    views = {t: choose_tta(y_all, s) for t, s in scores.items()}
+    probs = {t: s.tta_probs if views[t] and s.tta_probs is not None else s.oof_probs for t, s in scores.items()}
     best = max(probs, key=lambda t: _key(y_all, probs[t]))
-    decided = FoldDecision(True, f"{len(scores)} head trial(s) cross-validated over {y_all.size} images", k, probs,
-                           y_all, best, scores, heads, features)  # fmt: skip
+    why = f"{len(scores)} head trial(s) cross-validated over {y_all.size} images"
+    if tta:
+        why += f"; test-time flip helped {sum(bool(v) for v in views.values())} of them"
+    decided = FoldDecision(True, why, k, probs, y_all, best, scores, heads, features, views)
     others = [t for t in val_probs if t not in all_heads]
     if not others:
         return decided

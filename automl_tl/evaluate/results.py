@@ -60,7 +60,8 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
                     f"cross-validating heads on cached features, {config.search.cv_folds} folds over train + val",
                     extra=_ENSEMBLE)  # fmt: skip
         infos = {t: run.read_json(f"trials/{t}/trial.json") for t in candidates}
-        folds = decide_on_folds(data, local_data_cache(data), infos, val_probs, config.search.cv_folds, config.search.seed)
+        folds = decide_on_folds(data, local_data_cache(data), infos, val_probs, config.search.cv_folds, config.search.seed,
+                                tta=config.search.test_time_augmentation)  # fmt: skip
         logger.info(folds.why + (f"; fold accuracy (mean +/- sd): {spread_note(folds.scores)}" if folds.scores else ""),
                     extra=_ENSEMBLE)  # fmt: skip
         if folds.used and folds.best_id is not None:
@@ -85,6 +86,7 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
         record, state = member_from_trial(run.trial_dir(t), member_id=t)
         if folds is not None and folds.used and t in folds.probs:  # chosen on folds: served refitted on train + val
             state = {**state, **folds.refit(t, len(class_names))}
+            record = dataclasses.replace(record, tta=folds.tta.get(t, ()))  # as its fold predictions were
         members.append((dataclasses.replace(record, temperature=temperatures[t]), state))
     artifact_dir = run.path / ARTIFACT_DIR
     max_side = config.data.cache_max_side

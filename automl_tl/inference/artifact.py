@@ -70,6 +70,7 @@ class MemberRecord:
     val_metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     temperature: float = 1.0
     hyperparameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tta: tuple[str, ...] = ()  # test-time views its softmax is averaged over (inference.transforms.TTA_VIEWS)
 
     @classmethod
     def create(
@@ -354,8 +355,9 @@ class Artifact:
                 f"{self.store.describe(member.weight_file)}: weights do not fit {member.backbone} with a "
                 f"{member.head} head of {member.num_classes} classes: {' '.join(lines[1:3])[:300]}"
             ) from None
-        model.eval()
-        return model
+        from automl_tl.inference.transforms import with_test_time_augmentation
+
+        return with_test_time_augmentation(model.eval(), member.tta).eval()
 
     def build_models(self) -> list[torch.nn.Module]:
         return [self.build_model(i) for i in range(len(self.members))]
@@ -379,6 +381,7 @@ def _record(entry: MemberEntry) -> MemberRecord:
         val_metrics=entry.val_metrics or {},
         temperature=entry.temperature,
         hyperparameters=entry.hyperparameters or {},
+        tta=tuple(entry.tta),
     )
 
 

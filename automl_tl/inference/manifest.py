@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
@@ -64,6 +64,7 @@ class MemberEntry(BaseModel):
     val_metrics: dict[str, Any] | None = None
     temperature: Number = 1.0
     hyperparameters: dict[str, Any] | None = None
+    tta: tuple[Literal["hflip"], ...] = ()  # test-time views averaged over (inference.transforms.TTA_VIEWS)
 
     @field_validator("weight_file")
     @classmethod

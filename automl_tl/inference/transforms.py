@@ -22,7 +22,8 @@ from torchvision.transforms.v2 import functional as F
 
 from automl_tl.backbones import BackboneSpec
 
-__all__ = ["EvalTransform", "Preprocessing", "eval_transform", "to_tensor_batch"]
+__all__ = ["TTA_VIEWS", "EvalTransform", "Preprocessing", "TestTimeAugmented", "eval_transform", "to_tensor_batch",
+           "with_test_time_augmentation"]  # fmt: skip
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -107,3 +108,31 @@ def to_tensor_batch(images: list[Image.Image | np.ndarray], pre: Preprocessing) 
     """A list of RGB images as one normalised NCHW batch."""
     transform = eval_transform(pre)
     return torch.stack([transform(img) for img in images])
+
+
+# Test-time augmentation: the views of an input a member also predicts, its softmax averaged over them.
+# Chosen per member on cross-validated predictions (``automl_tl.evaluate.crossval``), kept in the manifest.
+TTA_VIEWS: tuple[str, ...] = ("hflip",)
+
+
+class TestTimeAugmented(torch.nn.Module):
+    """A member whose output is the log of its softmax averaged over the input and its views: every path that
+    takes a softmax of a member's output (predictor, Serve, export, test scoring) gets the averaged one."""
+
+    def __init__(self, model: torch.nn.Module, views: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.views = model, tuple(views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.model(x), dim=1)
+        for _ in self.views:  # each is "hflip" (TTA_VIEWS): the image mirrored left to right
+            probs = probs + torch.softmax(self.model(torch.flip(x, dims=(3,))), dim=1)
+        return torch.log((probs / (1 + len(self.views))).clamp_min(1e-12))
+
+
+def with_test_time_augmentation(model: torch.nn.Module, views: tuple[str, ...] | list[str]) -> torch.nn.Module:
+    """``model`` itself without views, else wrapped to average over them; an unknown view is refused."""
+    unknown = [v for v in views if v not in TTA_VIEWS]
+    if unknown:
+        raise ValueError(f"test-time augmentation {unknown[0]!r} is not one of {', '.join(TTA_VIEWS)}")
+    return TestTimeAugmented(model, tuple(views)) if views else model

@@ -89,6 +89,10 @@ RAY_ENV = {
     # Tune's short default (a loaded machine, the heap trimmed at a trial's end), Tune errors the next trial
     # and its concurrency limiter then holds the sweep idle until a ten-minute wait in Tune runs out.
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120",
+    # Tune waits this long for a trial actor it stops to stop by itself before killing it, and a stopping
+    # actor keeps its resources meanwhile. Tune's default (ten minutes) is what held a 900 s sweep idle past
+    # its budget after one such reuse failed; trials end at the budget by themselves (``trial_deadline``).
+    "TUNE_FORCE_TRIAL_CLEANUP_S": "30",
 }
 
 

@@ -39,6 +39,7 @@ _FROZEN_START: dict[str, Any] = {
     "batch_size": 32,
     "head": "linear",
     "head_dropout": 0.0,
+    "feature_scale": 1.0,
 }
 
 
@@ -105,7 +106,8 @@ def count_points(param_space: dict[str, Any]) -> int | None:
 
 def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:
     """Tune's ``points_to_evaluate``: the probe (optimizer ``lbfgs``) of each backbone, when the space offers
-    that optimizer, then one AdamW-trained frozen-extractor trial per backbone, in the order configured.
+    that optimizer, at each feature scale it offers (1.0 first), then one AdamW-trained frozen-extractor
+    trial per backbone, in the order configured.
 
     Only the searched dimensions appear (the searcher never sees constants). Empty when the space has no
     fully frozen depth or no ``none`` augmentation (such a start would not be cheap), and at most half of
@@ -120,8 +122,10 @@ def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -
         return []
     searched = {key: dom for key, dom in param_space.items() if isinstance(dom, Domain)}
     # The logistic-regression probe of each backbone first: the sweep's floor, which it must never end below.
-    starts = [{**_FROZEN_START, "optimizer": "lbfgs"}] if "lbfgs" in config.space.optimizers else []
-    starts.append(_FROZEN_START)
+    # Then the probe on each larger feature scale the space offers (are more pixels worth it?), then AdamW.
+    probe = {**_FROZEN_START, "optimizer": "lbfgs"}
+    probes = [probe, *({**probe, "feature_scale": s} for s in sorted(config.space.feature_scales) if s > 1.0)]
+    starts = [*(probes if "lbfgs" in config.space.optimizers else []), _FROZEN_START]
     points: list[dict[str, Any]] = []
     for start in starts:
         for name in config.space.backbones:

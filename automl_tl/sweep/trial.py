@@ -47,6 +47,7 @@ class TrialSetup:
     resources: ResourcesConfig
     fault_marker: str | None = None  # test hook, from $AUTOML_TL_INJECT_TRIAL_FAILURE on the driver
     memory_cap_bytes: int | None = None  # the most memory one node offers Ray: no request may exceed it
+    deadline: float | None = None  # time.time() at which the sweep's budget ends: trials stop by themselves
 
 
 def trial_memory_bytes(cfg: TrialConfig, resources: ResourcesConfig, val_images: int, cap_bytes: int | None) -> int:
@@ -110,7 +111,7 @@ def run_trial(params: dict[str, Any], data: TrialData, setup: TrialSetup) -> Non
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
 
             report = _reporter(send, publish, resumed_from, node_id, writes=True)
-            train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device)
+            train_trial(cfg, data, report, out_dir, resume_dir=resume_dir, device=device, deadline=setup.deadline)
     finally:
         discard_staging(setup.run_dir, out_dir)  # a remote run's staging: published at every new best
         trim_heap(collect=True)  # Tune reuses this actor: the next trial should not start at this one's peak
@@ -164,7 +165,7 @@ def _run_with_ray_train(cfg: TrialConfig, data: TrialData, setup: TrialSetup, ou
     trainer = TorchTrainer(
         _train_worker_loop,
         train_loop_config={"trial": cfg.to_dict(), "data": data, "run_dir": setup.run_dir, "trial_id": trial_id,
-                           "use_gpu": res.use_gpu, "cpus": res.cpus_per_worker},  # fmt: skip
+                           "use_gpu": res.use_gpu, "cpus": res.cpus_per_worker, "deadline": setup.deadline},  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.use_gpu, resources_per_worker=per_worker
         ),
@@ -201,7 +202,7 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
         report = _reporter(send, publish, resumed_from, node_id, writes=rank == 0)
         train_trial(
             cfg, data, report, out_dir, resume_dir=resume_dir, device=device,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, deadline=config.get("deadline"),
         )  # fmt: skip
     discard_staging(config["run_dir"], out_dir)
 

@@ -16,7 +16,7 @@ from automl_tl.runs.rundir import RunDir
 from automl_tl.evaluate.ranking import metric_mode
 from automl_tl.train.trial_data import TrialData
 
-__all__ = ["LEFTOVER_WAIT_S", "STOP_REASONS", "build_tuner", "fit", "sweep_end"]
+__all__ = ["LEFTOVER_WAIT_S", "STOP_REASONS", "build_tuner", "fit", "sweep_end", "trial_deadline"]
 
 STOP_REASONS = "stop_reasons.jsonl"  # why each trial stopped, one JSON line per trial
 LEFTOVER_WAIT_S = 10.0  # a finished trial's Ray Train worker group shuts itself down in about 3 s
@@ -97,8 +97,9 @@ def build_tuner(
     from automl_tl.sweep.trial import FAULT_ENV, TrialSetup, run_trial, trial_resources
 
     search, res = config.search, config.resources
+    deadline = trial_deadline(config, restore)
     setup = TrialSetup(run.location, res.engine(), res, fault_marker=os.environ.get(FAULT_ENV),
-                       memory_cap_bytes=_largest_node_memory())  # fmt: skip
+                       memory_cap_bytes=_largest_node_memory(), deadline=deadline)  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, setup=setup), trial_resources(setup, len(data.val_idx))
     )
@@ -125,12 +126,39 @@ def build_tuner(
             name="tune",
             storage_path=run.location,
             verbose=0,
+            stop=_deadline_stopper(deadline) if deadline is not None else None,
             callbacks=[SweepProgress(search.metric, mode, _trial_cap(config, param_space), search.scheduler,
                                      search.time_budget_s, run.path / STOP_REASONS, progress=progress)],  # fmt: skip
             failure_config=tune.FailureConfig(max_failures=res.max_failures if res.engine() == "inline" else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def trial_deadline(config: ExperimentConfig, restore: bool) -> float | None:
+    """When the sweep's time budget ends (``time.time()``), for trials to stop at by themselves.
+
+    Tune's own budget stops the experiment, but it waits for trials to stop gracefully, and a trial actor
+    that does not (a reused actor whose previous trial still runs) held a sweep past its budget. A resumed
+    sweep has only what Tune's restored budget says is left, which Tune alone knows: no deadline then.
+    """
+    budget = config.search.time_budget_s
+    return None if budget is None or restore else time.time() + budget
+
+
+def _deadline_stopper(deadline: float) -> Any:
+    """A Tune stopper that ends the experiment at the trials' deadline: Tune's own budget clock starts only at
+    its first step, so without it Tune would go on proposing trials that the deadline ends at once."""
+    from ray.tune.stopper import Stopper
+
+    class DeadlineStopper(Stopper):
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return time.time() >= deadline
+
+    return DeadlineStopper()
 
 
 def _trial_cap(config: ExperimentConfig, param_space: dict[str, Any]) -> int:

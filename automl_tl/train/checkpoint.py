@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from automl_tl.train.trial_data import TrialData
 from automl_tl.backbones import TransferNet, resolve_spec
 from automl_tl.runs.storage import atomic_path, write_atomic
-from automl_tl.inference.transforms import Preprocessing
 from automl_tl.train.trial_config import TrialConfig
 
 __all__ = ["load_checkpoint", "save_checkpoint", "write_best"]
@@ -71,7 +70,7 @@ def write_best(
         **cfg.to_dict(),
         "num_classes": len(data.class_names),
         "class_names": list(data.class_names),
-        "preprocessing": Preprocessing.from_spec(spec, cfg.image_size).to_dict(),
+        "preprocessing": cfg.preprocessing().to_dict(),
         "spec": spec.to_dict(),
         "best_epoch": epoch,
         "val_metrics": scores,

@@ -42,36 +42,41 @@ def feature_key(data_id: str, backbone: str, pre: Preprocessing, train_idx: np.n
     return digest.hexdigest()[:24]
 
 
-def cached_features(data: TrialData, backbone: str, pre: Preprocessing, model: TransferNet, batch_size: int = 32) -> FeatureSet:
-    """Train and validation features of ``model``'s frozen extractor, from the cache when present."""
+def cached_features(
+    data: TrialData, backbone: str, pre: Preprocessing, model: TransferNet, batch_size: int = 32, flip: bool = False
+) -> FeatureSet:
+    """Train and validation features of ``model``'s frozen extractor, from the cache when present; ``flip``:
+    of the images mirrored left to right (what test-time augmentation also shows a member)."""
     whole = _whole_path(data.cache_path, data.feature_cache_dir, backbone, pre)
-    if whole.is_file():  # every image's features, computed for the data diagnostics: slice them
+    if whole.is_file() and not flip:  # every image's features, computed for the data diagnostics: slice them
         with np.load(whole) as stored:
             rows = stored["features"]
             return FeatureSet(torch.from_numpy(rows[data.train_idx]), torch.from_numpy(rows[data.val_idx]), hit=True)
-    path = _trial_path(data, backbone, pre)
+    path = _trial_path(data, backbone, pre, flip)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process computes; the rest wait and then read
-        if not path.is_file() and data.shared_features:  # computed once for the cluster (stream mode)
+        if not path.is_file() and data.shared_features and not flip:  # computed once for the cluster (stream)
             from automl_tl.runs.storage import download, join
 
             download(join(data.shared_features, path.name), path)
         if path.is_file():
             with np.load(path) as stored:
                 return FeatureSet(torch.from_numpy(stored["train"]), torch.from_numpy(stored["val"]), hit=True)
-        train = _compute(data, data.train_idx, pre, model, batch_size)
-        val = _compute(data, data.val_idx, pre, model, batch_size)
+        train = _compute(data, data.train_idx, pre, model, batch_size, flip)
+        val = _compute(data, data.val_idx, pre, model, batch_size, flip)
         with atomic_path(path) as partial:
             np.savez(partial, train=train, val=val)
     return FeatureSet(torch.from_numpy(train), torch.from_numpy(val), hit=False)
 
 
-def _trial_path(data: TrialData, backbone: str, pre: Preprocessing) -> Path:
-    """Where the train and validation features of one backbone and preprocessing are kept on this node."""
+def _trial_path(data: TrialData, backbone: str, pre: Preprocessing, flip: bool = False) -> Path:
+    """Where the train and validation features of one backbone and preprocessing (of mirrored images with
+    ``flip``) are kept on this node."""
     key = feature_key(data.data_id, backbone, pre, data.train_idx, data.val_idx)
-    return Path(data.feature_cache_dir) / f"{backbone.replace(':', '_')}-{pre.input_size}-{key}.npz"
+    name = f"{backbone.replace(':', '_')}-{pre.input_size}-{key}{'-hflip' if flip else ''}.npz"
+    return Path(data.feature_cache_dir) / name
 
 
 def dataset_features(
@@ -110,7 +115,9 @@ def _whole_path(cache_path: str, folder: str, backbone: str, pre: Preprocessing)
     return Path(folder) / f"{backbone.replace(':', '_')}-{pre.input_size}-all-{key}.npz"
 
 
-def _compute(data: TrialData, rows: np.ndarray, pre: Preprocessing, model: TransferNet, batch_size: int) -> np.ndarray:
+def _compute(
+    data: TrialData, rows: np.ndarray, pre: Preprocessing, model: TransferNet, batch_size: int, flip: bool = False
+) -> np.ndarray:
     from automl_tl.data import Dataset
 
     images = Dataset.open(Path(data.cache_path))
@@ -124,6 +131,8 @@ def _compute(data: TrialData, rows: np.ndarray, pre: Preprocessing, model: Trans
         for start in range(0, len(rows), batch_size):
             rows_in = rows[start : start + batch_size]
             batch = torch.stack([transform(array_to_tensor(images.image(int(i)))) for i in rows_in])
+            if flip:
+                batch = torch.flip(batch, dims=(3,))  # as TestTimeAugmented mirrors a served input
             out.append(model.forward_features(batch.contiguous(memory_format=fmt)).float())
     features: np.ndarray = torch.cat(out).numpy() if out else np.zeros((0, model.spec.feature_width), np.float32)
     return features

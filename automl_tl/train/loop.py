@@ -28,7 +28,6 @@ from automl_tl.train.trial_data import TrialData
 from automl_tl.backbones import TransferNet, create_backbone, memory_format_for, resolve_spec
 from automl_tl.evaluate.metrics import classification_metrics
 from automl_tl.evaluate.ranking import metric_mode, rank_key
-from automl_tl.inference.transforms import Preprocessing
 from automl_tl.train.trial_config import HYPERPARAMETERS, TrialConfig
 from automl_tl.train.steps import (
     FeatureSteps, ImageSteps, ProbeSteps, Steps, amp_dtype, class_weights, probe_start, resolve_class_balance,
@@ -62,18 +61,25 @@ def train_trial(
     world_size: int = 1,
     use_feature_cache: bool = True,
     max_seconds: float | None = None,
+    deadline: float | None = None,
 ) -> EpochResult | None:
     """Train one trial to the end (max epochs or a plateau) and return its last epoch.
 
     ``use_feature_cache=False`` makes a frozen trial step through images anyway (for benchmarks);
-    ``max_seconds`` ends training after the epoch that crosses it (a wall-clock budget).
+    ``max_seconds`` ends training after the epoch that crosses it (a wall-clock budget). ``deadline`` (a
+    ``time.time()`` value: the end of the sweep's budget) is a hard end: a trial that starts past it trains
+    nothing, and the epoch that reaches it takes no further batch, is evaluated and reported as the last.
     """
+    if world_size > 1:
+        deadline = None  # ranks would cross it at different batches and wait on each other: Tune stops them
+    if deadline is not None and time.time() >= deadline:
+        return None
     started_at = time.perf_counter()
     reset_peak_rss()  # a reused trial actor: report this trial's own peak, not an earlier one's
     device = device or torch.device("cpu")
     seed_everything(cfg.seed + 1000 * rank)
     spec = resolve_spec(cfg.backbone)
-    pre = Preprocessing.from_spec(spec, cfg.image_size)
+    pre = cfg.preprocessing()
     num_classes = len(data.class_names)
     model = create_backbone(
         cfg.backbone,
@@ -108,6 +114,7 @@ def train_trial(
         steps = ImageSteps(model, pre, cfg, data, weight, balance, device, rank, world_size)
         cache_note = "unused"
 
+    steps.deadline = deadline
     optimizer = _make_optimizer(model, cfg)
     schedule = _cosine_schedule(optimizer, cfg.max_epochs * steps.steps_per_epoch())
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "since_best": 0}
@@ -144,7 +151,7 @@ def train_trial(
         plateau = int(state["since_best"]) >= cfg.plateau_patience
         stop_reason = "plateau" if plateau and epoch < cfg.max_epochs else ("max_epochs" if epoch == cfg.max_epochs else "")
         stop_reason = "converged" if steps.converged else stop_reason
-        if not stop_reason and max_seconds is not None and time.perf_counter() - started_at >= max_seconds:
+        if not stop_reason and _out_of_time(steps, started_at, max_seconds, deadline):
             stop_reason = "time_budget"
         metrics = {
             "epoch": epoch,
@@ -173,6 +180,13 @@ def train_trial(
         if stop_reason:
             break
     return last
+
+
+def _out_of_time(steps: Steps, started_at: float, max_seconds: float | None, deadline: float | None) -> bool:
+    """Whether the trial's own time or the sweep's deadline has run out (an epoch cut short at it counts)."""
+    if steps.cut_short or (deadline is not None and time.time() >= deadline):
+        return True
+    return max_seconds is not None and time.perf_counter() - started_at >= max_seconds
 
 
 def _mib(size: int | None) -> int | None:

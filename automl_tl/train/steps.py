@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,8 @@ class Steps:
     accumulation = 1  # micro-batches per optimizer step; doubled by each out-of-memory back-off
     step = 0  # optimizer steps taken in this trial
     converged = False  # True once the trial has nothing left to train (a probe after its fit)
+    deadline: float | None = None  # wall clock (time.time()) past which an epoch takes no further batch
+    cut_short = False  # True once an epoch ended early at the deadline
 
     def notes(self) -> dict[str, Any]:
         """What the trial's ``trial.json`` should also record about how it trained."""
@@ -256,12 +259,19 @@ class ImageSteps(Steps):
                                       self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.augment)  # fmt: skip
             return
         for start in range(0, len(mine), self.cfg.batch_size):
+            if start > 0 and self._past_deadline():
+                self.cut_short = True  # the sweep's budget is spent: evaluate what this epoch has trained
+                return
             rows = train_idx[mine[start : start + self.cfg.batch_size]]
             if len(rows) == 1 and start > 0:
                 continue  # a norm over pooled features (MobileNetV4, HGNetV2 heads) needs two values per channel
             x = torch.stack([self.augment(array_to_tensor(self.images.image(int(i)))) for i in rows])
             y = torch.from_numpy(self.data.labels[rows]).long()
             yield x, y
+
+    def _past_deadline(self) -> bool:
+        """Whether the deadline has passed; never with several ranks, which must all take the same batches."""
+        return self.deadline is not None and self.world_size == 1 and time.time() >= self.deadline
 
     def train_epoch(self, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int) -> tuple[float, float]:
         self.train_model.train()

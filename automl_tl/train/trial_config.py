@@ -12,6 +12,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from automl_tl.config import Bool, Float, Int, config_error
 from automl_tl.train.augment import is_deterministic
 from automl_tl.backbones import resolve_spec
+from automl_tl.inference.transforms import Preprocessing
 
 __all__ = ["HYPERPARAMETERS", "TrialConfig"]
 
@@ -22,7 +23,7 @@ HYPERPARAMETERS: dict[str, str] = {
     "backbone_lr_ratio": "backbone_lr_ratio", "augmentation": "augmentations", "optimizer": "optimizers",
     "weight_decay": "weight_decay", "label_smoothing": "label_smoothing", "batch_size": "batch_sizes",
     "image_size": "image_sizes", "head": "heads", "head_dropout": "mlp_dropout",
-    "layer_decay": "layer_decay",
+    "layer_decay": "layer_decay", "feature_scale": "feature_scales",
 }  # fmt: skip
 
 
@@ -51,6 +52,9 @@ class TrialConfig:
     # Layer-wise learning-rate decay: each stage learns layer_decay times as fast as the one above it
     # (the stem slowest); 1.0 is off.
     layer_decay: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
+    # A frozen feature extractor reads images this many times the input size (a trial that trains the
+    # backbone or augments ignores it): pretrained networks often see more detail above their training size.
+    feature_scale: Annotated[Float, Field(ge=0.5, le=2.0)] = 1.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrialConfig:
@@ -63,6 +67,15 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def preprocessing(self) -> Preprocessing:
+        """The trial's input pipeline: its backbone's, at the image size and, for a frozen extractor, the
+        feature scale (rounded to a multiple of 16 pixels)."""
+        spec = resolve_spec(self.backbone)
+        size = self.image_size or spec.input_size
+        if self.feature_scale != 1.0 and self.frozen_features:
+            size = max(16, 16 * round(size * self.feature_scale / 16))
+        return Preprocessing.from_spec(spec, size)
 
     @property
     def frozen_features(self) -> bool:
