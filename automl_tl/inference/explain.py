@@ -32,6 +32,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +43,9 @@ from automl_tl.inference.calibrate import combine
 from automl_tl.inference.core import MemberRunner, Mode, Plan, Preprocessor, plan_for
 from automl_tl.inference.transforms import Preprocessing
 
-__all__ = ["OVERLAY_MAX_SIDE", "CamTarget", "Explainer", "Explanation", "cam_target", "overlay", "overlay_png"]
+__all__ = [
+    "OVERLAY_MAX_SIDE", "CamTarget", "Explainer", "Explanation", "cam_target", "overlay", "overlay_png", "write_overlays",
+]  # fmt: skip
 
 OVERLAY_MAX_SIDE = 512  # maps and overlays are drawn at most this large on the longer side
 
@@ -63,11 +66,11 @@ class Explanation:
 
 @dataclasses.dataclass(frozen=True)
 class CamTarget:
-    """How Grad-CAM reads one network: the module it calls, the layer whose output it weighs, the module whose
-    input gradients start at, and how that layer's output becomes an NCHW map."""
+    """How Grad-CAM reads one network: the module it calls, the layers whose output it weighs, the module whose
+    input gradients start at, and how those outputs become NCHW maps."""
 
     model: nn.Module
-    layer: nn.Module
+    layers: tuple[nn.Module, ...]
     grad_from: nn.Module
     reshape: Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -92,10 +95,10 @@ def cam_target(net: nn.Module) -> CamTarget:
     prefix = getattr(net, "num_prefix_tokens", None)
     if prefix is not None and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and hasattr(blocks[-1], "norm1"):
         grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
-        return CamTarget(net, blocks[-1].norm1, blocks[-1], _token_grid(int(prefix), grid))
+        return CamTarget(net, (blocks[-1].norm1,), blocks[-1], _token_grid(int(prefix), grid))
     wrapped = _FeatureMap(net)
     nhwc = getattr(net, "output_fmt", "NCHW") == "NHWC"  # swin and others lay their features out channels-last
-    return CamTarget(wrapped, wrapped.features, wrapped.features, _channels_first if nhwc else None)
+    return CamTarget(wrapped, (wrapped.features,), wrapped.features, _channels_first if nhwc else None)
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,7 @@ def member_cams(model: nn.Module, batch: torch.Tensor, classes: Sequence[int]) -
     for p in frozen:
         p.requires_grad_(False)  # no parameter gradients: only those of the activations Grad-CAM weighs
     hook = target.grad_from.register_forward_pre_hook(_start_gradients)
-    cam = GradCAM(model=target.model, target_layers=[target.layer], reshape_transform=target.reshape)
+    cam = GradCAM(model=target.model, target_layers=list(target.layers), reshape_transform=target.reshape)
     try:
         with torch.enable_grad():
             maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c)) for c in classes])
@@ -249,3 +252,28 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, max_side: int | None = N
     buffer = io.BytesIO()
     drawn.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def write_overlays(
+    explainer: Explainer, paths: Sequence[Path], out_dir: str | os.PathLike[str], batch_size: int = 16
+) -> list[Path]:
+    """One overlay PNG per image file in ``out_dir`` (``<stem>.png``; a repeated stem gets ``-2``, ``-3`` ...)."""
+    from automl_tl.inference.images import load_image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    taken: set[str] = set()
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        pixels = [load_image(p, explainer.artifact.decode_max_side) for p in chunk]
+        for path, image, found in zip(chunk, pixels, explainer.explain(pixels, batch_size=batch_size)):
+            stem, n = path.stem, 1
+            while f"{stem}.png" in taken:
+                n += 1
+                stem = f"{path.stem}-{n}"
+            taken.add(f"{stem}.png")
+            target = out / f"{stem}.png"
+            target.write_bytes(overlay_png(image, found.heatmap))
+            written.append(target)
+    return written
