@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from automl_tl.backbones import TransferNet
 from automl_tl.inference.artifact import Artifact, load_artifact
 from automl_tl.inference.calibrate import combine
 from automl_tl.inference.core import MemberRunner, Mode, Plan, Preprocessor, plan_for
@@ -95,7 +96,8 @@ def cam_target(net: nn.Module) -> CamTarget:
     prefix = getattr(net, "num_prefix_tokens", None)
     if prefix is not None and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and hasattr(blocks[-1], "norm1"):
         grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
-        return CamTarget(net, (blocks[-1].norm1,), blocks[-1], _token_grid(int(prefix), grid))
+        last: nn.Module = blocks[-1]
+        return CamTarget(net, (last.get_submodule("norm1"),), last, _token_grid(int(prefix), grid))
     wrapped = _FeatureMap(net)
     nhwc = getattr(net, "output_fmt", "NCHW") == "NHWC"  # swin and others lay their features out channels-last
     return CamTarget(wrapped, (wrapped.features,), wrapped.features, _channels_first if nhwc else None)
@@ -129,7 +131,7 @@ def member_cams(model: nn.Module, batch: torch.Tensor, classes: Sequence[int]) -
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    net = model.net if hasattr(model, "net") else model
+    net = model.net if isinstance(model, TransferNet) else model
     target = cam_target(net)
     frozen = [p for p in target.model.parameters() if p.requires_grad]
     for p in frozen:
