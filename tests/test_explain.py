@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,15 +105,11 @@ def weights_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Random-init weights of a small ViT, where a user puts downloaded ones (the model is trained here)."""
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    net = timm.create_model(VIT, pretrained=False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / f"{VIT}.safetensors"))
-    before = os.environ.get("AUTOML_TL_WEIGHTS_DIR")
-    os.environ["AUTOML_TL_WEIGHTS_DIR"] = str(folder)
-    yield folder
-    if before is None:
-        del os.environ["AUTOML_TL_WEIGHTS_DIR"]
-    else:
-        os.environ["AUTOML_TL_WEIGHTS_DIR"] = before
+    state = timm.create_model(VIT, pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{VIT}.safetensors"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOML_TL_WEIGHTS_DIR", str(folder))
+        yield folder
 
 
 VIT = "test_vit2"  # timm's smallest ViT: 8 blocks of width 64, a class token, 16-pixel patches

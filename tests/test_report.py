@@ -178,23 +178,29 @@ def test_mistakes_are_embedded_thumbnails_and_early_stops_are_marked(
     assert curves.count('class="stop"') == 3 * len(early)  # overview, accuracy card, loss card
 
 
+def _screenshot(page: Path, tmp_path: Path, height: int) -> Path:
+    """A headless Chromium screenshot, 1280 pixels wide, of the top ``height`` pixels of ``page``."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the browser check needs it")
+    shot = tmp_path / f"{page.stem}.png"
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}", f"--window-size=1280,{height}", page.resolve().as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
+    return shot
+
+
 @pytest.mark.slow
 @pytest.mark.needs_shared_data
 def test_report_renders_in_headless_chromium(report: tuple[Path, str, dict[str, Any]], tmp_path: Path) -> None:
     from PIL import Image
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the browser check needs it")
     path, _, _ = report
-    shot = tmp_path / "report.png"
-    command = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}", "--window-size=1280,4000", path.resolve().as_uri(),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
+    shot = _screenshot(path, tmp_path, 4000)
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 4000)
     colours = image.getcolors(maxcolors=1_000_000) or []
@@ -231,17 +237,7 @@ def test_explanations_show_the_surest_mistakes_and_right_answers_in_chromium(
     page = tmp_path / "explanations.html"
     page.write_text(f'{head}<body><main><section id="explanations">{section}</section></main></body></html>',
                     encoding="utf-8")  # fmt: skip
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the browser check needs it")
-    shot = tmp_path / "explanations.png"
-    command = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}", "--window-size=1280,700", page.resolve().as_uri(),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
+    shot = _screenshot(page, tmp_path, 700)
     image = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     # The heatmaps' saturated colours are on screen (the cards' red and green borders left out): the overlays
     # were decoded and drawn, not shown as broken images.

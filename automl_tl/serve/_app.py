@@ -87,8 +87,10 @@ def _json(answer: BaseModel, status_code: int = 200) -> Response:
     return Response(answer.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
+_TOP_K = Query(5, ge=1, le=10_000, description="labels per image")  # of /v1/predict and /v1/explain
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
+_AUTH_TOP_K = Query(5, ge=1, le=10_000, description="labels per image")  # of /v1/predict and /v1/explain
+_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
 
 
 _PREDICT_BODY: dict[str, Any] = {
@@ -320,9 +322,7 @@ class Classifier:
         return [self._format(name, row, ms, row[2], k) for (name, _, ms), row in zip(prepared, rows)]
 
     @api.post(f"{API_PREFIX}/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
-    async def predict(
-        self, request: Request, top_k: int = Query(5, ge=1, le=10_000, description="labels per image")
-    ) -> Response:
+    async def predict(self, request: Request, top_k: int = _TOP_K) -> Response:
         """Classify the images of the body; per image: the top-k labels with calibrated probabilities."""
         start = time.perf_counter()
         self._authorize(request)
@@ -346,9 +346,7 @@ class Classifier:
         }))  # fmt: skip
 
     @api.post(f"{API_PREFIX}/explain", response_model=ExplainResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
-    async def explain(
-        self, request: Request, top_k: int = Query(5, ge=1, le=10_000, description="labels per image")
-    ) -> Response:
+    async def explain(self, request: Request, top_k: int = _TOP_K) -> Response:
         """As /v1/predict, and per image a PNG (base64) of where the model looked for its top class (Grad-CAM)."""
         start = time.perf_counter()
         self._authorize(request)
