@@ -89,8 +89,7 @@ def _json(answer: BaseModel, status_code: int = 200) -> Response:
 
 _TOP_K = Query(5, ge=1, le=10_000, description="labels per image")  # of /v1/predict and /v1/explain
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
-_AUTH_TOP_K = Query(5, ge=1, le=10_000, description="labels per image")  # of /v1/predict and /v1/explain
-_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
 
 
 _PREDICT_BODY: dict[str, Any] = {
