@@ -6,7 +6,7 @@
     automl-tl config [--show] [FILE]     validate a config file, or print the full default config
     automl-tl inspect DATA [--deep] [--json FILE]  validate a data set and print its report
     automl-tl demo                       the main job on its embedded default (built-in data)
-    automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json]   classify images with a saved artifact
+    automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json] [--explain OUT_DIR]   classify images
     automl-tl evaluate ARTIFACT --data DATA [--split S] [--json FILE] score an artifact on a labelled set
     automl-tl export ARTIFACT --format onnx|torchscript --out FILE   one graph: tensor in, probabilities out
     automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--port P] [--emit-config FILE]   HTTP server
@@ -208,6 +208,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.load(args.artifact, mode=args.mode)
     paths = expand_image_paths(args.images)
     predictions = predictor.predict(paths, top_k=args.top_k, batch_size=args.batch_size, member=args.member)
+    if args.explain:
+        from automl_tl.inference.core import plan_for
+        from automl_tl.inference.explain import Explainer, write_overlays
+
+        explainer = Explainer(predictor.artifact, plan_for(predictor.artifact, args.mode, args.member))
+        written = write_overlays(explainer, paths, args.explain, args.batch_size)
+        print(f"[predict] {len(written)} Grad-CAM overlays written to {args.explain}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": str(p), **pred.to_dict()} for p, pred in zip(paths, predictions)], indent=2))
         return 0
@@ -348,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_mode_flags(p, "use")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--explain", metavar="OUT_DIR", help="also write OUT_DIR/<image>.png: where the model looked for "
+                                                        "its top class (Grad-CAM heatmap over the image)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score an artifact on a labelled data set")

@@ -3,6 +3,7 @@ layouts, on 127.0.0.1 only. Writes ``benchmarks/results/serve.json``; about 7-8 
 
     .venv/bin/python benchmarks/bench_serve.py              # the full run (60 s load test)
     .venv/bin/python benchmarks/bench_serve.py --smoke-test # a few seconds per stage, for CI
+    .venv/bin/python benchmarks/bench_serve.py --explain    # lone /v1/explain vs /v1/predict (serve_explain.json)
 
 The artifact is the default search space's pair, built without training (timing does not depend on the
 weights): mobilenetv2_100 at 160 px and tf_efficientnet_lite0 at 224 px, the latter named best member.
@@ -609,6 +610,80 @@ def ab_main(opts: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+def _lone_p50(url: str, route: str, body: bytes, count: int) -> float:
+    """Median client latency of ``count`` lone requests to ``/v1/{route}`` (the first two are left out)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port or 80, timeout=120)
+    times = []
+    try:
+        for _ in range(count + 2):
+            sent = time.perf_counter()
+            conn.request("POST", f"{where.path}/v1/{route}?top_k=1", body=body, headers={"Content-Type": "image/jpeg"})
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"/v1/{route}: HTTP {response.status}: {data[:200]!r}")
+            times.append((time.perf_counter() - sent) * 1000.0)
+    finally:
+        conn.close()
+    return round(statistics.median(times[2:]), 2)
+
+
+def explain_main(opts: argparse.Namespace) -> None:
+    """Lone ``/v1/explain`` requests against ``/v1/predict`` ones on the same deployment (the ensemble as
+    ``automl-tl serve`` deploys it, and its best member), and the in-process Explainer on the same image."""
+    from automl_tl.inference.explain import Explainer
+    from automl_tl.inference.images import load_image
+
+    count = 3 if opts.smoke_test else 30
+    files = sorted((SHARED / "hymenoptera" / "val").glob("*/*.jpg"))
+    if not files:
+        sys.exit(f"{SHARED / 'hymenoptera'} is absent: this benchmark needs the shared data sets")
+    body = files[0].read_bytes()
+    figures: dict[str, Any] = {
+        "benchmark": "serve_explain", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke_test": opts.smoke_test,
+        "machine": f"{os.cpu_count()} CPUs, no GPU; 1-minute load average {os.getloadavg()[0]:.2f} at start",
+        "setup": {"artifact": "mobilenetv2_100@160 + tf_efficientnet_lite0@224", "image": files[0].name,
+                  "deployment": f"single layout, 1 replica x {CPUS} CPUs", "requests": f"{count} lone requests "
+                  "each (http.client, one keep-alive connection, raw image/jpeg, top_k=1), after two unmeasured",
+                  "explain_runs_in": "a decode thread of the ingress, torch on one thread"},
+    }  # fmt: skip
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = _build_artifact(Path(tmp) / "artifact")
+        pixels = load_image(files[0])
+        import ray
+
+        ray.init(address="local", num_cpus=CPUS, log_to_driver=False, include_dashboard=False)
+        try:
+            for mode in ("ensemble", "best"):
+                explainer = Explainer.load(artifact, mode=mode)
+                with torch.inference_mode(False):
+                    pin_torch_threads(1)
+                    local = []
+                    for _ in range(count + 2):
+                        start = time.perf_counter()
+                        explainer.explain([pixels])
+                        local.append((time.perf_counter() - start) * 1000.0)
+                url = start_server(artifact, mode=mode, port=opts.port, cpus_per_replica=CPUS)
+                try:
+                    figures[mode] = {"explain_p50_ms": _lone_p50(url, "explain", body, count),
+                                     "predict_p50_ms": _lone_p50(url, "predict", body, count),
+                                     "in_process_explain_p50_ms": round(statistics.median(local[2:]), 2)}  # fmt: skip
+                finally:
+                    stop_server()
+                print(mode, json.dumps(figures[mode]), flush=True)
+        finally:
+            ray.shutdown()
+    figures["wall_s"] = round(time.monotonic() - t0, 1)
+    out = RESULTS / ("serve_explain_smoke.json" if opts.smoke_test else "serve_explain.json")
+    out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke-test", action="store_true", help="seconds, not minutes: checks the script runs")
@@ -618,6 +693,7 @@ def main() -> None:
     parser.add_argument("--load-s", type=float, default=12.0, dest="load_s", help="with --ab: load per round")
     parser.add_argument("--after-verdicts", action="store_true", dest="after_verdicts",
                         help="with --ab: then check the serving targets without the mechanisms that did not pay")
+    parser.add_argument("--explain", action="store_true", help="lone /v1/explain against /v1/predict (serve_explain.json)")
     parser.add_argument("--port", type=int, default=8765)
     opts = parser.parse_args()
     quick = opts.smoke_test
@@ -626,6 +702,9 @@ def main() -> None:
     tune_malloc()
     if opts.ab:
         ab_main(opts)
+        return
+    if opts.explain:
+        explain_main(opts)
         return
     # Warm-up load before each measured run: the main run's is long enough for the replicas' allocator pools to
     # reach their plateau (about 10-15 s at 32 clients here), so "flat" judges the steady state.

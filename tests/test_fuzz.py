@@ -86,7 +86,7 @@ def test_every_operation_answers_below_500_and_as_its_schema_says(url: str) -> N
                 failures.append(f"{name}: {str(exc)[:500]}")
 
         check()
-    assert set(seen) == {"POST /v1/predict", "GET /v1/healthz", "GET /v1/metadata", "GET /v1/stats"}
+    assert set(seen) == {"POST /v1/predict", "POST /v1/explain", "GET /v1/healthz", "GET /v1/metadata", "GET /v1/stats"}
     assert not failures, "\n".join(failures[:10])
     bodies = {key.split()[0].split("/")[0] if key.startswith("image/") else key.split()[0] for key in seen["POST /v1/predict"]}
     assert {"image", "multipart/form-data", "application/json"} <= bodies, seen  # every body form was sent
@@ -95,7 +95,8 @@ def test_every_operation_answers_below_500_and_as_its_schema_says(url: str) -> N
 def test_every_operation_is_in_the_schema_with_its_answers(url: str) -> None:
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     operations = {(m.upper(), p) for p, methods in spec["paths"].items() for m in methods}
-    assert operations == {("POST", "/v1/predict"), ("GET", "/v1/healthz"), ("GET", "/v1/metadata"), ("GET", "/v1/stats")}
+    assert operations == {("POST", "/v1/predict"), ("POST", "/v1/explain"), ("GET", "/v1/healthz"), ("GET", "/v1/metadata"),
+                          ("GET", "/v1/stats")}  # fmt: skip
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
             assert "200" in op["responses"] and op["responses"]["200"]["content"]["application/json"]["schema"], (method, path)

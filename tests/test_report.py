@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from automl_tl.errors import SearchError
@@ -164,7 +165,8 @@ def test_mistakes_are_embedded_thumbnails_and_early_stops_are_marked(
     _, html, summary = report
     cm = summary["ensemble"]["test"]["confusion_matrix"]
     mistakes = sum(c for i, row in enumerate(cm) for j, c in enumerate(row) if i != j)
-    thumbs = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    section = html.split('<section id="misclassified">', 1)[1].split("</section>", 1)[0]
+    thumbs = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', section)
     assert len(thumbs) == min(12, mistakes)
     image = Image.open(io.BytesIO(base64.b64decode(thumbs[0])))
     assert image.format == "PNG" and max(image.size) <= 112
@@ -176,23 +178,29 @@ def test_mistakes_are_embedded_thumbnails_and_early_stops_are_marked(
     assert curves.count('class="stop"') == 3 * len(early)  # overview, accuracy card, loss card
 
 
+def _screenshot(page: Path, tmp_path: Path, height: int) -> Path:
+    """A headless Chromium screenshot, 1280 pixels wide, of the top ``height`` pixels of ``page``."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the browser check needs it")
+    shot = tmp_path / f"{page.stem}.png"
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}", f"--window-size=1280,{height}", page.resolve().as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
+    return shot
+
+
 @pytest.mark.slow
 @pytest.mark.needs_shared_data
 def test_report_renders_in_headless_chromium(report: tuple[Path, str, dict[str, Any]], tmp_path: Path) -> None:
     from PIL import Image
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the browser check needs it")
     path, _, _ = report
-    shot = tmp_path / "report.png"
-    command = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}", "--window-size=1280,4000", path.resolve().as_uri(),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
+    shot = _screenshot(path, tmp_path, 4000)
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 4000)
     colours = image.getcolors(maxcolors=1_000_000) or []
@@ -200,6 +208,45 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, str, dict[str, 
     # The top of the page is the title and the overview, not an error page: it holds dark text pixels.
     top = image.crop((0, 0, 1280, 400)).convert("L")
     assert top.getextrema()[0] < 80
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_explanations_show_the_surest_mistakes_and_right_answers_in_chromium(
+    report: tuple[Path, str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The "where the model looked" section: one Grad-CAM overlay per picked image, drawn in Chromium."""
+    from PIL import Image
+
+    from automl_tl.report._explain import MISTAKES, RIGHT
+
+    _, html, summary = report
+    cm = summary["ensemble"]["test"]["confusion_matrix"]
+    mistakes = sum(c for i, row in enumerate(cm) for j, c in enumerate(row) if i != j)
+    right = sum(cm[i][i] for i in range(len(cm)))
+    section = html.split('<section id="explanations">', 1)[1].split("</section>", 1)[0]
+    assert section.count('data-right="false"') == min(MISTAKES, mistakes)
+    assert section.count('data-right="true"') == min(RIGHT, right)
+    overlays = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', section)
+    assert len(overlays) == min(MISTAKES, mistakes) + min(RIGHT, right)
+    first = Image.open(io.BytesIO(base64.b64decode(overlays[0]))).convert("RGB")
+    assert max(first.size) <= 140
+
+    # The section alone, with the report's own styles, as a page; the browser draws it.
+    head = html.split("<body>", 1)[0]
+    page = tmp_path / "explanations.html"
+    page.write_text(f'{head}<body><main><section id="explanations">{section}</section></main></body></html>',
+                    encoding="utf-8")  # fmt: skip
+    shot = _screenshot(page, tmp_path, 700)
+    image = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    # The heatmaps' saturated colours are on screen (the cards' red and green borders left out): the overlays
+    # were decoded and drawn, not shown as broken images.
+    saturated = (image.max(axis=2) - image.min(axis=2)) > 100
+    borders = [np.abs(image - np.array(c)).sum(axis=2) < 60 for c in ((225, 87, 89), (89, 161, 79))]
+    drawn = saturated & ~borders[0] & ~borders[1]
+    assert drawn.sum() > 2000, drawn.sum()
+    top = Image.open(shot).convert("L").crop((0, 0, 1280, 60))
+    assert top.getextrema()[0] < 80  # the heading's dark text
 
 
 def test_paired_fold_differences_decide_whether_two_trials_differ() -> None:

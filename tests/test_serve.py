@@ -99,8 +99,8 @@ def _actor_env(class_name: str) -> dict[str, str]:
     return dict(p.decode("utf-8", "replace").split("=", 1) for p in pairs if b"=" in p)
 
 
-def _post(url: str, timeout: float = 60, **kwargs: Any) -> requests.Response:
-    return requests.post(f"{url}/v1/predict", timeout=timeout, **kwargs)
+def _post(url: str, timeout: float = 60, route: str = "predict", **kwargs: Any) -> requests.Response:
+    return requests.post(f"{url}/v1/{route}", timeout=timeout, **kwargs)
 
 
 def _probs(answer: dict[str, Any]) -> list[float]:
@@ -231,9 +231,10 @@ def test_bad_input_is_a_4xx_and_the_replica_stays_healthy(
     jpeg = images[0].read_bytes()
     if kwargs.get("data") == "{jpeg_half}":
         kwargs = {**kwargs, "data": jpeg[: len(jpeg) // 2]}
-    response = _post(server["open"], **kwargs)
-    assert response.status_code == status, response.text
-    assert words in response.json()["detail"], response.json()
+    for route in ("predict", "explain"):  # /v1/explain reads bodies as /v1/predict does, and answers the same
+        response = _post(server["open"], route=route, **kwargs)
+        assert response.status_code == status, (route, response.text)
+        assert words in response.json()["detail"], (route, response.json())
     good = _post(server["open"], data=jpeg, headers={"Content-Type": "image/jpeg"})
     assert good.status_code == 200, good.text
     assert requests.get(f"{server['open']}/v1/healthz", timeout=10).status_code == 200
@@ -289,6 +290,38 @@ def test_serves_access_log_is_written_only_when_asked_for(
     assert access_lines("secure") >= 1  # access_log=True
 
 
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_explain_answers_the_predictors_classes_with_the_explainers_overlay(
+    server: dict[str, str], images: list[Path], predictor: Predictor, run_dir: Path
+) -> None:
+    from automl_tl.inference.explain import OVERLAY_MAX_SIDE, Explainer, overlay_png
+    from automl_tl.inference.images import load_image
+
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images[:2]]
+    response = _post(server["open"], route="explain", params={"top_k": 2}, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_id"].startswith("ensemble-") and body["members"] == ["a", "b"]
+    expected = predictor.predict(images[:2], top_k=2)
+    pixels = [load_image(p, predictor.artifact.decode_max_side) for p in images[:2]]
+    found = Explainer.load(run_dir / "artifact").explain(pixels)
+    for answer, want, item, image in zip(body["explanations"], expected, found, pixels):
+        assert answer["labels"] == list(want.labels) and answer["explained"] == want.label
+        np.testing.assert_allclose(answer["probabilities"], want.probabilities, atol=1e-5)
+        png = base64.b64decode(answer["overlay_png"])
+        overlay = Image.open(io.BytesIO(png))
+        assert overlay.format == "PNG" and max(overlay.size) <= OVERLAY_MAX_SIDE
+        assert overlay.size == Image.open(io.BytesIO(overlay_png(image, item.heatmap, OVERLAY_MAX_SIDE))).size
+        # the served map is the in-process Explainer's (a single-threaded forward may differ in the last bits)
+        served = np.asarray(overlay.convert("RGB"), dtype=np.int16)
+        local = np.asarray(Image.open(io.BytesIO(overlay_png(image, item.heatmap, OVERLAY_MAX_SIDE))), dtype=np.int16)
+        assert np.abs(served - local).mean() < 2.0
+    schema = requests.get(f"{server['open']}/openapi.json", timeout=10).json()
+    assert set(schema["paths"]["/v1/explain"]["post"]["requestBody"]["content"]) >= {
+        "image/*", "multipart/form-data", "application/json"}  # fmt: skip
+
+
 # --- the page in headless Chromium ------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -301,10 +334,19 @@ def test_the_page_shows_the_top_answer_in_headless_chromium(
         assert state == "done", status
         rows = page.evaluate("[...document.querySelectorAll('#result tr.answer')]"
                              ".map(r => [r.dataset.label, +r.dataset.probability])")  # fmt: skip
+        # then where the model looked: /v1/explain's overlay, shown as an image below the answer
+        where = page.wait_for("['done', 'error'].includes(document.querySelector('#where').dataset.state)"
+                              " && document.querySelector('#where').dataset.state", time.monotonic() + 60)  # fmt: skip
+        caption = page.evaluate("document.querySelector('#where-caption').textContent")
+        drawn = page.wait_for("(i => i.complete && i.naturalWidth)(document.querySelector('#overlay'))",
+                              time.monotonic() + 10)  # fmt: skip
+        explained = page.evaluate("document.querySelector('#where').dataset.explained")
     expected = predictor.predict([images[-1]], top_k=5)[0]
     assert [label for label, _ in rows] == list(expected.labels)
     np.testing.assert_allclose([p for _, p in rows], expected.probabilities, atol=1e-5)
     assert status.startswith(expected.label)
+    assert where == "done", caption
+    assert explained == expected.label and drawn > 0
 
 
 # --- without a cluster ------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 It shows the leaderboard, every trial's learning curves with early stops marked, how validation accuracy
 depends on the hyperparameters (Optuna's PED-ANOVA importances and scatter plots), the served ensemble
 against the best single trial, the confusion matrix, per-class metrics, a reliability diagram, the most
-confidently misclassified test images and a note on trials whose train and validation curves diverge.
+confidently misclassified test images, where the model looked (Grad-CAM overlays
+of its mistakes and right answers) and a note on trials whose train and validation curves diverge.
 Charts are inline SVG and thumbnails data URIs, so the file opens anywhere, offline. Only files are read
 (no Ray); the thumbnails and test reliability run the saved artifact once over the test split.
 

@@ -30,6 +30,7 @@ from automl_tl.report._analysis import (
     param_specs,
     predictions,
 )
+from automl_tl.report._explain import explanation_section
 from automl_tl.report._health import data_health
 from automl_tl.report._inputs import RunInputs, load_run
 from automl_tl.train.loop import HYPERPARAMETERS
@@ -51,6 +52,7 @@ SECTIONS = (
     ("per-class", "Per-class metrics"),
     ("reliability", "Reliability diagram"),
     ("misclassified", "Most confidently misclassified images"),
+    ("explanations", "Where the model looked"),
     ("data-health", "Data health"),
 )
 
@@ -120,6 +122,7 @@ def render(run: RunInputs) -> str:
         "per-class": _per_class(run),
         "reliability": _reliability(run, preds),
         "misclassified": _misclassified(run, preds, misses),
+        "explanations": explanation_section(run, preds),
         "data-health": data_health(run),
     }
     nav = " ".join(f'<a href="#{key}">{escape(title)}</a>' for key, title in SECTIONS)

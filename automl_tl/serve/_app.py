@@ -54,7 +54,9 @@ from automl_tl.serve._loopback import bind_loopback
 from automl_tl.serve._inputs import BodyLimits, RequestError, decode_image, split_body
 from automl_tl.serve._model import Preprocessor, ServingPlan, plan_for
 from automl_tl.serve._replica import Counters, Forward, Row, configure_batching, single_threaded
-from automl_tl.serve._schemas import ErrorResponse, HealthResponse, MetadataResponse, PredictResponse, StatsResponse
+from automl_tl.serve._explain import ExplainAnswers
+from automl_tl.serve._schemas import (ErrorResponse, ExplainResponse, HealthResponse, MetadataResponse, PredictResponse,
+                                      StatsResponse)  # fmt: skip
 
 __all__ = ["Classifier", "MemberModel", "build_app"]
 
@@ -85,6 +87,7 @@ def _json(answer: BaseModel, status_code: int = 200) -> Response:
     return Response(answer.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
+_TOP_K = Query(5, ge=1, le=10_000, description="labels per image")  # of /v1/predict and /v1/explain
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
 
@@ -212,6 +215,7 @@ class Classifier:
         else:
             single_threaded()  # the ingress only preprocesses; the member replicas own the cores
         self._metadata = MetadataResponse.model_validate(self._describe(artifact))
+        self._explain = ExplainAnswers(artifact, self._plan)  # its members are built on the first /v1/explain
 
     def _describe(self, artifact: Artifact) -> dict[str, Any]:
         planned = set(self._plan.member_indices)
@@ -256,8 +260,8 @@ class Classifier:
         """A request the :class:`~automl_tl.serve._gateway.Gateway` forwarded, answered by this replica's own app."""
         return await answer_in_process(cast(Any, self).app, scope, body)  # the app serve.ingress wraps
 
-    def _prepare(self, content_type: str | None, body: bytes) -> list[tuple[str, tuple[torch.Tensor, ...], float]]:
-        """Parse, decode and preprocess every image of a body (runs in a worker thread)."""
+    def _decoded(self, content_type: str | None, body: bytes) -> list[tuple[str, np.ndarray, float]]:
+        """Parse and decode every image of a body, checked against the limits (runs in a worker thread)."""
         out = []
         for image in split_body(content_type, body, self._limits):
             start = time.perf_counter()
@@ -268,8 +272,13 @@ class Classifier:
                     422, f"{image.name}: a {pixels.shape[1]}x{pixels.shape[0]} image is too elongated: resized for the "
                     f"model it would hold {resized:,} pixels, over max_pixels={self._args.max_pixels:,}",
                 )  # fmt: skip
-            out.append((image.name, self._preprocess(pixels), (time.perf_counter() - start) * 1000.0))
+            out.append((image.name, pixels, start))
         return out
+
+    def _prepare(self, content_type: str | None, body: bytes) -> list[tuple[str, tuple[torch.Tensor, ...], float]]:
+        """Parse, decode and preprocess every image of a body (runs in a worker thread)."""
+        return [(name, self._preprocess(pixels), (time.perf_counter() - start) * 1000.0)
+                for name, pixels, start in self._decoded(content_type, body)]  # fmt: skip
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _batched(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[asyncio.Future[Row]]:
@@ -312,9 +321,7 @@ class Classifier:
         return [self._format(name, row, ms, row[2], k) for (name, _, ms), row in zip(prepared, rows)]
 
     @api.post(f"{API_PREFIX}/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
-    async def predict(
-        self, request: Request, top_k: int = Query(5, ge=1, le=10_000, description="labels per image")
-    ) -> Response:
+    async def predict(self, request: Request, top_k: int = _TOP_K) -> Response:
         """Classify the images of the body; per image: the top-k labels with calibrated probabilities."""
         start = time.perf_counter()
         self._authorize(request)
@@ -336,6 +343,15 @@ class Classifier:
             "predictions": answers,
             "total_ms": round((time.perf_counter() - start) * 1000.0, 3),
         }))  # fmt: skip
+
+    @api.post(f"{API_PREFIX}/explain", response_model=ExplainResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
+    async def explain(self, request: Request, top_k: int = _TOP_K) -> Response:
+        """As /v1/predict, and per image a PNG (base64) of where the model looked for its top class (Grad-CAM)."""
+        start = time.perf_counter()
+        self._authorize(request)
+        decode = functools.partial(self._decoded, request.headers.get("content-type"), await self._read_body(request))
+        work = functools.partial(self._explain.respond, decode, top_k, start)
+        return _json(await asyncio.get_running_loop().run_in_executor(self._decoder, work))
 
     @api.get(f"{API_PREFIX}/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def healthz(self) -> Response:

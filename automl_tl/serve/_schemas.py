@@ -5,8 +5,9 @@ from typing import Any
 from pydantic import BaseModel
 
 __all__ = [
-    "BatchingInfo", "EnsembleInfo", "ErrorResponse", "HealthResponse", "ImageAnswer", "ImageTiming", "LimitsInfo",
-    "MemberInfo", "MetadataResponse", "PredictResponse", "StatsResponse",
+    "BatchingInfo", "EnsembleInfo", "ErrorResponse", "ExplainResponse", "HealthResponse", "ImageAnswer",
+    "ImageExplanation", "ImageTiming", "LimitsInfo", "MemberInfo", "MetadataResponse", "PredictResponse",
+    "StatsResponse",
 ]  # fmt: skip
 
 
@@ -29,6 +30,22 @@ class PredictResponse(BaseModel):
     mode: str
     members: list[str]
     predictions: list[ImageAnswer]
+    total_ms: float
+
+
+class ImageExplanation(BaseModel):
+    name: str
+    labels: list[str]
+    probabilities: list[float]
+    explained: str  # the class whose evidence the overlay shows: the top one
+    overlay_png: str  # base64 PNG: the image with its Grad-CAM heatmap drawn over it
+
+
+class ExplainResponse(BaseModel):
+    model_id: str
+    mode: str
+    members: list[str]
+    explanations: list[ImageExplanation]
     total_ms: float
 
 
