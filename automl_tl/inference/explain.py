@@ -10,8 +10,10 @@ The probabilities are the inference core's (:mod:`automl_tl.inference.core`), th
 answers; the map shows the evidence for the top class (or a class asked for). Each member's map is taken
 where its network last holds a spatial layout:
 
-* a convolutional network (and any timm model whose features are a feature map, NCHW or NHWC): the output
-  of ``forward_features``, the map the pooling and the head read;
+* a convolutional network (and any timm model whose features are a feature map, NCHW or NHWC): its two
+  coarsest feature stages (timm's ``feature_info``, strides 16 and 32 in most families), weighed by
+  LayerCAM, which weighs each position by its own gradient and so keeps the finer stage's detail (a map at
+  stride 32 alone is often a cell off a small object); ``forward_features`` where a model lists no stages;
 * a ViT (timm vit, deit, eva, siglip, dinov2 ...: a token sequence): the input of the last block's attention
   (``blocks[-1].norm1``), its patch tokens laid back on their grid, the class and register tokens left out.
   The output of the last block would not do: a class-token head reads nothing from the patch tokens there.
@@ -74,6 +76,7 @@ class CamTarget:
     layers: tuple[nn.Module, ...]
     grad_from: nn.Module
     reshape: Callable[[torch.Tensor], torch.Tensor] | None
+    method: str = "GradCAM"  # the grad-cam package's class that weighs the layers
 
 
 class _FeatureMap(nn.Module):
@@ -98,9 +101,32 @@ def cam_target(net: nn.Module) -> CamTarget:
         grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
         last: nn.Module = blocks[-1]
         return CamTarget(net, (last.get_submodule("norm1"),), last, _token_grid(int(prefix), grid))
-    wrapped = _FeatureMap(net)
     nhwc = getattr(net, "output_fmt", "NCHW") == "NHWC"  # swin and others lay their features out channels-last
-    return CamTarget(wrapped, (wrapped.features,), wrapped.features, _channels_first if nhwc else None)
+    reshape = _channels_first if nhwc else None
+    stages = _coarsest_stages(net)
+    if stages:
+        return CamTarget(net, stages, stages[0], reshape, "LayerCAM")
+    wrapped = _FeatureMap(net)
+    return CamTarget(wrapped, (wrapped.features,), wrapped.features, reshape)
+
+
+def _coarsest_stages(net: nn.Module) -> tuple[nn.Module, ...]:
+    """The last module of each of the two coarsest reductions timm's ``feature_info`` lists, shallower first;
+    none where it lists fewer than two."""
+    info = getattr(net, "feature_info", None)
+    try:
+        entries = [(int(f["reduction"]), str(f["module"])) for f in info] if info else []
+    except (KeyError, TypeError, ValueError):
+        return ()
+    last: dict[int, str] = {}
+    for reduction, name in entries:
+        last[reduction] = name
+    if len(last) < 2:
+        return ()
+    try:
+        return tuple(net.get_submodule(last[r]) for r in sorted(last)[-2:])
+    except AttributeError:  # a name timm lists that is not a submodule's path: read forward_features instead
+        return ()
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +154,7 @@ def _start_gradients(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple
 
 def member_cams(model: nn.Module, batch: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
     """Grad-CAM of ``model`` (a built member) for ``classes[j]`` on image j of an NCHW batch: (N, S, S) in [0, 1]."""
-    from pytorch_grad_cam import GradCAM
+    import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     net = model.net if isinstance(model, TransferNet) else model
@@ -137,7 +163,8 @@ def member_cams(model: nn.Module, batch: torch.Tensor, classes: Sequence[int]) -
     for p in frozen:
         p.requires_grad_(False)  # no parameter gradients: only those of the activations Grad-CAM weighs
     hook = target.grad_from.register_forward_pre_hook(_start_gradients)
-    cam = GradCAM(model=target.model, target_layers=list(target.layers), reshape_transform=target.reshape)
+    method = getattr(pytorch_grad_cam, target.method)
+    cam = method(model=target.model, target_layers=list(target.layers), reshape_transform=target.reshape)
     try:
         with torch.enable_grad():
             maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c)) for c in classes])
