@@ -137,13 +137,12 @@ def within_budget(members: Iterable[str], candidate: str, latency_ms: Mapping[st
     return sum(latency_ms[t] for t in chosen) <= budget_ms
 
 
-def _affordable(ranked: list[str], latency_ms: Mapping[str, float] | None, budget_ms: float | None) -> list[str]:
-    """The trials of ``ranked`` that fit the budget alone; the cheapest one when none does (it is served anyway,
-    as the fastest there is)."""
-    fits = [t for t in ranked if within_budget((), t, latency_ms, budget_ms)]
-    if fits or latency_ms is None:
-        return fits
-    return [min(ranked, key=lambda t: latency_ms[t])]
+def _reachable(ids: Iterable[str], latency_ms: Mapping[str, float] | None, budget_ms: float | None) -> float | None:
+    """The budget, raised to the cheapest trial's latency when no trial fits it (that one is served anyway, as
+    the fastest there is)."""
+    if budget_ms is None or latency_ms is None:
+        return budget_ms
+    return max(budget_ms, min(latency_ms[t] for t in ids))
 
 
 def select_top_k(
@@ -157,7 +156,8 @@ def select_top_k(
     if k < 1:
         raise ConfigError(f"top-k ensemble size must be >= 1, got {k}")
     keys = {t: _key(metric, labels, np.asarray(val_probs[t], dtype=np.float64)) for t in ids}
-    ranked = _affordable(sorted(ids, key=lambda t: keys[t]), latency_ms, budget_ms)  # stable: pool order breaks ties
+    ranked = sorted(ids, key=lambda t: keys[t])  # sorted() is stable: pool order breaks ties
+    budget_ms = _reachable(ids, latency_ms, budget_ms)
     chosen: list[str] = []
     for t in ranked:
         if len(chosen) < k and within_budget(chosen, t, latency_ms, budget_ms):
@@ -192,7 +192,8 @@ def select_greedy(
         raise ConfigError(f"init_best must lie in [0, size={size}], got {init_best}")
     pool = {t: np.asarray(val_probs[t], dtype=np.float64) for t in ids}
     singles = {t: _key(metric, labels, pool[t]) for t in ids}
-    ranked = _affordable(sorted(ids, key=lambda t: singles[t]), latency_ms, budget_ms)
+    budget_ms = _reachable(ids, latency_ms, budget_ms)
+    ranked = [t for t in sorted(ids, key=lambda t: singles[t]) if within_budget((), t, latency_ms, budget_ms)]
 
     unscored = rank_key(None, None, metric_mode(metric))
     picks: list[str] = []

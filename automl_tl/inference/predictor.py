@@ -120,10 +120,11 @@ class Evaluation(Metrics):
                    mode=mode, escalation_rate=escalation_rate)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        """Every metric, JSON-ready (what ``automl-tl evaluate --json`` writes), with the mode and, for a
-        cascade, its escalation rate."""
-        extra = {} if self.escalation_rate is None else {"escalation_rate": self.escalation_rate}
-        return {**self.details, "mode": self.mode, **extra}
+        """Every metric, JSON-ready (what ``automl-tl evaluate --json`` writes); for a cascade, also the mode
+        and its escalation rate."""
+        if self.escalation_rate is None:
+            return dict(self.details)
+        return {**self.details, "mode": self.mode, "escalation_rate": self.escalation_rate}
 
 
 class Predictor:
