@@ -2,8 +2,11 @@
 
 Everything here is chosen on validation data only (ensemble members, weights, temperatures); the test split,
 which no trial and no selection ever saw, is touched once at the end to score the best single trial and the
-ensemble. The artifact (``RUN_DIR/artifact/``) holds every ensemble member plus the best single trial (with
-weight 0 when the selection left it out), so serving can offer both ``--mode best`` and ``--mode ensemble``.
+ensemble. The artifact (``RUN_DIR/artifact/``) holds every ensemble member plus the best single trial and the
+cascade's cheap member (with weight 0 when the selection left them out), so serving can offer ``--mode best``,
+``--mode ensemble`` and ``--mode cascade``. Every candidate's forward latency is measured first
+(:mod:`automl_tl.inference.latency`): selection keeps within ``search.latency_budget_ms``, the cascade is
+chosen by expected latency, and the figures go into the manifest and the report's accuracy-latency plot.
 """
 
 from __future__ import annotations
