@@ -46,10 +46,12 @@ def test_the_threshold_is_the_lowest_that_keeps_accuracy_within_the_tolerance() 
     # Ten points: one mistake is allowed; at 0.60 a second one would be, so it stops at 0.70.
     threshold, accuracy, rate = cascade_threshold(first, then, labels, 0.10) or (0.0, 0.0, 0.0)
     assert (threshold, accuracy, rate) == (0.70, 0.9, pytest.approx(0.3))
-    # A lower threshold that happens to score well again (a lucky dip) does not count: every one above must.
-    lucky = FIRST_RIGHT.copy()
-    lucky[[8, 9]] = True
-    assert cascade_threshold(_two_class(CONFIDENCE, lucky, labels), then, labels, 0.0) == (0.90, 1.0, 0.6)
+    # Rows where the cheap member is right and the ensemble wrong do not pay for its losses: with the ensemble
+    # wrong on row 0, accuracy at 0.85 would equal the ensemble's, yet row 4 is a loss, so it stops at 0.90.
+    unlucky = np.ones(10, bool)
+    unlucky[0] = False
+    weaker = _two_class(np.full(10, 0.9), unlucky, labels)
+    assert cascade_threshold(first, weaker, labels, 0.0) == (0.90, 1.0, 0.6)
     # A cheap member wrong at its most confident row cannot answer anything alone.
     wrong_top = FIRST_RIGHT.copy()
     wrong_top[0] = False

@@ -11,8 +11,8 @@ With a latency budget (``search.latency_budget_ms``, and each trial's measured b
 ``latency_ms``), both skip any trial whose addition would take the members' summed latency past the budget.
 
 :func:`choose_cascade` then picks the cascade's cheap member and its confidence threshold
-(:func:`cascade_threshold`): the pair that answers fastest on average while keeping validation accuracy
-within a tolerance of the ensemble's.
+(:func:`cascade_threshold`): the pair that answers fastest on average while losing at most a tolerance of
+the ensemble's right answers on validation.
 
 Members are averaged with :func:`~automl_tl.inference.calibrate.combine`, the arithmetic inference uses.
 The test split never enters any of this.
@@ -298,22 +298,22 @@ def cascade_threshold(
     first: np.ndarray, then: np.ndarray, labels: np.ndarray, tolerance: float
 ) -> tuple[float, float, float] | None:
     """The lowest threshold on ``first``'s top probability at which answering those rows with ``first`` and the
-    rest with ``then`` keeps accuracy at least ``then``'s minus ``tolerance`` (a fraction), at it and at every
-    higher threshold, so a lucky dip in between never sets it. Returns (threshold, accuracy, escalation rate),
-    or None when no row can be answered by ``first`` alone. Both are calibrated (N, C) probabilities."""
+    rest with ``then`` loses at most ``tolerance`` (a fraction of the rows) of ``then``'s right answers. Rows
+    where ``first`` is right and ``then`` wrong do not pay for losses: such luck on validation is the least
+    likely to hold on new images, so accuracy stays within ``tolerance`` of ``then``'s without counting on it.
+    Returns (threshold, accuracy, escalation rate), or None when no row can be answered by ``first`` alone.
+    Both are calibrated (N, C) probabilities."""
     labels = np.asarray(labels, dtype=np.int64)
     confidence = first.max(axis=1)
     right_first = first.argmax(axis=1) == labels
     right_then = then.argmax(axis=1) == labels
-    target = right_then.mean() - tolerance - 1e-12
-    levels = np.unique(confidence)[::-1]  # highest first: each step lets more rows stop at ``first``
+    lost = ~right_first & right_then
     best: tuple[float, float, float] | None = None
-    for level in levels:
+    for level in np.unique(confidence)[::-1]:  # highest first: each step lets more rows stop at ``first``
         alone = confidence >= level
-        accuracy = float(np.where(alone, right_first, right_then).mean())
-        if accuracy < target:
-            break
-        best = (float(level), accuracy, float(1.0 - alone.mean()))
+        if np.mean(alone & lost) > tolerance + 1e-12:
+            break  # losses only grow as the threshold falls
+        best = (float(level), float(np.where(alone, right_first, right_then).mean()), float(1.0 - alone.mean()))
     return best
 
 
