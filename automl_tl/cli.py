@@ -9,7 +9,7 @@
     automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json]   classify images with a saved artifact
     automl-tl evaluate ARTIFACT --data DATA [--split S] [--json FILE] score an artifact on a labelled set
     automl-tl export ARTIFACT --format onnx|torchscript --out FILE   one graph: tensor in, probabilities out
-    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--port P] [--emit-config FILE]   HTTP server
+    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble|cascade] [--port P] [--emit-config FILE]   HTTP server
     automl-tl report RUN_DIR             write RUN_DIR/report.html, a self-contained page about the run
 
 Errors a user can cause print as one line, ``automl-tl: error: ...``, and exit with code 2. Progress is the
