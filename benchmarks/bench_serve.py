@@ -719,6 +719,8 @@ def cascade_serve_run(artifact: Path, bodies: list[bytes], mode: str, seconds: f
             "load": {k: load[k] for k in ("clients", "seconds", "requests", "errors", "throughput_img_s", "p50_ms", "p99_ms")},
             "escalation_rate_under_load": round((after["escalated"] - before["escalated"]) / images, 4) if images else None,
             "mean_batch_size": round(images / max(1, after["batches"] - before["batches"]), 2),
+            # The replica's own forward time per image under load: what the cascade saves, before decoding and HTTP.
+            "forward_ms_per_image": round((after["forward_ms"] - before["forward_ms"]) / images, 2) if images else None,
             "members": {m["member_id"]: {"backbone": m["backbone"], "image_size": m["image_size"], "serving": m["serving"],
                                          "latency_ms_at_build": m["latency_ms"],
                                          "latency_ms_at_replica_start": m["replica_latency_ms"]}
@@ -757,7 +759,8 @@ def cascade_main(opts: argparse.Namespace) -> None:
             results[name] = {"run_dir": str(run_dir), "data": data, "split": split, "test_images": len(bodies),
                              "cascade_rule": manifest.get("cascade"), "evaluate": evaluated, "serve": served,
                              "accuracy_gap_points": round(gap, 3), "throughput_ratio": round(speedup, 3),
-                             "lone_p50_ms": {"ensemble": lone_ens, "cascade": lone_cas}}  # fmt: skip
+                             "lone_p50_ms": {"ensemble": lone_ens, "cascade": lone_cas},
+                             "forward_ms_per_image": {m: served[m]["forward_ms_per_image"] for m in served}}  # fmt: skip
             checks[f"{name}: cascade test accuracy within {CASCADE_TOLERANCE_POINTS} points of the ensemble's "
                    f"({cas['accuracy']:.4f} vs {ens['accuracy']:.4f}, escalation rate {cas['escalation_rate']:.3f})"] = bool(
                 gap <= CASCADE_TOLERANCE_POINTS)  # fmt: skip
