@@ -773,6 +773,8 @@ def cascade_main(opts: argparse.Namespace) -> None:
         "started": began,
         "wall_s": round(time.monotonic() - t0, 1),
         "smoke_test": quick,
+        "machine": f"{os.cpu_count()} CPUs, no GPU; 1-minute load average {load_at_start[0]:.2f} at start, "
+                   f"{os.getloadavg()[0]:.2f} at the end (a machine shared with other work: every figure is skewed by it)",
         "conditions": {"cpus": os.cpu_count(), "gpu": False, "load_average_at_start": [round(x, 2) for x in load_at_start],
                        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                        "note": "a machine shared with other work: every figure is skewed by it"},  # fmt: skip
