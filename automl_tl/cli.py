@@ -9,7 +9,7 @@
     automl-tl predict ARTIFACT IMAGE_OR_DIR... [--top-k K] [--json] [--explain OUT_DIR]   classify images
     automl-tl evaluate ARTIFACT --data DATA [--split S] [--json FILE] score an artifact on a labelled set
     automl-tl export ARTIFACT --format onnx|torchscript --out FILE   one graph: tensor in, probabilities out
-    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--port P] [--emit-config FILE]   HTTP server
+    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble|cascade] [--port P] [--emit-config FILE]   HTTP server
     automl-tl report RUN_DIR             write RUN_DIR/report.html, a self-contained page about the run
 
 Errors a user can cause print as one line, ``automl-tl: error: ...``, and exit with code 2. Progress is the
@@ -159,7 +159,8 @@ def _load_search_config(args: argparse.Namespace) -> ExperimentConfig:
         config = config.model_copy(update={"preset": args.preset})  # a choice argparse has checked
     if args.data:
         config = config.replace("data", source=args.data)
-    search = {k: v for k, v in (("time_budget_s", args.time_budget_s), ("num_samples", args.trials), ("seed", args.seed)) if v is not None}
+    search = {k: v for k, v in (("time_budget_s", args.time_budget_s), ("num_samples", args.trials), ("seed", args.seed),
+                                         ("latency_budget_ms", args.latency_budget_ms)) if v is not None}
     if search:
         config = config.replace("search", **search)
     resources = {k: v for k, v in (("gpus_per_trial", args.gpus_per_trial), ("workers_per_trial", args.workers_per_trial)) if v is not None}
@@ -233,6 +234,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                 member=args.member, progress=_bars(args))  # fmt: skip
     if args.split != "all":
         print(f"[evaluate] the {args.split} split: {result.n} images, {result.rows}", file=sys.stderr)
+    if result.escalation_rate is not None:
+        print(f"[evaluate] cascade: {result.escalation_rate:.1%} of the images went on to the ensemble", file=sys.stderr)
     print(format_metrics_table({Path(args.artifact).name or "artifact": result.to_dict()}))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
@@ -273,9 +276,11 @@ def _add_shared_fs_flag(p: argparse.ArgumentParser) -> None:
                         "without it a multi-node cluster needs --out s3://...")  # fmt: skip
 
 
-def _add_mode_flags(p: argparse.ArgumentParser, verb: str) -> None:
-    p.add_argument("--mode", choices=("best", "ensemble"), default="ensemble",
-                   help=f"{verb} the ensemble (members of non-zero weight; the default) or the best single member")
+def _add_mode_flags(p: argparse.ArgumentParser, verb: str, cascade: bool = True) -> None:
+    modes = ("best", "ensemble", "cascade") if cascade else ("best", "ensemble")
+    also = "; cascade: the cheap member, the ensemble only for images it is unsure of" if cascade else ""
+    p.add_argument("--mode", choices=modes, default="ensemble",
+                   help=f"{verb} the ensemble (members of non-zero weight; the default) or the best single member{also}")
     p.add_argument("--member", metavar="MEMBER_ID", help=f"{verb} this one member alone (overrides --mode)")
 
 
@@ -324,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial")
     p.add_argument("--workers-per-trial", type=int, dest="workers_per_trial")
     p.add_argument("--seed", type=int)
+    p.add_argument("--latency-budget-ms", type=float, dest="latency_budget_ms",
+                   help="ensemble selection skips members whose added batch-1 latency would exceed this "
+                        "(search.latency_budget_ms)")  # fmt: skip
     p.add_argument("--preset", choices=PRESETS, help="fill what the config leaves unset for this machine's hardware "
                    "and reachable weights (see `automl-tl backbones --preset P`)")  # fmt: skip
     _add_shared_fs_flag(p)
@@ -377,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder (RUN_DIR/artifact) or its manifest.json")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="graph format")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    _add_mode_flags(p, "export")
+    _add_mode_flags(p, "export", cascade=False)
     p.set_defaults(func=_cmd_export)
 
     from automl_tl.serve._cli import add_serve_arguments

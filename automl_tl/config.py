@@ -260,6 +260,12 @@ class SearchConfig(_Section):
     # Test-time augmentation: on cross-validated heads, also score each one averaged with its answer on the
     # mirrored images (one more feature pass per backbone) and serve it so where that is better.
     test_time_augmentation: Bool = False
+    # Ensemble selection skips members whose added batch-1 forward latency (measured when the artifact is
+    # built) would take the ensemble past this many milliseconds. None: no budget.
+    latency_budget_ms: Annotated[Float, Field(gt=0)] | None = None
+    # mode=cascade: the cheap member's confidence threshold is the lowest that keeps validation accuracy
+    # within this many percentage points of the ensemble's.
+    cascade_tolerance: Annotated[Float, Field(ge=0, le=100)] = 0.5
 
     def max_trials(self) -> int | None:
         """The trial cap: ``num_samples`` when given; none when a time budget bounds the sweep, else DEFAULT_TRIALS."""

@@ -4,6 +4,7 @@ layouts, on 127.0.0.1 only. Writes ``benchmarks/results/serve.json``; about 7-8 
     .venv/bin/python benchmarks/bench_serve.py              # the full run (60 s load test)
     .venv/bin/python benchmarks/bench_serve.py --smoke-test # a few seconds per stage, for CI
     .venv/bin/python benchmarks/bench_serve.py --explain    # lone /v1/explain vs /v1/predict (serve_explain.json)
+    .venv/bin/python benchmarks/bench_serve.py cascade [--demo-run RUN --hymenoptera-run RUN]  # serve_cascade.json
 
 The artifact is the default search space's pair, built without training (timing does not depend on the
 weights): mobilenetv2_100 at 160 px and tf_efficientnet_lite0 at 224 px, the latter named best member.
@@ -684,8 +685,195 @@ def explain_main(opts: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+# --- the cascade: mode=cascade against the ensemble on real artifacts -----------------------------------------
+
+# The hymenoptera artifact's sweep: three backbones of different cost, heads on frozen features (quick on CPU).
+HYMENOPTERA_SWEEP: dict[str, Any] = {
+    "space": {"backbones": ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "mobilenetv2_100"],
+              "freeze_depths": [8], "augmentations": ["none"], "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+              "batch_sizes": [32], "max_epochs": 4, "image_sizes": [224], "heads": ["linear"]},
+    "search": {"num_samples": 9, "time_budget_s": 600, "grace_period_epochs": 2, "ensemble_size": 4, "seed": 0},
+}  # fmt: skip
+CASCADE_TOLERANCE_POINTS = 0.5
+CASCADE_SPEEDUP = 1.5
+
+
+def _cascade_runs(opts: argparse.Namespace, tmp: Path) -> dict[str, tuple[Path, str, str]]:
+    """(run directory, --data, --split) of each artifact: the given run directories, else built here by the
+    demo's sweep on animal-shapes and a short hymenoptera sweep (minutes each on 2 cores)."""
+    from automl_tl.api import run_pipeline
+    from automl_tl.config import load_config
+    from automl_tl.demo import demo_config
+
+    hymenoptera_val = str(SHARED / "hymenoptera" / "val")
+    demo, hymenoptera = opts.demo_run, opts.hymenoptera_run
+    if demo is None:
+        demo = tmp / "demo"
+        run_pipeline(demo, demo_config(), report=False)
+    if hymenoptera is None:
+        hymenoptera = tmp / "hymenoptera"
+        config = load_config({"data": {"source": str(SHARED / "hymenoptera" / "train")}, **HYMENOPTERA_SWEEP})
+        run_pipeline(hymenoptera, config, test=hymenoptera_val, report=False)
+    return {"animal-shapes": (Path(demo), "builtin:animal-shapes", "test"),
+            "hymenoptera": (Path(hymenoptera), hymenoptera_val, "all")}  # fmt: skip
+
+
+def _test_bodies(run_dir: Path, data: str, split: str) -> list[bytes]:
+    """The test images as request bodies: the files themselves, or the cached images encoded as JPEG."""
+    import io
+
+    from PIL import Image
+
+    from automl_tl.data import Dataset
+
+    if split == "all":
+        return [p.read_bytes() for p in sorted(Path(data).glob("*/*.jpg"))]
+    info = json.loads((run_dir / "data.json").read_text(encoding="utf-8"))
+    images = Dataset.open(Path(info["cache_path"]))
+    bodies = []
+    for i in info["test"]:
+        out = io.BytesIO()
+        Image.fromarray(images.image(int(i))).save(out, format="JPEG", quality=95)
+        bodies.append(out.getvalue())
+    return bodies
+
+
+def _evaluate_cli(artifact: Path, data: str, split: str, mode: str, out: Path) -> dict[str, Any]:
+    """``automl-tl evaluate ARTIFACT --mode MODE --data DATA --split SPLIT --json F``, as a user runs it."""
+    import subprocess
+
+    command = [sys.executable, "-m", "automl_tl.cli", "evaluate", str(artifact), "--mode", mode, "--data", data,
+               "--split", split, "--json", str(out), "--quiet"]  # fmt: skip
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    metrics = json.loads(out.read_text(encoding="utf-8"))
+    return {"command": " ".join(["automl-tl", *command[3:]]), "n": metrics["n"], "accuracy": metrics["accuracy"],
+            "escalation_rate": metrics.get("escalation_rate")}  # fmt: skip
+
+
+def _lone_requests(url: str, bodies: list[bytes], count: int) -> dict[str, Any]:
+    """Lone requests one after another over ``count`` different images (a cascade's time depends on the image)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port or 80, timeout=60)
+    times = []
+    try:
+        for i in range(count + 2):
+            sent = time.perf_counter()
+            conn.request("POST", where.path + "/v1/predict", body=bodies[i % len(bodies)],
+                         headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+            times.append((time.perf_counter() - sent) * 1000.0)
+    finally:
+        conn.close()
+    return {"requests": count, **_percentiles(times[2:])}  # the first two warm the connection
+
+
+def cascade_serve_run(artifact: Path, bodies: list[bytes], mode: str, seconds: float, warm_up_s: float,
+                      lone: int, port: int) -> dict[str, Any]:  # fmt: skip
+    """One replica of all the cores, as ``automl-tl serve`` deploys it here: lone requests, then 32 clients."""
+    import requests
+
+    url = start_server(artifact, mode=mode, port=port, replicas=1, cpus_per_replica=CPUS, torch_threads=CPUS,
+                       max_batch_size=BATCH)  # fmt: skip
+    try:
+        asyncio.run(_load(url, bodies, CLIENTS, warm_up_s))
+        single = _lone_requests(url, bodies, lone)
+        before = requests.get(f"{url}/v1/stats", timeout=30).json()["ingress"]
+        load = asyncio.run(_load(url, bodies, CLIENTS, seconds))
+        after = requests.get(f"{url}/v1/stats", timeout=30).json()["ingress"]
+        meta = requests.get(f"{url}/v1/metadata", timeout=30).json()
+    finally:
+        stop_server()
+    images = after["images"] - before["images"]
+    return {"mode": mode, "single_request": single,
+            "load": {k: load[k] for k in ("clients", "seconds", "requests", "errors", "throughput_img_s", "p50_ms", "p99_ms")},
+            "escalation_rate_under_load": round((after["escalated"] - before["escalated"]) / images, 4) if images else None,
+            "mean_batch_size": round(images / max(1, after["batches"] - before["batches"]), 2),
+            # The replica's own forward time per image under load: what the cascade saves, before decoding and HTTP.
+            "forward_ms_per_image": round((after["forward_ms"] - before["forward_ms"]) / images, 2) if images else None,
+            "members": {m["member_id"]: {"backbone": m["backbone"], "image_size": m["image_size"], "serving": m["serving"],
+                                         "latency_ms_at_build": m["latency_ms"],
+                                         "latency_ms_at_replica_start": m["replica_latency_ms"]}
+                        for m in meta["members"]},
+            "cascade": meta["cascade"]}  # fmt: skip
+
+
+def cascade_main(opts: argparse.Namespace) -> None:
+    quick = opts.smoke_test
+    load_s, warm_s, lone = (3.0, 1.0, 5) if quick else (20.0, 5.0, 40)
+    began, load_at_start, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg(), time.monotonic()
+    results: dict[str, Any] = {}
+    checks: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = _cascade_runs(opts, Path(tmp))
+        import ray
+
+        for name, (run_dir, data, split) in runs.items():
+            artifact = run_dir / "artifact"
+            bodies = _test_bodies(run_dir, data, split)
+            evaluated = {mode: _evaluate_cli(artifact, data, split, mode, Path(tmp) / f"{name}-{mode}.json")
+                         for mode in ("ensemble", "cascade")}  # fmt: skip
+            print(name, "evaluate:", json.dumps(evaluated), flush=True)
+            ray.init(address="local", num_cpus=CPUS, log_to_driver=False, include_dashboard=False)
+            try:
+                served = {mode: cascade_serve_run(artifact, bodies, mode, load_s, warm_s, lone, opts.port)
+                          for mode in ("ensemble", "cascade")}  # fmt: skip
+            finally:
+                ray.shutdown()
+            print(name, "serve:", json.dumps(served), flush=True)
+            ens, cas = evaluated["ensemble"], evaluated["cascade"]
+            gap = (ens["accuracy"] - cas["accuracy"]) * 100.0
+            speedup = served["cascade"]["load"]["throughput_img_s"] / served["ensemble"]["load"]["throughput_img_s"]
+            lone_ens, lone_cas = (served[m]["single_request"]["p50_ms"] for m in ("ensemble", "cascade"))
+            manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+            results[name] = {"run_dir": str(run_dir), "data": data, "split": split, "test_images": len(bodies),
+                             "cascade_rule": manifest.get("cascade"), "evaluate": evaluated, "serve": served,
+                             "accuracy_gap_points": round(gap, 3), "throughput_ratio": round(speedup, 3),
+                             "lone_p50_ms": {"ensemble": lone_ens, "cascade": lone_cas},
+                             "forward_ms_per_image": {m: served[m]["forward_ms_per_image"] for m in served}}  # fmt: skip
+            checks[f"{name}: cascade test accuracy within {CASCADE_TOLERANCE_POINTS} points of the ensemble's "
+                   f"({cas['accuracy']:.4f} vs {ens['accuracy']:.4f}, escalation rate {cas['escalation_rate']:.3f})"] = bool(
+                gap <= CASCADE_TOLERANCE_POINTS)  # fmt: skip
+            checks[f"{name}: cascade throughput at {CLIENTS} clients >= {CASCADE_SPEEDUP}x the ensemble's "
+                   f"(got {speedup:.2f}x)"] = bool(speedup >= CASCADE_SPEEDUP)  # fmt: skip
+            checks[f"{name}: cascade lone-request p50 below the ensemble's ({lone_cas} vs {lone_ens} ms)"] = bool(
+                lone_cas < lone_ens)
+    figures = {
+        "benchmark": "serve_cascade",
+        "started": began,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "smoke_test": quick,
+        "machine": f"{os.cpu_count()} CPUs, no GPU; 1-minute load average {load_at_start[0]:.2f} at start, "
+                   f"{os.getloadavg()[0]:.2f} at the end (a machine shared with other work: every figure is skewed by it)",
+        "conditions": {"cpus": os.cpu_count(), "gpu": False, "load_average_at_start": [round(x, 2) for x in load_at_start],
+                       "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                       "note": "a machine shared with other work: every figure is skewed by it"},  # fmt: skip
+        "setup": {"clients": CLIENTS, "max_batch_size": BATCH, "replicas": f"1 replica x {CPUS} CPUs x {CPUS} threads",
+                  "load_s": load_s, "warm_up_s": warm_s, "lone_requests": f"{lone}, each a different test image",
+                  "accuracy": "automl-tl evaluate --mode ensemble|cascade on the run's test images"},  # fmt: skip
+        "artifacts": results,
+        "checks": checks,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("serve_cascade_smoke.json" if quick else "serve_cascade.json")
+    out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(checks, indent=2))
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("stage", nargs="?", choices=("cascade",),
+                        help="cascade: mode=cascade against the ensemble on two real artifacts (serve_cascade.json)")
+    parser.add_argument("--demo-run", type=Path, dest="demo_run",
+                        help="with cascade: the demo's run directory (else a demo sweep runs first)")
+    parser.add_argument("--hymenoptera-run", type=Path, dest="hymenoptera_run",
+                        help="with cascade: a hymenoptera run directory (else a short sweep runs first)")
     parser.add_argument("--smoke-test", action="store_true", help="seconds, not minutes: checks the script runs")
     parser.add_argument("--ab", action="store_true", help="each speed mechanism on and off (serve_ab.json)")
     parser.add_argument("--only", help="with --ab: these mechanisms (comma-separated; none: only --after-verdicts) instead of all")
@@ -705,6 +893,9 @@ def main() -> None:
         return
     if opts.explain:
         explain_main(opts)
+        return
+    if opts.stage == "cascade":
+        cascade_main(opts)
         return
     # Warm-up load before each measured run: the main run's is long enough for the replicas' allocator pools to
     # reach their plateau (about 10-15 s at 32 clients here), so "flat" judges the steady state.

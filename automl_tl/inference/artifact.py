@@ -71,6 +71,7 @@ class MemberRecord:
     temperature: float = 1.0
     hyperparameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tta: tuple[str, ...] = ()  # test-time views its softmax is averaged over (inference.transforms.TTA_VIEWS)
+    latency_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)  # measured forward, by batch size
 
     @classmethod
     def create(
@@ -203,12 +204,14 @@ def write_artifact(
     decode_max_side: int | None = None,
     overwrite: bool = True,
     store: ArtifactStore | None = None,
+    cascade: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write members' state dicts (TransferNet keys, ``net.``...) and the manifest; return the manifest path.
 
     ``weights`` are the ensemble weights (normalised to sum to 1), ``temperature`` the ensemble's.
     ``decode_max_side`` is the data set's ``cache_max_side``: training saw images shrunk to it, so the
-    predictor shrinks files the same way. The manifest is written last, so a folder with one is complete.
+    predictor shrinks files the same way. ``cascade`` names the cheap member (``member_id``) and its
+    confidence ``threshold`` for ``mode="cascade"``. The manifest is written last, so a folder with one is complete.
     """
     out_dir = Path(out_dir)
     store = store or LocalStore(out_dir)
@@ -252,10 +255,13 @@ def write_artifact(
         "members": records,
         "ensemble": {"method": method, "weights": [x / sum(w) for x in w], "temperature": float(temperature)},
         "decode": {"max_side": decode_max_side},
+        **({"cascade": _plain(dict(cascade))} if cascade else {}),
         "metrics": _plain(dict(metrics or {})),
         "versions": _versions(),
     }
-    store.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2, allow_nan=False).encode("utf-8"))
+    data = json.dumps(manifest, indent=2, allow_nan=False).encode("utf-8")
+    read_manifest(data, store.describe(MANIFEST_NAME))  # what could not be loaded back is never written
+    store.write_bytes(MANIFEST_NAME, data)
     return out_dir / MANIFEST_NAME
 
 
@@ -273,6 +279,7 @@ class Artifact:
     versions: Mapping[str, str]
     store: ArtifactStore
     decode_max_side: int | None = None  # files are shrunk to this longer side before preprocessing
+    cascade: Mapping[str, Any] | None = None  # the cheap member and its threshold (see write_artifact)
 
     @property
     def num_classes(self) -> int:
@@ -382,6 +389,7 @@ def _record(entry: MemberEntry) -> MemberRecord:
         temperature=entry.temperature,
         hyperparameters=entry.hyperparameters or {},
         tta=tuple(entry.tta),
+        latency_ms=entry.latency_ms or {},
     )
 
 
@@ -414,6 +422,7 @@ def load_artifact(path: str | os.PathLike[str], store: ArtifactStore | None = No
         versions=manifest.versions or {},
         store=store,
         decode_max_side=manifest.decode.max_side if manifest.decode else None,
+        cascade=manifest.cascade.model_dump() if manifest.cascade else None,
     )
     for index in range(len(artifact.members)):  # fail now, not at the first prediction
         artifact.verified_bytes(index)

@@ -9,6 +9,9 @@ finished search all go through here, so they agree by construction:
   alone as the best trial, is never built nor run), averaged with the ensemble weights and calibrated with
   the ensemble temperature;
 * ``mode="best"``: the best single member (the manifest's ``metrics.best_member``), with its own temperature;
+* ``mode="cascade"``: the manifest's cheap member answers a row alone, with its own temperature, when its
+  calibrated top probability reaches the manifest's threshold; the other rows go on to the ensemble, which
+  reuses the cheap member's output when it is one of its members (:func:`cascade_forward`);
 * ``member=ID`` names one specific member instead, again with its own temperature.
 
 Each member gets the evaluation transform stored in the manifest; members sharing a preprocessing share it.
@@ -22,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import numpy as np
@@ -43,10 +46,11 @@ __all__ = [
     "Plan",
     "Preprocessor",
     "best_member_index",
+    "cascade_forward",
     "plan_for",
 ]
 
-Mode = Literal["best", "ensemble"]
+Mode = Literal["best", "ensemble", "cascade"]
 MODES: tuple[str, ...] = get_args(Mode)
 
 
@@ -62,15 +66,20 @@ def best_member_index(artifact: Artifact) -> int:
 class Plan:
     """The members that answer (indices into the artifact), their weights and the calibration temperature.
 
-    ``mode`` is ``"best"`` or ``"ensemble"``, or ``"member"`` for one member named by its id.
+    ``mode`` is ``"best"``, ``"ensemble"`` or ``"cascade"``, or ``"member"`` for one member named by its id.
+    A cascade's first member is the cheap one: ``first_temperature`` calibrates it alone and ``threshold`` is
+    the confidence at which it answers alone; ``weights`` and ``temperature`` are the ensemble's (the cheap
+    member's weight is 0 when it is not an ensemble member).
     """
 
     artifact: Artifact
-    mode: Literal["best", "ensemble", "member"]
+    mode: Literal["best", "ensemble", "member", "cascade"]
     member_indices: tuple[int, ...]
     weights: tuple[float, ...]
     temperature: float
     model_id: str
+    first_temperature: float = 1.0
+    threshold: float | None = None  # None: not a cascade, every member answers every row
 
     @property
     def member_ids(self) -> tuple[str, ...]:
@@ -80,11 +89,50 @@ class Plan:
     def preprocessing(self) -> tuple[Preprocessing, ...]:
         return tuple(Preprocessing.from_dict(self.artifact.members[i].preprocessing) for i in self.member_indices)
 
+    def confident(self, first_probs: np.ndarray) -> np.ndarray:
+        """The rows a cascade's cheap member answers alone: its calibrated top probability reaches the threshold."""
+        if self.threshold is None:
+            return np.zeros(len(first_probs), dtype=bool)
+        calibrated = apply_temperature(first_probs, self.first_temperature)
+        confident: np.ndarray = calibrated.max(axis=1) >= self.threshold
+        return confident
+
     def calibrate(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
-        """Calibrated (N, C) probabilities from each planned member's softmax (N, C), in plan order."""
+        """Calibrated (N, C) probabilities from each planned member's softmax (N, C), in plan order. In a
+        cascade, the rows the cheap member answers alone may be NaN in the other members' outputs."""
         if len(member_probs) != len(self.member_indices):
             raise ValueError(f"need {len(self.member_indices)} member outputs, got {len(member_probs)}")
-        return apply_temperature(combine(member_probs, self.weights), self.temperature)
+        if self.threshold is None:
+            return apply_temperature(combine(member_probs, self.weights), self.temperature)
+        out = apply_temperature(member_probs[0], self.first_temperature)
+        rest = ~self.confident(member_probs[0])
+        if rest.any():
+            out[rest] = apply_temperature(combine([p[rest] for p in member_probs], self.weights), self.temperature)
+        return out
+
+
+def cascade_forward(
+    plan: Plan, forward: Callable[[int, np.ndarray | None], np.ndarray]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each planned member's softmax, and which rows went past the first member.
+
+    ``forward(m, rows)`` is member m's softmax on those rows of the batch (``None``: every row). Outside a
+    cascade every member runs on every row and no row counts as escalated. In a cascade the first (cheap)
+    member runs on every row and the others only on the rows it is not confident about, NaN elsewhere, so a
+    row's answer never depends on the rows batched with it.
+    """
+    first = forward(0, None)
+    if plan.threshold is None:
+        return [first, *(forward(m, None) for m in range(1, len(plan.member_indices)))], np.zeros(len(first), bool)
+    escalated = ~plan.confident(first)
+    rows = np.flatnonzero(escalated)
+    out = [first]
+    for m in range(1, len(plan.member_indices)):
+        full = np.full_like(first, np.nan)
+        if rows.size:
+            full[rows] = forward(m, rows)
+        out.append(full)
+    return out, escalated
 
 
 def plan_for(artifact: Artifact, mode: str = "ensemble", member: str | None = None) -> Plan:
@@ -95,6 +143,8 @@ def plan_for(artifact: Artifact, mode: str = "ensemble", member: str | None = No
         return _single(artifact, "member", index)
     if mode == "best":
         return _single(artifact, "best", best_member_index(artifact))
+    if mode == "cascade":
+        return _cascade(artifact)
     if mode != "ensemble":
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     indices = tuple(i for i, w in enumerate(artifact.weights) if w > 0)
@@ -104,6 +154,24 @@ def plan_for(artifact: Artifact, mode: str = "ensemble", member: str | None = No
     ).hexdigest()
     weights = tuple(artifact.weights[i] for i in indices)
     return Plan(artifact, "ensemble", indices, weights, artifact.temperature, f"ensemble-{digest[:12]}")
+
+
+def _cascade(artifact: Artifact) -> Plan:
+    """The manifest's cheap member first, then the ensemble's other members."""
+    rule = artifact.cascade
+    if not rule:
+        raise ConfigError(
+            f"{artifact.path}: mode 'cascade' needs the manifest's cascade section, and this artifact has none (no "
+            "member was cheaper than the ensemble and accurate enough, or it was built before cascades); use "
+            "mode 'ensemble' or 'best'"
+        )
+    ensemble = plan_for(artifact, "ensemble")
+    first = artifact.member_index(str(rule["member_id"]))
+    indices = (first, *(i for i in ensemble.member_indices if i != first))
+    threshold = float(rule["threshold"])
+    digest = hashlib.sha256(json.dumps([ensemble.model_id, artifact.members[first].sha256, threshold]).encode()).hexdigest()
+    return Plan(artifact, "cascade", indices, tuple(artifact.weights[i] for i in indices), artifact.temperature,
+                f"cascade-{digest[:12]}", artifact.members[first].temperature, threshold)  # fmt: skip
 
 
 def _single(artifact: Artifact, mode: Literal["best", "member"], index: int) -> Plan:
@@ -148,6 +216,7 @@ class BatchResult:
 
     member_probs: tuple[np.ndarray, ...]
     forward_ms: float
+    escalated: int = 0  # rows a cascade sent past its cheap member
 
 
 class MemberRunner:
@@ -169,11 +238,17 @@ class MemberRunner:
         """The artifact's members ``indices``, rebuilt from their verified weights."""
         return cls([artifact.build_model(i) for i in indices], device)
 
-    def run(self, inputs: Sequence[Sequence[torch.Tensor]]) -> BatchResult:
-        """``inputs[j][m]`` is image j's CHW input for member m; returns member m's (N, C) softmax."""
+    def run(self, inputs: Sequence[Sequence[torch.Tensor]], plan: Plan | None = None) -> BatchResult:
+        """``inputs[j][m]`` is image j's CHW input for member m; returns member m's (N, C) softmax. With a
+        cascade ``plan`` (whose members these are, in order), only the uncertain rows go past member 0."""
         start = time.perf_counter()
-        out = tuple(self.forward(m, inputs) for m in range(len(self.models)))
-        return BatchResult(out, (time.perf_counter() - start) * 1000.0)
+        if plan is None or plan.threshold is None:
+            out = tuple(self.forward(m, inputs) for m in range(len(self.models)))
+            return BatchResult(out, (time.perf_counter() - start) * 1000.0)
+        probs, escalated = cascade_forward(
+            plan, lambda m, rows: self.forward(m, inputs if rows is None else [inputs[j] for j in rows])
+        )
+        return BatchResult(tuple(probs), (time.perf_counter() - start) * 1000.0, int(escalated.sum()))
 
     def forward(self, m: int, inputs: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
         """Member ``m``'s (N, C) softmax for ``inputs[j][m]``."""
@@ -218,6 +293,16 @@ class Members:
         """Each member's uncalibrated softmax (N, C) for a batch of RGB images, in ``indices`` order."""
         return self.forward(self.preprocess(images, indices), indices)
 
-    def answer(self, images: Sequence[np.ndarray], plan: Plan) -> np.ndarray:
-        """The plan's calibrated probabilities (N, C) for a batch of RGB images."""
-        return plan.calibrate(self.probabilities(images, plan.member_indices))
+    def answer(self, images: Sequence[np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """The plan's calibrated probabilities (N, C) for a batch of RGB images, and which rows a cascade
+        sent past its cheap member."""
+        indices = plan.member_indices
+        batches = self.preprocess(images, indices)
+        self.build(indices)
+
+        def forward(m: int, rows: np.ndarray | None) -> np.ndarray:
+            batch = batches[m] if rows is None else batches[m][torch.from_numpy(rows)]
+            return self._runners[indices[m]].forward_batch(0, batch)
+
+        probs, escalated = cascade_forward(plan, forward)
+        return plan.calibrate(probs), escalated

@@ -124,6 +124,9 @@ def build_export_graph(
     """The graph of the plan ``mode`` (or ``member``) names, the preprocessing its input expects, and its
     metadata."""
     plan = plan_for(artifact, mode, member)
+    if plan.threshold is not None:
+        raise ConfigError("mode 'cascade' cannot be exported: one graph runs every member on every row; export "
+                          "the ensemble (--mode ensemble) and the cheap member (--member ID) instead")  # fmt: skip
     reference, _ = export_input(artifact, mode=mode, member=member)
     adapters = [None if pre == reference else InputAdapter(reference, pre) for pre in plan.preprocessing]
     models = [artifact.build_model(i) for i in plan.member_indices]

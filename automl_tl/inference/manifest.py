@@ -65,6 +65,7 @@ class MemberEntry(BaseModel):
     temperature: Number = 1.0
     hyperparameters: dict[str, Any] | None = None
     tta: tuple[Literal["hflip"], ...] = ()  # test-time views averaged over (inference.transforms.TTA_VIEWS)
+    latency_ms: dict[str, Annotated[Number, Field(ge=0, allow_inf_nan=False)]] | None = None  # by batch size
 
     @field_validator("weight_file")
     @classmethod
@@ -107,6 +108,16 @@ class _Ensemble(BaseModel):
         return _positive_finite(value)
 
 
+class _Cascade(BaseModel):
+    """The cheap member that answers alone when its calibrated confidence reaches ``threshold``; the keys
+    beyond these (how the threshold was chosen, what it scored) are kept as written."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    member_id: str
+    threshold: Annotated[Number, Field(ge=0, le=1)]
+
+
 class _Decode(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -124,6 +135,7 @@ class Manifest(BaseModel):
     members: list[MemberEntry] = Field(min_length=1)
     ensemble: _Ensemble
     decode: _Decode | None = None
+    cascade: _Cascade | None = None
     metrics: dict[str, Any] | None = None
     versions: dict[str, Any] | None = None
 
@@ -166,6 +178,8 @@ class Manifest(BaseModel):
             )
         elif sum(weights) <= 0:
             problems.append("ensemble.weights sum to 0")
+        if self.cascade is not None and self.cascade.member_id not in ids:
+            problems.append(f"cascade.member_id {self.cascade.member_id!r} is not a member; members: {', '.join(ids)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

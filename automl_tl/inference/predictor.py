@@ -1,7 +1,7 @@
 """Predicting with a saved artifact: plain torch, no Ray.
 
     from automl_tl.inference.predictor import Predictor
-    predictor = Predictor.load("runs/my_run/artifact")                  # mode="ensemble", or mode="best"
+    predictor = Predictor.load("runs/my_run/artifact")       # mode="ensemble", or "best", or "cascade"
     predictor.predict(["ant.jpg", pil_image, uint8_array], top_k=2)   # -> [Prediction(labels, probabilities)]
     predictor.evaluate("data/labelled", split="test").accuracy         # -> Evaluation
 
@@ -107,19 +107,29 @@ class Evaluation(Metrics):
 
     split: str
     rows: str  # which images were scored, in words (the run's own rows, or drawn with which settings)
+    mode: str = "ensemble"
+    escalation_rate: float | None = None  # a cascade's share of images that went past its cheap member
 
     @classmethod
-    def from_metrics(cls, split: str, rows: str, metrics: Mapping[str, Any]) -> Evaluation:
+    def from_metrics(
+        cls, split: str, rows: str, metrics: Mapping[str, Any], mode: str = "ensemble",
+        escalation_rate: float | None = None,
+    ) -> Evaluation:  # fmt: skip
         base = Metrics.from_dict(metrics)
-        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Metrics)}, split=split, rows=rows)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Metrics)}, split=split, rows=rows,
+                   mode=mode, escalation_rate=escalation_rate)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        """Every metric, JSON-ready (what ``automl-tl evaluate --json`` writes)."""
-        return dict(self.details)
+        """Every metric, JSON-ready (what ``automl-tl evaluate --json`` writes); for a cascade, also the mode
+        and its escalation rate."""
+        if self.escalation_rate is None:
+            return dict(self.details)
+        return {**self.details, "mode": self.mode, "escalation_rate": self.escalation_rate}
 
 
 class Predictor:
-    """An artifact's members on one device and the plan that combines them (``mode``: ensemble or best)."""
+    """An artifact's members on one device and the plan that combines them (``mode``: ensemble, best or
+    cascade)."""
 
     def __init__(self, artifact: Artifact, mode: Mode = "ensemble", device: str | torch.device = "cpu") -> None:
         self.artifact = artifact
@@ -134,7 +144,8 @@ class Predictor:
         cls, path: str | os.PathLike[str], mode: Mode = "ensemble", device: str | torch.device = "cpu"
     ) -> Predictor:
         """Load and verify the artifact at ``path`` and rebuild the members ``mode`` uses (no pretrained files
-        needed): ``ensemble``, every member of non-zero weight; ``best``, the best single member."""
+        needed): ``ensemble``, every member of non-zero weight; ``best``, the best single member; ``cascade``,
+        the manifest's cheap member, then the ensemble for the images it is unsure of."""
         return cls(load_artifact(path), mode, device)
 
     @property
@@ -166,6 +177,12 @@ class Predictor:
 
         ``images`` may be a generator: only ``batch_size`` images are decoded at a time.
         """
+        return self._answers(images, batch_size, member)[0]
+
+    def _answers(
+        self, images: Iterable[ImageInput], batch_size: int, member: str | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_proba`'s probabilities, and which images a cascade sent past its cheap member."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         plan = self._plan(member)
@@ -173,7 +190,9 @@ class Predictor:
             self._members.answer([load_image(img, self.artifact.decode_max_side) for img in chunk], plan)
             for chunk in _chunks(images, batch_size)
         ]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.class_names)))
+        if not parts:
+            return np.zeros((0, len(self.class_names))), np.zeros(0, dtype=bool)
+        return np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts])
 
     def predict(
         self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32, member: str | None = None
@@ -212,6 +231,9 @@ class Predictor:
             dataset = load_dataset(data, settings.data, progress=progress)
             rows, origin = settings.rows(split, Path(dataset.cache_path).stem, dataset.indices(split))
         to_artifact = match_class_names(self.class_names, dataset.class_names, data)
-        probs = self.predict_proba((dataset.image(int(i)) for i in rows), batch_size=batch_size, member=member)
+        plan = self._plan(member)
+        probs, escalated = self._answers((dataset.image(int(i)) for i in rows), batch_size, member)
         labels = to_artifact[np.asarray(dataset.labels)[rows]]
-        return Evaluation.from_metrics(split, origin, classification_metrics(labels, probs, self.class_names))
+        rate = float(escalated.mean()) if plan.threshold is not None and escalated.size else None
+        metrics = classification_metrics(labels, probs, self.class_names)
+        return Evaluation.from_metrics(split, origin, metrics, plan.mode, rate)

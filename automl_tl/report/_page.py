@@ -16,6 +16,7 @@ from automl_tl.report import _svg as svg
 from automl_tl.report._html import fmt as _fmt
 from automl_tl.report._html import note as _note
 from automl_tl.report._html import table as _table
+from automl_tl.report._frontier import frontier_section
 from automl_tl.report._selection import selection_section
 from automl_tl.report._analysis import (
     Divergence,
@@ -43,6 +44,7 @@ SECTIONS = (
     ("overview", "Overview"),
     ("ensemble", "Ensemble vs best single model"),
     ("selection", "How the served model was chosen"),
+    ("latency", "Accuracy against latency"),
     ("leaderboard", "Leaderboard"),
     ("transferability", "Backbones ranked before fine-tuning"),
     ("curves", "Learning curves"),
@@ -113,6 +115,7 @@ def render(run: RunInputs) -> str:
         "overview": _overview(run, notes),
         "ensemble": _ensemble(run),
         "selection": selection_section(run),
+        "latency": frontier_section(run),
         "leaderboard": _leaderboard(run, flagged),
         "transferability": _transferability(run.summary.get("transferability") or {}),
         "curves": _curves(run, flagged),

@@ -16,6 +16,7 @@ __all__ = [
     "Point",
     "Series",
     "bar_chart",
+    "frontier_chart",
     "heatmap",
     "line_chart",
     "reliability_chart",
@@ -329,3 +330,34 @@ def reliability_chart(curves: Sequence[tuple[str, Sequence[dict[str, float | int
     body.append(_text(x(0) - 4, strip_top + strip_h - 2, "count", "end", MUTED))
     body.append(f'<line x1="{x(0)}" x2="{x(1)}" y1="{strip_top + strip_h}" y2="{strip_top + strip_h}" stroke="#bbb"/>')
     return _svg(width, strip_top + strip_h + 6, body, "reliability diagram")
+
+
+def frontier_chart(
+    points: Sequence[tuple[Point, str]], served: str, x_label: str, y_label: str, width: int = 460, height: int = 300
+) -> str:
+    """Accuracy (y) against latency (x) of each point, drawn by kind (``trial``, ``ensemble``, ``cascade``),
+    with the frontier: the points no other point beats on both at once, joined left to right. The point whose
+    title is ``served`` is ringed and labelled."""
+    if not points:
+        return _svg(width, 40, [_text(width / 2, 24, "no latency figures", "middle", MUTED)], x_label)
+    x = _Scale(*_padded([p.x for p, _ in points], (0.0, math.inf)), 50, width - 10)
+    y = _Scale(*_padded([p.y for p, _ in points], (0.0, 1.0)), height - 58, 10)  # the legend below the axis title
+    body = _axes(x, y, x_label, y_label)
+    front = sorted((p for p, _ in points if not any(
+        q.x <= p.x and q.y >= p.y and (q.x, q.y) != (p.x, p.y) for q, _ in points)), key=lambda p: (p.x, -p.y))  # fmt: skip
+    path = " ".join(f"{'M' if i == 0 else 'L'}{x(p.x):.1f},{y(p.y):.1f}" for i, p in enumerate(front))
+    body.append(f'<path d="{path}" fill="none" stroke="{MUTED}" stroke-dasharray="4 3"><title>frontier</title></path>')
+    colors = {"trial": PALETTE[0], "ensemble": PALETTE[1], "cascade": PALETTE[2]}
+    for p, kind in sorted(points, key=lambda item: item[1] != "trial"):
+        r = 4.0 if kind == "trial" else 6.0
+        body.append(f'<circle cx="{x(p.x):.1f}" cy="{y(p.y):.1f}" r="{r}" fill="{colors.get(kind, INK)}" '
+                    f'fill-opacity="0.8"><title>{escape(p.title)}: {p.y:.4f} at {p.x:.2f}</title></circle>')  # fmt: skip
+        if p.title == served:
+            body.append(f'<circle cx="{x(p.x):.1f}" cy="{y(p.y):.1f}" r="{r + 4}" fill="none" stroke="{INK}" '
+                        f'stroke-width="1.5"/>')  # fmt: skip
+            left = x(p.x) > width - 70  # near the right edge: the label goes to the left of the point
+            body.append(_text(x(p.x) + (-r - 6 if left else r + 6), y(p.y) - r - 2, "served", "end" if left else "start"))
+    for i, (kind, color) in enumerate(colors.items()):
+        body.append(f'<circle cx="{60 + 80 * i}" cy="{height - 8}" r="4" fill="{color}"/>')
+        body.append(_text(68 + 80 * i, height - 4, kind, "start", MUTED))
+    return _svg(width, height, body, f"{y_label} against {x_label}")

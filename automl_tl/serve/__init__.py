@@ -1,6 +1,6 @@
 """Serving an artifact over HTTP with Ray Serve: FastAPI ingress, dynamic batching, best member or ensemble.
 
-    automl-tl serve RUN_DIR [--mode best|ensemble] [--port 8000] [--replicas N]       # blocks; prints the URL
+    automl-tl serve RUN_DIR [--mode best|ensemble|cascade] [--port 8000] [--replicas N]  # blocks; prints the URL
     serve run automl_tl.serve:app artifact=RUN_DIR/artifact mode=ensemble           # the same app, Serve's CLI
     automl-tl serve RUN_DIR --emit-config serve.yaml && serve deploy serve.yaml      # or a KubeRay RayService
 

@@ -210,7 +210,7 @@ class Classifier:
         self._forward: Forward | None = None
         self._in_flight = 0  # requests past reading their body: a lone one takes the direct path
         if members is None:
-            self._forward = Forward.serving(artifact, self._plan.member_indices, args)
+            self._forward = Forward.serving(artifact, self._plan.member_indices, args, self._plan)
             configure_batching(self._batched, args)
         else:
             single_threaded()  # the ingress only preprocesses; the member replicas own the cores
@@ -219,6 +219,7 @@ class Classifier:
 
     def _describe(self, artifact: Artifact) -> dict[str, Any]:
         planned = set(self._plan.member_indices)
+        timed = dict(zip(self._plan.member_indices, self._forward.latency_ms if self._forward else []))
         return {
             "model_id": self._plan.model_id,
             "mode": self._plan.mode,
@@ -236,12 +237,16 @@ class Classifier:
                     "weight": artifact.weights[i],
                     "val_metrics": dict(m.val_metrics),
                     "serving": i in planned,
+                    "latency_ms": dict(m.latency_ms),  # measured where the artifact was built
+                    "replica_latency_ms": timed.get(i),  # measured by this replica when it started
                 }
                 for i, m in enumerate(artifact.members)
             ],
             "ensemble": {"method": artifact.method, "weights": list(artifact.weights),
                          "temperature": artifact.temperature},  # fmt: skip
             "calibration_temperature": self._plan.temperature,
+            "cascade": {"member_id": self._plan.member_ids[0], "threshold": self._plan.threshold}
+            if self._plan.threshold is not None else None,  # fmt: skip
             "metrics": dict(artifact.metrics),
             "versions": dict(artifact.versions),
             "limits": {"max_body_bytes": self._args.max_body_bytes, "max_pixels": self._args.max_pixels,

@@ -17,7 +17,7 @@ from automl_tl.errors import ConfigError
 
 __all__ = ["AppArgs", "DEFAULT_LAYOUT", "Secret", "config_error", "read_token"]
 
-ServeMode = Literal["best", "ensemble"]
+ServeMode = Literal["best", "ensemble", "cascade"]
 Layout = Literal["single", "composed"]
 
 # One deployment holding every member batches each image once through all of them, with no fan-out hop
@@ -86,6 +86,9 @@ class AppArgs(BaseModel):
         if self.gateway and self.layout != "single":
             raise ValueError(f"gateway=True needs layout='single' (the composed layout's ingress retries its member "
                              f"calls itself), got layout={self.layout!r}")  # fmt: skip
+        if self.mode == "cascade" and self.layout != "single":
+            raise ValueError(f"mode='cascade' needs layout='single' (one replica routes each batch's uncertain rows "
+                             f"to the ensemble), got layout={self.layout!r}")  # fmt: skip
         if self.token_env and self.token_file:
             raise ValueError("give token_env or token_file, not both")
         lo, hi = self.min_replicas, self.max_replicas

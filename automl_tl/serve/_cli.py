@@ -1,6 +1,6 @@
 """``automl-tl serve``: its flags, and the command that starts the server and blocks until stopped.
 
-    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble] [--host 127.0.0.1] [--port 8000]
+    automl-tl serve RUN_DIR_OR_ARTIFACT [--mode best|ensemble|cascade] [--host 127.0.0.1] [--port 8000]
                     [--replicas N] [--gpus-per-replica G] [--min-replicas A --max-replicas B] ...
     automl-tl serve RUN_DIR --emit-config serve.yaml [--config-kind serve|rayservice]
 """
@@ -18,8 +18,9 @@ __all__ = ["add_serve_arguments", "run_serve_command"]
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", metavar="RUN_DIR_OR_ARTIFACT", help="run directory (uses its artifact/) or artifact")
-    p.add_argument("--mode", choices=("best", "ensemble"), default="ensemble",
-                   help="serve the best single member or the ensemble (default)")
+    p.add_argument("--mode", choices=("best", "ensemble", "cascade"), default="ensemble",
+                   help="serve the best single member, the ensemble (default), or the cascade: the cheap member, "
+                        "and the ensemble only for the images it is unsure of")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (initial count when autoscaling)")

@@ -7,6 +7,7 @@ under load, and counters. The forward itself is the inference core's
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import resource
 import time
@@ -20,7 +21,8 @@ import torch
 from automl_tl.backbones._inference import ab_off
 from automl_tl.errors import ConfigError
 from automl_tl.inference.artifact import Artifact
-from automl_tl.inference.core import BatchResult, MemberRunner
+from automl_tl.inference.core import BatchResult, MemberRunner, Plan
+from automl_tl.inference.latency import time_forward_ms
 from automl_tl.inference.transforms import Preprocessing
 from automl_tl.serve._args import AppArgs
 from automl_tl.train.memory import trim_heap
@@ -64,19 +66,23 @@ class Counters:
     def __init__(self, lanes: int = 1) -> None:
         self.batches = 0
         self.images = 0
+        self.escalated = 0  # images a cascade sent past its cheap member
         self.forward_ms = 0.0
         self.lanes = lanes
         self.peak_busy_lanes = 0  # the most batches that were forwarded at once
         self.lone_request: dict[str, Any] | None = None  # how lone requests run, and the times that chose it
 
-    def add(self, batch_size: int, forward_ms: float) -> None:
+    def add(self, batch_size: int, forward_ms: float, escalated: int = 0) -> None:
         self.batches += 1
         self.images += batch_size
         self.forward_ms += forward_ms
+        self.escalated += escalated
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.images / self.batches if self.batches else 0.0
+        rate = self.escalated / self.images if self.images else 0.0
         return {"batches": self.batches, "images": self.images, "mean_batch_size": mean,
+                "escalated": self.escalated, "escalation_rate": round(rate, 4),
                 "forward_ms": round(self.forward_ms, 3), "lanes": self.lanes,
                 "peak_busy_lanes": self.peak_busy_lanes, "lone_request": self.lone_request, **memory()}  # fmt: skip
 
@@ -152,8 +158,10 @@ class Forward:
         lanes: int = 1,
         example: Callable[[], tuple[torch.Tensor, ...]] | None = None,
         batch_size: int = 1,
+        plan: Plan | None = None,
     ) -> None:
         self.counters = Counters(lanes)
+        self.plan = plan  # a cascade routes each batch's uncertain rows past its first member
         self.threads = threads
         self.narrow_threads = threads if lanes == 1 else 1
         self._lanes = [
@@ -165,6 +173,7 @@ class Forward:
         # start one), and the first request of either width does not pay for lazy initialisation.
         self.runner = self._lanes[0].submit(build).result()
         self.member_lanes: list[list[int]] | None = None  # see _choose_member_lanes
+        self.latency_ms: list[dict[str, float]] = []  # each member's forward, timed when the replica started
         if example is not None:
             # Made in lane 0 too: filling a 224 px image is a parallel op, and on the calling thread it would
             # start a second OpenMP team (a 1 x 2 replica's lone forwards then took twice as long).
@@ -177,15 +186,19 @@ class Forward:
             if lanes > 1:
                 for lane in self._lanes:
                     lane.submit(_on_threads, self.narrow_threads, self.runner.run, batch).result()
-                if len(self.runner.models) > 1 and self.runner.device.type == "cpu" and not ab_off("lone_request_timing"):
+                # A cascade's lone request runs its cheap member first, so its members never run side by side.
+                if (len(self.runner.models) > 1 and self.runner.device.type == "cpu" and not ab_off("lone_request_timing")
+                        and (plan is None or plan.threshold is None)):  # fmt: skip
                     self.member_lanes = self._choose_member_lanes(one)
+            self.latency_ms = self._lanes[0].submit(_on_threads, 1, self._time_members, one).result()
         self._free = list(range(lanes))
         self._wide = False  # a forward on every thread is running: nothing else may start
         self._open: asyncio.Event | None = None  # made in the replica's event loop, on first use
 
     @classmethod
-    def serving(cls, artifact: Artifact, member_indices: Sequence[int], args: AppArgs) -> Forward:
-        """The forward lanes of a replica that serves these members of the artifact."""
+    def serving(cls, artifact: Artifact, member_indices: Sequence[int], args: AppArgs, plan: Plan | None = None) -> Forward:
+        """The forward lanes of a replica that serves these members of the artifact (the ``plan``'s, routed as
+        its cascade routes them when it is one)."""
         preprocessing = [Preprocessing.from_dict(artifact.members[i].preprocessing) for i in member_indices]
         device = device_for(args)
         return cls(
@@ -194,7 +207,14 @@ class Forward:
             args.lanes_per_replica(),
             lambda: tuple(torch.zeros(3, p.input_size, p.input_size) for p in preprocessing),
             args.max_batch_size,
+            plan,
         )
+
+    def _time_members(self, example: tuple[torch.Tensor, ...]) -> list[dict[str, float]]:
+        """Each member's forward latency on this replica (called in lane 0 on one thread, as a forward lane of
+        a loaded replica runs it, after the warm-up)."""
+        return [time_forward_ms(functools.partial(self.runner.forward_batch, m), example[m])
+                for m in range(len(self.runner.models))]  # fmt: skip
 
     def _choose_member_lanes(self, example: tuple[torch.Tensor, ...]) -> list[list[int]] | None:
         """Members spread over the lanes, if a lone request is answered sooner with each lane forwarding its
@@ -273,7 +293,7 @@ class Forward:
             result = BatchResult(tuple(probs[m] for m in sorted(probs)), (time.perf_counter() - start) * 1000.0)
         finally:
             self._release(0)
-        self._count(len(inputs), result.forward_ms)
+        self._count(len(inputs), result)
         return _rows(result, len(inputs))
 
     async def start(self, inputs: list[tuple[torch.Tensor, ...]]) -> list[asyncio.Future[Row]]:
@@ -321,11 +341,11 @@ class Forward:
             )
         finally:
             self._release(lane)
-        self._count(len(inputs), result.forward_ms)
+        self._count(len(inputs), result)
         return _rows(result, len(inputs))
 
-    def _count(self, batch_size: int, forward_ms: float) -> None:
-        self.counters.add(batch_size, forward_ms)
+    def _count(self, batch_size: int, result: BatchResult) -> None:
+        self.counters.add(batch_size, result.forward_ms, result.escalated)
         if self.counters.batches % TRIM_EVERY_BATCHES == 0:
             self._lanes[0].submit(trim_heap)  # off the event loop: before lane 0's next batch
 
@@ -333,7 +353,7 @@ class Forward:
         self, threads: int, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]
     ) -> tuple[list[tuple[torch.Tensor, ...]], BatchResult]:
         inputs = prepare()
-        return inputs, _on_threads(threads, self.runner.run, inputs)
+        return inputs, _on_threads(threads, self.runner.run, inputs, self.plan)
 
     def _forward_members(
         self, members: list[int], inputs: list[tuple[torch.Tensor, ...]]

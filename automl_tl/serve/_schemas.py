@@ -70,6 +70,8 @@ class MemberInfo(BaseModel):
     weight: float
     val_metrics: dict[str, Any]
     serving: bool
+    latency_ms: dict[str, float] = {}  # forward ms by batch size, measured where the artifact was built
+    replica_latency_ms: dict[str, float] | None = None  # the same, measured by the replica when it started
 
 
 class EnsembleInfo(BaseModel):
@@ -98,6 +100,7 @@ class MetadataResponse(BaseModel):
     members: list[MemberInfo]
     ensemble: EnsembleInfo
     calibration_temperature: float
+    cascade: dict[str, Any] | None = None  # mode cascade: the cheap member and its confidence threshold
     metrics: dict[str, Any]
     versions: dict[str, Any]
     limits: LimitsInfo
