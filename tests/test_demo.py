@@ -30,7 +30,7 @@ def test_demo_sweeps_reports_serves_and_compares_with_random_init(
 ) -> None:
     out = tmp_path / "run"
     done = subprocess.run(
-        [EXE, "demo", "--data", str(hymenoptera_dir / "train"), "--out", str(out), "--budget-s", "30",
+        [EXE, "demo", "--data", str(hymenoptera_dir / "train"), "--out", str(out), "--budget-s", "20",
          "--port", str(_free_port())],
         env=_env(data_cache_dir), capture_output=True, text=True, timeout=600,
     )  # fmt: skip

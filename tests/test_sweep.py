@@ -478,7 +478,7 @@ def test_killed_driver_resumes_without_repeating_finished_trials(
         f"data: {{source: '{hymenoptera_dir}', cache_dir: '{data_cache_dir}'}}\n"
         "space: {backbones: [mobilenetv2_100], image_sizes: [64], max_epochs: 2, batch_sizes: [32], "
         "freeze_depths: [8], augmentations: [none], optimizers: [adamw, sgd]}\n"  # epoch by epoch: no probe
-        "search: {num_samples: 4, max_concurrent_trials: 1, scheduler: none}\n",
+        "search: {num_samples: 3, max_concurrent_trials: 1, scheduler: none}\n",
         encoding="utf-8",
     )
     exe = str(Path(sys.executable).parent / "automl-tl")
@@ -507,7 +507,7 @@ def test_killed_driver_resumes_without_repeating_finished_trials(
     done = subprocess.run([exe, "resume", str(run_dir), "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_leaderboard(run_dir)
-    assert len(rows) == 4
+    assert len(rows) == 3
     reasons = [(r["trial_id"], r["stop_reason"], r.get("epochs_run")) for r in rows]
     assert all(r["stop_reason"].startswith("max_epochs") for r in rows), reasons
     for trial_id, mtime in finished_before.items():
