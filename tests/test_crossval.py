@@ -26,6 +26,7 @@ from automl_tl.evaluate.crossval import (
 )
 from automl_tl.evaluate.ensemble import select_ensemble
 from automl_tl.train.probe import L2_GRID, fit_head, fit_probe, head_probs
+from automl_tl.train.trial_data import TrialData
 
 WIDTH = 1280  # mobilenetv2_100's feature width: the heads below are built for that backbone
 
@@ -197,18 +198,23 @@ def test_a_time_budget_bounds_trials_and_an_explicit_count_caps_them() -> None:
 # --- the probe as a trial ----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_the_probe_trial_converges_in_one_step_and_records_its_penalty(
-    hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def hymenoptera_data(hymenoptera_dir: Path, data_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrialData:
+    """hymenoptera's train folder split as a search splits it, prepared once for the trials below."""
     from automl_tl.runs.rundir import RunDir
     from automl_tl.sweep.driver import prepare_data
-    from automl_tl.train.loop import TrialConfig, train_trial
 
     config = load_config({"data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)}})
-    run = RunDir(tmp_path / "run")
+    run = RunDir(tmp_path_factory.mktemp("probe-run"))
     run.prepare()
-    data = prepare_data(config, run, None, progress=False)
+    return prepare_data(config, run, None, progress=False)
+
+
+@pytest.mark.slow
+def test_the_probe_trial_converges_in_one_step_and_records_its_penalty(hymenoptera_data: TrialData, tmp_path: Path) -> None:
+    from automl_tl.train.loop import TrialConfig, train_trial
+
+    data = hymenoptera_data
     reports: list[dict[str, object]] = []
     cfg = TrialConfig.from_params({**_params(label_smoothing=0.1), "image_size": 64})
     last = train_trial(cfg, data, lambda metrics, ckpt: reports.append(metrics), tmp_path / "probe")
@@ -221,17 +227,10 @@ def test_the_probe_trial_converges_in_one_step_and_records_its_penalty(
 
 
 @pytest.mark.slow
-def test_an_lp_ft_trial_fine_tunes_the_model_its_probe_was_fitted_on(
-    hymenoptera_dir: Path, data_cache_dir: Path, tmp_path: Path
-) -> None:
-    from automl_tl.runs.rundir import RunDir
-    from automl_tl.sweep.driver import prepare_data
+def test_an_lp_ft_trial_fine_tunes_the_model_its_probe_was_fitted_on(hymenoptera_data: TrialData, tmp_path: Path) -> None:
     from automl_tl.train.loop import TrialConfig, train_trial
 
-    config = load_config({"data": {"source": str(hymenoptera_dir / "train"), "cache_dir": str(data_cache_dir)}})
-    run = RunDir(tmp_path / "run")
-    run.prepare()
-    data = prepare_data(config, run, None, progress=False)
+    data = hymenoptera_data
     reports: list[dict[str, object]] = []
     # freeze depth 3 trains most of the network: the probe's feature pass and the fine-tuning share one model
     cfg = TrialConfig.from_params({**_params(freeze_depth=3, max_epochs=1), "image_size": 64})
