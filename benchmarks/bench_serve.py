@@ -611,18 +611,20 @@ def ab_main(opts: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
-def _lone_p50(url: str, route: str, body: bytes, count: int) -> float:
-    """Median client latency of ``count`` lone requests to ``/v1/{route}`` (the first two are left out)."""
+def _lone_times(url: str, route: str, bodies: list[bytes], count: int, query: str = "", timeout_s: float = 120) -> list[float]:
+    """Client milliseconds of ``count`` lone requests to ``/v1/{route}``, one after another over ``bodies`` in
+    turn, on one connection; two more go first to warm it and are left out."""
     import http.client
     from urllib.parse import urlsplit
 
     where = urlsplit(url)
-    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port or 80, timeout=120)
+    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port or 80, timeout=timeout_s)
     times = []
     try:
-        for _ in range(count + 2):
+        for i in range(count + 2):
             sent = time.perf_counter()
-            conn.request("POST", f"{where.path}/v1/{route}?top_k=1", body=body, headers={"Content-Type": "image/jpeg"})
+            conn.request("POST", f"{where.path}/v1/{route}{query}", body=bodies[i % len(bodies)],
+                         headers={"Content-Type": "image/jpeg"})  # fmt: skip
             response = conn.getresponse()
             data = response.read()
             if response.status != 200:
@@ -630,7 +632,12 @@ def _lone_p50(url: str, route: str, body: bytes, count: int) -> float:
             times.append((time.perf_counter() - sent) * 1000.0)
     finally:
         conn.close()
-    return round(statistics.median(times[2:]), 2)
+    return times[2:]
+
+
+def _lone_p50(url: str, route: str, body: bytes, count: int) -> float:
+    """Median client latency of ``count`` lone requests to ``/v1/{route}`` (the first two are left out)."""
+    return round(statistics.median(_lone_times(url, route, [body], count, "?top_k=1")), 2)
 
 
 def explain_main(opts: argparse.Namespace) -> None:
@@ -752,25 +759,7 @@ def _evaluate_cli(artifact: Path, data: str, split: str, mode: str, out: Path) -
 
 def _lone_requests(url: str, bodies: list[bytes], count: int) -> dict[str, Any]:
     """Lone requests one after another over ``count`` different images (a cascade's time depends on the image)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    where = urlsplit(url)
-    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port or 80, timeout=60)
-    times = []
-    try:
-        for i in range(count + 2):
-            sent = time.perf_counter()
-            conn.request("POST", where.path + "/v1/predict", body=bodies[i % len(bodies)],
-                         headers={"Content-Type": "image/jpeg"})  # fmt: skip
-            response = conn.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
-            times.append((time.perf_counter() - sent) * 1000.0)
-    finally:
-        conn.close()
-    return {"requests": count, **_percentiles(times[2:])}  # the first two warm the connection
+    return {"requests": count, **_percentiles(_lone_times(url, "predict", bodies, count, timeout_s=60))}
 
 
 def cascade_serve_run(artifact: Path, bodies: list[bytes], mode: str, seconds: float, warm_up_s: float,
