@@ -46,7 +46,7 @@ from automl_tl.train.trial_data import TrialData
 
 __all__ = [
     "RAY_ENV", "SearchOutcome", "run_search", "resume_search", "check_backbones", "check_search", "check_storage",
-    "ray_for_search",
+    "data_then_ray", "ray_for_search",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,22 @@ def prepare_data(
     )
 
 
+@contextlib.contextmanager
+def data_then_ray(
+    config: ExperimentConfig, run: RunDir, test_source: str | None, progress: bool
+) -> Iterator[TrialData]:
+    """The sweep's data (:func:`prepare_data`), then Ray for the sweep (:func:`ray_for_search`), held for the
+    block. With ``data.mode: stream`` Ray comes first: the ingest runs on Ray Data, so the one Ray serves both.
+    Otherwise a data set that fails validation fails before any Ray starts."""
+    with contextlib.ExitStack() as stack:
+        if config.data.mode == "stream":
+            stack.enter_context(ray_for_search())
+        data = prepare_data(config, run, test_source, progress)
+        if config.data.mode != "stream":
+            stack.enter_context(ray_for_search())
+        yield data
+
+
 def _stream_features(config: ExperimentConfig, data: TrialData) -> None:
     """Stream mode: the frozen trials' features, computed once for the cluster before the trials start."""
     from automl_tl.train.features import frozen_combinations, stream_features
@@ -218,11 +234,10 @@ def run_search(
     param_space = check_search(config)  # a bad backbone or space fails here, before Ray, data or the run directory
     run.prepare()
     run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    data = prepare_data(config, run, test_source, progress)
-    run.push("config.yaml", "data.json")
-    logger.info(f"{len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes",
-                extra=_SEARCH)  # fmt: skip
-    with ray_for_search():
+    with data_then_ray(config, run, test_source, progress) as data:
+        run.push("config.yaml", "data.json")
+        logger.info(f"{len(data.train_idx)} train / {len(data.val_idx)} val images, {len(data.class_names)} classes",
+                    extra=_SEARCH)  # fmt: skip
         check_storage(run, shared_fs)
         _stream_features(config, data)
         tuner = build_tuner(config, run, data, param_space, restore=False, progress=progress)
@@ -245,8 +260,7 @@ def resume_search(
         raise SearchError(f"{out} is not a run directory of automl_tl (no config.yaml or tune/)")
     config = load_config(run.path / "config.yaml")
     data_info = run.read_json("data.json")
-    data = prepare_data(config, run, data_info.get("test_source"), progress)
-    with ray_for_search():
+    with data_then_ray(config, run, data_info.get("test_source"), progress) as data:
         check_storage(run, shared_fs)
         for note in mend_stale_checkpoints(f"{run.location}/tune"):  # a driver killed mid-checkpoint
             logger.warning(note, extra={"stage": "resume"})
