@@ -12,9 +12,10 @@ processes per minute and its drift from the first whole minute to the last.
 Targets (issue 23): no failed request with the proxy ingress, at most the requests in flight on the killed
 replica with HAProxy; memory drift at most 3 %. With the proxy the app runs behind its gateway
 (``AppArgs.gateway``, serve._gateway), which sends a request again to a live replica when the one running
-it dies; HAProxy forwards straight to the model replicas, so what a killed replica held is lost: each kill
-records the requests in flight at it, and splits the failures that follow into those in flight at the kill
-and those sent after it (which HAProxy routed to the dead replica). The killer picks the oldest model replica
+it dies; HAProxy forwards straight to the model replicas, and the config automl_tl hands it
+(serve._loopback.retrying_haproxy_config) makes HAProxy send a request that a dead replica left unanswered
+to another replica from its buffer (bodies up to 4 MiB). Each kill records the requests in flight at it, and
+splits the failures that follow into those in flight at the kill and those sent after it. The killer picks the oldest model replica
 (``Classifier``), never the gateway: the gateway runs no model, and a process holding client connections
 loses them when it dies whatever the design. The artifact is bench_serve's pair (mobilenetv2_100 at 160 px
 and tf_efficientnet_lite0 at 224 px, untrained: timing does not depend on the weights), served as two

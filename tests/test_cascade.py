@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import torch
 
 from automl_tl.errors import ArtifactError, ConfigError
 from automl_tl.evaluate.ensemble import EnsembleSelection, cascade_threshold, choose_cascade, select_greedy
 from automl_tl.inference.artifact import load_artifact, write_artifact
 from automl_tl.inference.calibrate import apply_temperature
-from automl_tl.inference.core import Members, Preprocessor, plan_for
+from automl_tl.inference.core import MemberRunner, Members, Plan, Preprocessor, plan_for
 from automl_tl.inference.latency import LATENCY_BATCH_SIZES, latency_key, trial_latency_ms
 from automl_tl.inference.predictor import Predictor
 from automl_tl.serve._args import AppArgs
@@ -175,3 +178,61 @@ def test_cascade_needs_the_manifests_section_and_a_known_member(tmp_path: Path) 
         cascade = tmp_path / "cascade"
         write_artifact(cascade, CLASSES, members, [1.0, 1.0], 1.0, cascade={"member_id": "a", "threshold": 0.9})
         build_export_graph(load_artifact(cascade), mode="cascade")
+
+
+class _Timed:
+    """A stand-in member: the two-class logits (label, 0) for every row, after a sleep that depends on how many
+    torch threads it runs on; records the thread count and batch size of each call."""
+
+    def __init__(self, label: float, one_thread_s: float = 0.0, more_threads_s: float = 0.0) -> None:
+        import torch
+
+        class Net(torch.nn.Module):
+            def forward(net, x: torch.Tensor) -> torch.Tensor:  # noqa: N805 - the outer self is the recorder
+                self.calls.append((torch.get_num_threads(), int(x.shape[0])))
+                time.sleep(one_thread_s if torch.get_num_threads() == 1 else more_threads_s)
+                return torch.tensor([[label, 0.0]]).repeat(x.shape[0], 1)
+
+        self.calls: list[tuple[int, int]] = []
+        self.net = Net()
+
+
+def _stand_in_cascade(threshold: float) -> Plan:
+    """A cascade over two stand-in members; the plan reads only its members, temperatures and threshold."""
+    return Plan(cast(Any, None), "cascade", (0, 1), (1.0, 1.0), 1.0, "cascade-test", 1.0, threshold)
+
+
+def test_an_escalated_row_runs_the_cheap_member_once_and_the_rest_only_on_it() -> None:
+    cheap, other = _Timed(3.0), _Timed(-1.0)  # the cheap member's top probability: sigmoid(3) = 0.953
+    runner = MemberRunner([cheap.net, other.net])
+    item = (torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+    confident = runner.run([item] * 3, _stand_in_cascade(0.9))
+    assert [len(cheap.calls), len(other.calls), confident.escalated] == [1, 0, 0]
+    cheap.calls.clear()
+    escalated = runner.run([item] * 3, _stand_in_cascade(0.99))
+    assert [c[1] for c in cheap.calls] == [3] and [c[1] for c in other.calls] == [3] and escalated.escalated == 3
+    assert np.allclose(escalated.member_probs[0], confident.member_probs[0])  # the cheap output reused, not rerun
+
+
+@pytest.mark.parametrize("one_thread_faster", [True, False])
+def test_a_cascades_lone_request_runs_on_the_thread_count_measured_faster(one_thread_faster: bool) -> None:
+    # The ensemble's lone request has its way chosen by timing when the replica starts; a cascade's used to run
+    # on every thread whatever they cost, which on a busy machine made it slower than the whole ensemble.
+    one, wide = (0.01, 0.03) if one_thread_faster else (0.03, 0.01)
+    cheap, other = _Timed(3.0, one, wide), _Timed(-1.0, one, wide)
+    item = (torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+    before = torch.get_num_threads()
+    try:
+        forward = Forward(lambda: MemberRunner([cheap.net, other.net]), threads=2, lanes=2, example=lambda: item,
+                          plan=_stand_in_cascade(0.9))  # fmt: skip
+        cheap.calls.clear()
+        other.calls.clear()
+        rows = asyncio.run(forward.solo(lambda: [item]))
+    finally:
+        torch.set_num_threads(before)
+    chosen = forward.counters.to_dict()["lone_request"]
+    assert (chosen["one_thread_ms"] < chosen["wide_ms"]) is one_thread_faster
+    assert forward.lone_threads == chosen["cascade_threads"] == (1 if one_thread_faster else 2)
+    assert forward.member_lanes is None  # the cheap member first: the members never run side by side
+    assert cheap.calls == [(forward.lone_threads, 1)] and other.calls == []  # confident: the cheap member alone
+    assert rows[0][0][0][0] == pytest.approx(1.0 / (1.0 + np.exp(-3.0)))
