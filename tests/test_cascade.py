@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from automl_tl.errors import ArtifactError, ConfigError
-from automl_tl.evaluate.ensemble import EnsembleSelection, cascade_threshold, choose_cascade, select_greedy
+from automl_tl.config import load_config
+from automl_tl.evaluate.ensemble import EnsembleSelection, cascade_threshold, choose_cascade, select_ensemble, select_greedy
 from automl_tl.inference.artifact import load_artifact, write_artifact
 from automl_tl.inference.calibrate import apply_temperature
 from automl_tl.inference.core import MemberRunner, Members, Plan, Preprocessor, plan_for
@@ -100,6 +101,20 @@ def test_selection_under_a_latency_budget_skips_the_members_that_do_not_fit() ->
     assert "big" not in tight.members and sum(latency[t] for t in tight.members) <= 20.0
     # A budget nothing fits: the cheapest trial alone, as the fastest there is.
     assert select_greedy(noisy, labels, 3, latency_ms=latency, budget_ms=1.0).members == ("small",)
+
+
+def test_the_config_can_start_greedy_selection_from_several_best_trials() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    noisy = {t: np.eye(3)[np.where(rng.random(60) < q, labels, (labels + 1) % 3)] * 0.8 + 0.2 / 3
+             for t, q in (("big", 0.95), ("mid", 0.85), ("small", 0.8))}  # fmt: skip
+    search = load_config({"search": {"ensemble_size": 6, "ensemble_init_best": 3}}).search
+    chosen = select_ensemble(noisy, labels, search.ensemble_method, search.ensemble_size,
+                             init_best=search.ensemble_init_best)  # fmt: skip
+    assert set(chosen.members) == {"big", "mid", "small"}  # from one it keeps fewer:
+    assert len(select_ensemble(noisy, labels, "greedy", 6).members) < 3
+    with pytest.raises(ConfigError, match="ensemble_init_best <= ensemble_size must hold, but got ensemble_init_best=4"):
+        load_config({"search": {"ensemble_size": 3, "ensemble_init_best": 4}})
 
 
 def test_latency_is_measured_per_architecture_at_batch_1_and_8() -> None:
