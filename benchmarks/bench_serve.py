@@ -794,7 +794,9 @@ def cascade_serve_run(artifact: Path, bodies: list[bytes], mode: str, seconds: f
                                          "latency_ms_at_build": m["latency_ms"],
                                          "latency_ms_at_replica_start": m["replica_latency_ms"]}
                         for m in meta["members"]},
-            "cascade": meta["cascade"]}  # fmt: skip
+            "cascade": meta["cascade"],
+            # How the replica ran a lone request, and the start-up times that chose it.
+            "lone_request": after.get("lone_request")}  # fmt: skip
 
 
 def cascade_main(opts: argparse.Namespace) -> None:
