@@ -24,7 +24,7 @@ from automl_tl.inference.core import MemberRunner, Members, Plan, Preprocessor, 
 from automl_tl.inference.latency import LATENCY_BATCH_SIZES, latency_key, trial_latency_ms
 from automl_tl.inference.predictor import Predictor
 from automl_tl.serve._args import AppArgs
-from automl_tl.serve._replica import Forward
+from automl_tl.serve._replica import Forward, Row
 
 from .test_artifact import CLASSES, make_member
 
@@ -212,6 +212,21 @@ class _Timed:
         self.net = Net()
 
 
+def lone_request(nets: list[torch.nn.Module], records: list[list[Any]], plan: Plan | None = None) -> tuple[Forward, list[Row]]:
+    """A replica of two lanes on two threads over ``nets`` (whose ``records`` are emptied once it has started),
+    and its answer to one lone request of a blank 8 px image per member."""
+    item = tuple(torch.zeros(3, 8, 8) for _ in nets)
+    before = torch.get_num_threads()
+    try:
+        forward = Forward(lambda: MemberRunner(nets), threads=2, lanes=2, example=lambda: item, plan=plan)
+        for record in records:
+            record.clear()
+        rows = asyncio.run(forward.solo(lambda: [item]))
+    finally:
+        torch.set_num_threads(before)
+    return forward, rows
+
+
 def _stand_in_cascade(threshold: float) -> Plan:
     """A cascade over two stand-in members; the plan reads only its members, temperatures and threshold."""
     return Plan(cast(Any, None), "cascade", (0, 1), (1.0, 1.0), 1.0, "cascade-test", 1.0, threshold)
@@ -235,16 +250,7 @@ def test_a_cascades_lone_request_runs_on_the_thread_count_measured_faster(one_th
     # on every thread whatever they cost, which on a busy machine made it slower than the whole ensemble.
     one, wide = (0.01, 0.03) if one_thread_faster else (0.03, 0.01)
     cheap, other = _Timed(3.0, one, wide), _Timed(-1.0, one, wide)
-    item = (torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
-    before = torch.get_num_threads()
-    try:
-        forward = Forward(lambda: MemberRunner([cheap.net, other.net]), threads=2, lanes=2, example=lambda: item,
-                          plan=_stand_in_cascade(0.9))  # fmt: skip
-        cheap.calls.clear()
-        other.calls.clear()
-        rows = asyncio.run(forward.solo(lambda: [item]))
-    finally:
-        torch.set_num_threads(before)
+    forward, rows = lone_request([cheap.net, other.net], [cheap.calls, other.calls], _stand_in_cascade(0.9))
     chosen = forward.counters.to_dict()["lone_request"]
     assert (chosen["one_thread_ms"] < chosen["wide_ms"]) is one_thread_faster
     assert forward.lone_threads == chosen["cascade_threads"] == (1 if one_thread_faster else 2)
