@@ -244,6 +244,9 @@ class SearchConfig(_Section):
     plateau_patience_epochs: Annotated[Int, Field(ge=1)] = 3
     ensemble_size: Annotated[Int, Field(ge=1, le=50)] = 3
     ensemble_method: Literal["top_k", "greedy"] = "greedy"
+    # Greedy selection starts from this many of the best single trials (Caruana's sorted initialisation), so
+    # the ensemble keeps at least that many members; it is served only where it beats the best trial alone.
+    ensemble_init_best: Annotated[Int, Field(ge=1, le=50)] = 1
     # Class imbalance: "auto" weights the loss when the largest class is over 3x the smallest.
     class_balance: Literal["auto", "weighted_loss", "sampler", "off"] = "auto"
     # Start with one frozen-feature-extractor trial per backbone (cheap through the feature cache), then search.
@@ -266,6 +269,13 @@ class SearchConfig(_Section):
     # mode=cascade: the cheap member's confidence threshold is the lowest that keeps validation accuracy
     # within this many percentage points of the ensemble's.
     cascade_tolerance: Annotated[Float, Field(ge=0, le=100)] = 0.5
+
+    @model_validator(mode="after")
+    def _init_within_size(self) -> SearchConfig:
+        if self.ensemble_init_best > self.ensemble_size:
+            raise ValueError(f"ensemble_init_best <= ensemble_size must hold, but got ensemble_init_best="
+                             f"{self.ensemble_init_best} and ensemble_size={self.ensemble_size}")  # fmt: skip
+        return self
 
     def max_trials(self) -> int | None:
         """The trial cap: ``num_samples`` when given; none when a time budget bounds the sweep, else DEFAULT_TRIALS."""

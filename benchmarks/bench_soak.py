@@ -12,9 +12,10 @@ processes per minute and its drift from the first whole minute to the last.
 Targets (issue 23): no failed request with the proxy ingress, at most the requests in flight on the killed
 replica with HAProxy; memory drift at most 3 %. With the proxy the app runs behind its gateway
 (``AppArgs.gateway``, serve._gateway), which sends a request again to a live replica when the one running
-it dies; HAProxy forwards straight to the model replicas, so what a killed replica held is lost: each kill
-records the requests in flight at it, and splits the failures that follow into those in flight at the kill
-and those sent after it (which HAProxy routed to the dead replica). The killer picks the oldest model replica
+it dies; HAProxy forwards straight to the model replicas, and the config automl_tl hands it
+(serve._loopback.retrying_haproxy_config) makes HAProxy send a request that a dead replica left unanswered
+to another replica from its buffer (bodies up to 4 MiB). Each kill records the requests in flight at it, and
+splits the failures that follow into those in flight at the kill and those sent after it. The killer picks the oldest model replica
 (``Classifier``), never the gateway: the gateway runs no model, and a process holding client connections
 loses them when it dies whatever the design. The artifact is bench_serve's pair (mobilenetv2_100 at 160 px
 and tf_efficientnet_lite0 at 224 px, untrained: timing does not depend on the weights), served as two
@@ -42,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL_REPLICA = "ray::ServeReplica:automl_tl:Classifier"
-# (sent at s, finished at s, latency ms, "" or what failed) per request; (at s, all bytes, model replicas' bytes)
-# per memory sample.
+# (sent at s, finished at s, latency ms, "" or what failed) per request; (at s, all bytes, model replicas' bytes,
+# the machine's 1-minute load average) per memory sample.
 Done = list[tuple[float, float, float, str]]
-Samples = list[tuple[float, int, int]]
+Samples = list[tuple[float, int, int, float]]
 
 
 def _serve_processes() -> dict[int, str]:
@@ -89,7 +90,7 @@ def _sampler(stop: threading.Event, samples: Samples, started: float) -> None:
     while not stop.wait(1.0):
         rss = {pid: (_rss_bytes(pid), title) for pid, title in _serve_processes().items()}
         samples.append((time.monotonic() - started, sum(b for b, _ in rss.values()),
-                        sum(b for b, t in rss.values() if t.startswith(MODEL_REPLICA))))  # fmt: skip
+                        sum(b for b, t in rss.values() if t.startswith(MODEL_REPLICA)), os.getloadavg()[0]))  # fmt: skip
 
 
 async def _load(url: str, bodies: list[bytes], clients: int, seconds: float, started: float) -> Done:
@@ -118,7 +119,7 @@ def _per_minute(done: Done, samples: Samples, minute_s: float, duration_s: float
         lo, hi = m * minute_s, (m + 1) * minute_s
         ok = sorted(ms for _, t, ms, f in done if lo <= t < hi and not f)
         failed = [f for _, t, _, f in done if lo <= t < hi and f]
-        rss = [(b, r) for t, b, r in samples if lo <= t < hi]
+        rss = [(b, r, load) for t, b, r, load in samples if lo <= t < hi]
         rows.append({
             "minute": m + 1,
             "whole": hi <= duration_s + 1e-6,
@@ -127,8 +128,9 @@ def _per_minute(done: Done, samples: Samples, minute_s: float, duration_s: float
             "failures": sorted(set(failed)),
             "p50_ms": round(statistics.median(ok), 2) if ok else None,
             "p99_ms": round(ok[min(len(ok) - 1, int(0.99 * len(ok)))], 2) if ok else None,
-            "rss_mb": round(statistics.mean(b for b, _ in rss) / 2**20, 1) if rss else None,
-            "rss_model_replicas_mb": round(statistics.mean(r for _, r in rss) / 2**20, 1) if rss else None,
+            "rss_mb": round(statistics.mean(b for b, _, _ in rss) / 2**20, 1) if rss else None,
+            "rss_model_replicas_mb": round(statistics.mean(r for _, r, _ in rss) / 2**20, 1) if rss else None,
+            "load_avg_1min": round(statistics.mean(load for _, _, load in rss), 2) if rss else None,
         })  # fmt: skip
     return rows
 

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import torch
 
 from automl_tl.errors import ArtifactError, ConfigError
-from automl_tl.evaluate.ensemble import EnsembleSelection, cascade_threshold, choose_cascade, select_greedy
+from automl_tl.config import load_config
+from automl_tl.evaluate.ensemble import EnsembleSelection, cascade_threshold, choose_cascade, select_ensemble, select_greedy
 from automl_tl.inference.artifact import load_artifact, write_artifact
 from automl_tl.inference.calibrate import apply_temperature
-from automl_tl.inference.core import Members, Preprocessor, plan_for
+from automl_tl.inference.core import MemberRunner, Members, Plan, Preprocessor, plan_for
 from automl_tl.inference.latency import LATENCY_BATCH_SIZES, latency_key, trial_latency_ms
 from automl_tl.inference.predictor import Predictor
 from automl_tl.serve._args import AppArgs
-from automl_tl.serve._replica import Forward
+from automl_tl.serve._replica import Forward, Row
 
 from .test_artifact import CLASSES, make_member
 
@@ -99,6 +103,20 @@ def test_selection_under_a_latency_budget_skips_the_members_that_do_not_fit() ->
     assert select_greedy(noisy, labels, 3, latency_ms=latency, budget_ms=1.0).members == ("small",)
 
 
+def test_the_config_can_start_greedy_selection_from_several_best_trials() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    noisy = {t: np.eye(3)[np.where(rng.random(60) < q, labels, (labels + 1) % 3)] * 0.8 + 0.2 / 3
+             for t, q in (("big", 0.95), ("mid", 0.85), ("small", 0.8))}  # fmt: skip
+    search = load_config({"search": {"ensemble_size": 6, "ensemble_init_best": 3}}).search
+    chosen = select_ensemble(noisy, labels, search.ensemble_method, search.ensemble_size,
+                             init_best=search.ensemble_init_best)  # fmt: skip
+    assert set(chosen.members) == {"big", "mid", "small"}  # from one it keeps fewer:
+    assert len(select_ensemble(noisy, labels, "greedy", 6).members) < 3
+    with pytest.raises(ConfigError, match="ensemble_init_best <= ensemble_size must hold, but got ensemble_init_best=4"):
+        load_config({"search": {"ensemble_size": 3, "ensemble_init_best": 4}})
+
+
 def test_latency_is_measured_per_architecture_at_batch_1_and_8() -> None:
     info = {"backbone": "mobilenetv2_100", "num_classes": 2, "head": "linear", "preprocessing": {"input_size": 64}}
     figures = trial_latency_ms({"t1": info, "t2": dict(info)}, repeats=1)
@@ -175,3 +193,67 @@ def test_cascade_needs_the_manifests_section_and_a_known_member(tmp_path: Path) 
         cascade = tmp_path / "cascade"
         write_artifact(cascade, CLASSES, members, [1.0, 1.0], 1.0, cascade={"member_id": "a", "threshold": 0.9})
         build_export_graph(load_artifact(cascade), mode="cascade")
+
+
+class _Timed:
+    """A stand-in member: the two-class logits (label, 0) for every row, after a sleep that depends on how many
+    torch threads it runs on; records the thread count and batch size of each call."""
+
+    def __init__(self, label: float, one_thread_s: float = 0.0, more_threads_s: float = 0.0) -> None:
+        import torch
+
+        class Net(torch.nn.Module):
+            def forward(net, x: torch.Tensor) -> torch.Tensor:  # noqa: N805 - the outer self is the recorder
+                self.calls.append((torch.get_num_threads(), int(x.shape[0])))
+                time.sleep(one_thread_s if torch.get_num_threads() == 1 else more_threads_s)
+                return torch.tensor([[label, 0.0]]).repeat(x.shape[0], 1)
+
+        self.calls: list[tuple[int, int]] = []
+        self.net = Net()
+
+
+def lone_request(nets: list[torch.nn.Module], records: list[list[Any]], plan: Plan | None = None) -> tuple[Forward, list[Row]]:
+    """A replica of two lanes on two threads over ``nets`` (whose ``records`` are emptied once it has started),
+    and its answer to one lone request of a blank 8 px image per member."""
+    item = tuple(torch.zeros(3, 8, 8) for _ in nets)
+    before = torch.get_num_threads()
+    try:
+        forward = Forward(lambda: MemberRunner(nets), threads=2, lanes=2, example=lambda: item, plan=plan)
+        for record in records:
+            record.clear()
+        rows = asyncio.run(forward.solo(lambda: [item]))
+    finally:
+        torch.set_num_threads(before)
+    return forward, rows
+
+
+def _stand_in_cascade(threshold: float) -> Plan:
+    """A cascade over two stand-in members; the plan reads only its members, temperatures and threshold."""
+    return Plan(cast(Any, None), "cascade", (0, 1), (1.0, 1.0), 1.0, "cascade-test", 1.0, threshold)
+
+
+def test_an_escalated_row_runs_the_cheap_member_once_and_the_rest_only_on_it() -> None:
+    cheap, other = _Timed(3.0), _Timed(-1.0)  # the cheap member's top probability: sigmoid(3) = 0.953
+    runner = MemberRunner([cheap.net, other.net])
+    item = (torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+    confident = runner.run([item] * 3, _stand_in_cascade(0.9))
+    assert [len(cheap.calls), len(other.calls), confident.escalated] == [1, 0, 0]
+    cheap.calls.clear()
+    escalated = runner.run([item] * 3, _stand_in_cascade(0.99))
+    assert [c[1] for c in cheap.calls] == [3] and [c[1] for c in other.calls] == [3] and escalated.escalated == 3
+    assert np.allclose(escalated.member_probs[0], confident.member_probs[0])  # the cheap output reused, not rerun
+
+
+@pytest.mark.parametrize("one_thread_faster", [True, False])
+def test_a_cascades_lone_request_runs_on_the_thread_count_measured_faster(one_thread_faster: bool) -> None:
+    # The ensemble's lone request has its way chosen by timing when the replica starts; a cascade's used to run
+    # on every thread whatever they cost, which on a busy machine made it slower than the whole ensemble.
+    one, wide = (0.01, 0.03) if one_thread_faster else (0.03, 0.01)
+    cheap, other = _Timed(3.0, one, wide), _Timed(-1.0, one, wide)
+    forward, rows = lone_request([cheap.net, other.net], [cheap.calls, other.calls], _stand_in_cascade(0.9))
+    chosen = forward.counters.to_dict()["lone_request"]
+    assert (chosen["one_thread_ms"] < chosen["wide_ms"]) is one_thread_faster
+    assert forward.lone_threads == chosen["cascade_threads"] == (1 if one_thread_faster else 2)
+    assert forward.member_lanes is None  # the cheap member first: the members never run side by side
+    assert cheap.calls == [(forward.lone_threads, 1)] and other.calls == []  # confident: the cheap member alone
+    assert rows[0][0][0][0] == pytest.approx(1.0 / (1.0 + np.exp(-3.0)))

@@ -557,25 +557,15 @@ def test_members_are_spread_over_lanes_costliest_first() -> None:
 def test_a_lone_request_runs_the_members_side_by_side_only_where_that_was_measured_faster(
     side_by_side_faster: bool,
 ) -> None:
-    import asyncio
-
     import torch
 
-    from automl_tl.serve._replica import Forward
+    from .test_cascade import lone_request
 
     # Side by side: each member on one thread (40 ms) at once, against both in turn on two threads (2 x 30 ms),
     # or, when one thread is much slower (100 ms), against 2 x 20 ms.
     one, two = (0.04, 0.03) if side_by_side_faster else (0.1, 0.02)
     members = [_Sleeper(one, two, 1.0), _Sleeper(one, two, 2.0)]
-    item = (torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
-    before = torch.get_num_threads()
-    try:
-        forward = Forward(lambda: MemberRunner([m.net for m in members]), threads=2, lanes=2, example=lambda: item)
-        for m in members:
-            m.seen.clear()
-        rows = asyncio.run(forward.solo(lambda: [item]))
-    finally:
-        torch.set_num_threads(before)
+    forward, rows = lone_request([m.net for m in members], [m.seen for m in members])
     chosen = forward.counters.to_dict()["lone_request"]
     assert (chosen["side_by_side_ms"] < chosen["wide_ms"]) is side_by_side_faster
     (first,), (second,) = members[0].seen, members[1].seen

@@ -232,13 +232,14 @@ def select_ensemble(
     metric: str = "log_loss",
     latency_ms: Mapping[str, float] | None = None,
     budget_ms: float | None = None,
+    init_best: int = 1,
 ) -> EnsembleSelection:
-    """The selection the config asks for (``search.ensemble_method``, ``search.ensemble_size`` and
-    ``search.latency_budget_ms``)."""
+    """The selection the config asks for (``search.ensemble_method``, ``search.ensemble_size``,
+    ``search.ensemble_init_best`` for greedy selection, and ``search.latency_budget_ms``)."""
     if method == "top_k":
         return select_top_k(val_probs, labels, size, metric, latency_ms, budget_ms)
     if method == "greedy":
-        return select_greedy(val_probs, labels, size, metric, latency_ms=latency_ms, budget_ms=budget_ms)
+        return select_greedy(val_probs, labels, size, metric, init_best, latency_ms, budget_ms)
     raise ConfigError(f"ensemble method must be 'top_k' or 'greedy', got {method!r}")
 
 

@@ -77,7 +77,7 @@ def build_results(run_dir: str | Path) -> dict[str, Any]:
                 f"{config.search.ensemble_size}) on {chosen_on}", extra=_ENSEMBLE)  # fmt: skip
     budget = config.search.latency_budget_ms
     selection = select_ensemble(pool, pool_labels, config.search.ensemble_method, config.search.ensemble_size,
-                                SELECTION_METRIC, cost, budget)  # fmt: skip
+                                SELECTION_METRIC, cost, budget, config.search.ensemble_init_best)  # fmt: skip
     rival = best_id if within_budget((), best_id, cost, budget) else selection.members[0]  # the best that fits
     selection, why = no_worse_than_best(selection, pool, pool_labels, rival, config.search.metric)
     if budget is not None:

@@ -9,6 +9,8 @@ automl_tl starts on a Ray embedded on this machine.
 * Each replica's inter-deployment gRPC server binds ``[::]:0``. On a one-machine Ray whose node address is
   127.0.0.1 every caller is local, so :func:`bind_loopback`, called first in each replica's constructor
   (Serve starts that server after the constructor), makes it bind 127.0.0.1.
+
+The same wrapper also makes HAProxy retry a request whose replica died (:func:`retrying_haproxy_config`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["REAL_HAPROXY_ENV", "bind_loopback", "haproxy_wrapper", "local_haproxy_config"]
+__all__ = ["REAL_HAPROXY_ENV", "bind_loopback", "haproxy_wrapper", "local_haproxy_config", "retrying_haproxy_config"]
 
 REAL_HAPROXY_ENV = "AUTOML_TL_HAPROXY_BINARY"
 # The sections of Ray Serve's HAProxy config that listen for operators, not for requests: name -> socket.
 _OPERATOR_SECTIONS = {"listen stats": "stats.sock", "frontend prometheus": "metrics.sock"}
 _BIND = re.compile(r"^(\s+)bind\s+\S+\s*$")
+# Ray's config retries only a connection that could not be opened. A request already sent to a replica that
+# then dies (SIGKILL, OOM) gets no answer; HAProxy then closes the client's keep-alive connection without a
+# word and without a log line, so that the client resends it, which no HTTP client does for a POST. Inference
+# is idempotent, so HAProxy itself sends such a request again, to another replica (`option redispatch 1` in
+# Ray's defaults): "empty-response" covers the requests a killed replica held and those sent on its stale
+# pooled connections before HAProxy marked it down. Such a retry replays the request from HAProxy's buffer,
+# so the whole request must be buffered (http-buffer-request) and fit in one buffer: a body larger than
+# _RETRY_BUFSIZE is forwarded as before, without the retry. Splicing would bypass that buffer.
+_RETRY_BUFSIZE = 4 * 1024 * 1024
+_RETRY_LINES = {
+    "global": (f"tune.bufsize {_RETRY_BUFSIZE}",),
+    "defaults": ("retry-on conn-failure empty-response junk-response", "retries 3", "option http-buffer-request"),
+}
+_RETRY_DROPS = ("retry-on", "retries", "option splice-request", "option http-buffer-request")
 
 
 def local_haproxy_config(text: str, folder: str) -> str:
@@ -43,12 +59,35 @@ def local_haproxy_config(text: str, folder: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def retrying_haproxy_config(text: str) -> str:
+    """HAProxy config ``text`` that sends a request whose replica died without answering to another one.
+
+    Ray's own retry lines in ``defaults`` give way to ours; a larger ``tune.bufsize`` than ours is kept."""
+    out, section = [], ""
+    for line in text.splitlines():
+        words = line.split()
+        if line and not line[0].isspace():
+            section = words[0] if words else ""
+            out.append(line)
+            out.extend(f"    {extra}" for extra in _RETRY_LINES.get(section, ()))
+            continue
+        if section == "global" and words[:1] == ["tune.bufsize"] and words[1:2] and words[1].isdigit():
+            if int(words[1]) > _RETRY_BUFSIZE:
+                out[out.index(f"    tune.bufsize {_RETRY_BUFSIZE}")] = line
+            continue
+        if section == "defaults" and any(" ".join(words).startswith(drop) for drop in _RETRY_DROPS):
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def haproxy_main(argv: list[str]) -> NoReturn:
     """Rewrite the config HAProxy is given (``-f FILE``), then become the real HAProxy."""
     for flag, value in zip(argv, argv[1:]):
         if flag == "-f":
             config = Path(value)
-            config.write_text(local_haproxy_config(config.read_text(), str(config.parent)))
+            text = retrying_haproxy_config(config.read_text())
+            config.write_text(local_haproxy_config(text, str(config.parent)))
     real = os.environ[REAL_HAPROXY_ENV]
     os.execv(real, [real, *argv])
 
@@ -76,10 +115,12 @@ def haproxy_wrapper() -> dict[str, str]:
         return {}
     # Self-contained and without site-packages (-I -S): it runs at every HAProxy start and reload, within
     # Serve's start-up timeout, and must not pay for importing automl_tl.
-    source = inspect.getsource(local_haproxy_config) + "\n" + inspect.getsource(haproxy_main)
+    source = "\n".join(inspect.getsource(f) for f in (local_haproxy_config, retrying_haproxy_config, haproxy_main))
     script = (f"#!{sys.executable} -IS\nfrom __future__ import annotations\nimport os, re, sys\nfrom pathlib import Path\n"
               f"REAL_HAPROXY_ENV = {REAL_HAPROXY_ENV!r}\n_OPERATOR_SECTIONS = {_OPERATOR_SECTIONS!r}\n"
-              f"_BIND = re.compile({_BIND.pattern!r})\n{source}\nhaproxy_main(sys.argv[1:])\n")  # fmt: skip
+              f"_BIND = re.compile({_BIND.pattern!r})\n_RETRY_BUFSIZE = {_RETRY_BUFSIZE!r}\n"
+              f"_RETRY_LINES = {_RETRY_LINES!r}\n_RETRY_DROPS = {_RETRY_DROPS!r}\n"
+              f"{source}\nhaproxy_main(sys.argv[1:])\n")  # fmt: skip
     folder = Path(tempfile.gettempdir()) / f"automl-tl-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     path = folder / f"haproxy-{hashlib.sha256(script.encode()).hexdigest()[:12]}"

@@ -173,6 +173,7 @@ class Forward:
         # start one), and the first request of either width does not pay for lazy initialisation.
         self.runner = self._lanes[0].submit(build).result()
         self.member_lanes: list[list[int]] | None = None  # see _choose_member_lanes
+        self.lone_threads = threads  # a cascade's lone request: see _choose_lone_threads
         self.latency_ms: list[dict[str, float]] = []  # each member's forward, timed when the replica started
         if example is not None:
             # Made in lane 0 too: filling a 224 px image is a parallel op, and on the calling thread it would
@@ -186,10 +187,13 @@ class Forward:
             if lanes > 1:
                 for lane in self._lanes:
                     lane.submit(_on_threads, self.narrow_threads, self.runner.run, batch).result()
-                # A cascade's lone request runs its cheap member first, so its members never run side by side.
-                if (len(self.runner.models) > 1 and self.runner.device.type == "cpu" and not ab_off("lone_request_timing")
-                        and (plan is None or plan.threshold is None)):  # fmt: skip
-                    self.member_lanes = self._choose_member_lanes(one)
+                if len(self.runner.models) > 1 and self.runner.device.type == "cpu" and not ab_off("lone_request_timing"):
+                    # A cascade's lone request runs its cheap member first, so its members never run side by
+                    # side; what is left to choose is how many threads that member runs on.
+                    if plan is None or plan.threshold is None:
+                        self.member_lanes = self._choose_member_lanes(one)
+                    else:
+                        self.lone_threads = self._choose_lone_threads(one)
             self.latency_ms = self._lanes[0].submit(_on_threads, 1, self._time_members, one).result()
         self._free = list(range(lanes))
         self._wide = False  # a forward on every thread is running: nothing else may start
@@ -250,6 +254,29 @@ class Forward:
                                       "member_lanes": chosen}  # fmt: skip
         return chosen
 
+    def _choose_lone_threads(self, example: tuple[torch.Tensor, ...]) -> int:
+        """The torch threads a cascade's lone request runs on: one, if its cheap member answered a lone image
+        sooner on one thread than on all of them when the replica started; else all.
+
+        On a busy machine a team of threads waits at every barrier for whichever of them was preempted, and
+        one thread can win even where all win on an idle one; the ensemble's lone request is chosen the same
+        way (:meth:`_choose_member_lanes`). An escalated row's other members then run on that count too.
+        """
+        one = [example]
+
+        def cheap(threads: int) -> Callable[[], object]:
+            return lambda: self._lanes[0].submit(_on_threads, threads, self.runner.forward, 0, one).result()
+
+        times: dict[str, list[float]] = {"wide": [], "one_thread": []}
+        for _ in range(CHOICE_ROUNDS):  # in turn, so a drift in the machine's speed meets both alike
+            times["wide"].append(_elapsed_ms(cheap(self.threads)))
+            times["one_thread"].append(_elapsed_ms(cheap(1)))
+        wide_ms, one_ms = (float(np.median(times[k])) for k in ("wide", "one_thread"))
+        chosen = 1 if one_ms < wide_ms else self.threads
+        self.counters.lone_request = {"wide_ms": round(wide_ms, 3), "one_thread_ms": round(one_ms, 3),
+                                      "member_lanes": None, "cascade_threads": chosen}  # fmt: skip
+        return chosen
+
     def _gate(self) -> asyncio.Event:
         if self._open is None:
             self._open = asyncio.Event()
@@ -271,8 +298,9 @@ class Forward:
         return len(self._free) == len(self._lanes)
 
     async def solo(self, prepare: Callable[[], list[tuple[torch.Tensor, ...]]]) -> list[Row]:
-        """Prepare and forward one request's images as one batch while nothing else runs: on every thread in
-        lane 0, or with :attr:`member_lanes`, each lane forwarding its members on one thread, all at once.
+        """Prepare and forward one request's images as one batch while nothing else runs: in lane 0 on every
+        thread (a cascade: on :attr:`lone_threads`), or with :attr:`member_lanes`, each lane forwarding its
+        members on one thread, all at once.
         A lone request skips the decode pool and the batcher (two thread hand-offs and a queue on its
         critical path). Requests arriving meanwhile wait at
         :meth:`admit` as they would for a batch. Call it only while :attr:`idle`."""
@@ -280,7 +308,7 @@ class Forward:
             raise RuntimeError("Forward.solo needs an idle replica")
         self._claim(0, wide=True)
         if self.member_lanes is None:
-            return await self._go(0, self.threads, prepare)
+            return await self._go(0, self.lone_threads, prepare)
         try:
             loop = asyncio.get_running_loop()
             inputs = await loop.run_in_executor(self._lanes[0], _on_threads, 1, prepare)
