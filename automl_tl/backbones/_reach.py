@@ -103,25 +103,28 @@ def _hosts_silent(timeout_s: float) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return f"{constants.ENDPOINT} (HF_HUB_OFFLINE is set)"
     hosts = (constants.ENDPOINT, *TIMM_URL_HOSTS)
-    asks: dict[str, Callable[[], str | None]] = {h: (lambda h=h: _host_answers(h, timeout_s)) for h in hosts}  # type: ignore[misc]
+    asks: dict[str, Callable[[], str | None]] = {}
+    for host in hosts:
+        asks[host] = lambda host=host: _host_answers(host, timeout_s)  # type: ignore[misc]
     reasons = answers_within(asks, timeout_s + 0.5)
     if any(reason is None for reason in reasons.values()):
         return None
-    return f"{constants.ENDPOINT} ({reasons[constants.ENDPOINT]}) and timm's other hosts {', '.join(TIMM_URL_HOSTS)} (no answer either)"
+    others = ", ".join(TIMM_URL_HOSTS)
+    return f"{constants.ENDPOINT} ({reasons[constants.ENDPOINT]}) and timm's other hosts {others} (no answer either)"
 
 
 def refuse_unreachable_early(names: Sequence[str], timeout_s: float = HUB_TIMEOUT_S) -> None:
     """Raise one :class:`BackboneError` naming each ``timm:`` backbone of ``names`` whose weights surely
     cannot be had: no local file could hold them and no weight host answers. Otherwise return, and the
     full pre-flight check decides."""
-    from huggingface_hub import constants
-
     hub = [name for name in dict.fromkeys(names) if name.startswith(HUB_PREFIX)]
     if not hub or any(_may_be_local(name.removeprefix(HUB_PREFIX)) for name in hub):
         return
     silent = _hosts_silent(timeout_s)
     if silent is None:
         return
+    from huggingface_hub import constants
+
     raise BackboneError("; ".join(
         unreachable(name, weights_dir() / f"{name.removeprefix(HUB_PREFIX)}.safetensors",
                     f"{constants.HF_HUB_CACHE} (empty)", silent)
