@@ -117,9 +117,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
         config = resolve_preset(config)  # its choices are logged
     if args.file is not None:
-        from automl_tl.sweep.driver import check_search
-
         try:
+            _refuse_unreachable_early(config)
+            from automl_tl.sweep.driver import check_search
+
             check_search(config)  # what `search` refuses before reading data: unknown backbones, missing weights
         except AutoMLError as exc:
             raise type(exc)(f"{args.file}: {exc}") from None
@@ -169,10 +170,20 @@ def _load_search_config(args: argparse.Namespace) -> ExperimentConfig:
     return config
 
 
+def _refuse_unreachable_early(config: ExperimentConfig) -> None:
+    """Hub backbones whose weights surely cannot be had fail here, before torch and timm are imported (the
+    full pre-flight check, after them, decides every other case); a preset picks reachable ones itself."""
+    if config.preset is None:
+        from automl_tl.backbones import refuse_unreachable_early
+
+        refuse_unreachable_early(config.space.backbones)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
+    config = _load_search_config(args)
+    _refuse_unreachable_early(config)
     from automl_tl.api import run_pipeline
 
-    config = _load_search_config(args)
     run_pipeline(args.out, config, test=args.test, shared_fs=args.shared_fs, progress=_bars(args))
     return 0
 

@@ -418,7 +418,7 @@ def _decoy_weights(folder: Path) -> list[str]:
     import torch
     from safetensors.torch import save_file
 
-    from automl_tl.backbones._weights import weights_dir
+    from automl_tl.backbones import weights_dir
 
     fetched = weights_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -465,22 +465,79 @@ def epochs_to_reach(rows: list[dict[str, Any]], target: float) -> int | None:
     return None
 
 
-def bench_pruning(args: argparse.Namespace) -> None:
-    """The four registered backbones plus two random-init decoys, ranking on against off, seed by seed."""
-    from automl_tl.backbones import list_backbones
+def _pruning_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One data set's figures over the seeds run so far: the spread of each measure per arm, and the saving."""
+    per_arm = {arm: {key: _spread([float(r[arm][key]) for r in runs if r[arm][key] is not None])
+                     for key in ("epochs_to_best", "epochs_to_common_best", "trial_epochs", "best_val_accuracy",
+                                 "best_test_accuracy", "ensemble_test_accuracy")}
+               for arm in ("on", "off")}  # fmt: skip
+    off_epochs, on_epochs = per_arm["off"]["epochs_to_best"]["mean"], per_arm["on"]["epochs_to_best"]["mean"]
+    return {
+        "seeds_run": [r["seed"] for r in runs],
+        "no_decoy_image_trial_with_ranking": all(r["on"]["decoy_image_trials"] == 0 for r in runs),
+        "epochs_to_best_saved": round(1 - on_epochs / off_epochs, 3) if off_epochs else None,
+        **per_arm,
+        "runs": runs,
+    }
+
+
+def _pruning_arm(config: ExperimentConfig, run_dir: Path, test: str | None, decoys: list[str],
+                 backbones: list[str]) -> dict[str, Any]:  # fmt: skip
+    """One sweep (ranking on or off) and its results: trial-epochs to the best, decoy image trials, test accuracy."""
     from automl_tl.evaluate.results import build_results
 
-    figures: dict[str, Any] = {"seeds": list(args.seeds), "trials": args.trials, "max_epochs": args.max_epochs,
-                               "image_size": args.image_size or "each backbone's own", "decoys": list(DECOYS),
-                               "concurrency": 1, "target": "no decoy image trial with ranking on; >= 30 % fewer "
-                               "trial-epochs to the best validation accuracy; test accuracy within noise"}  # fmt: skip
+    started = time.perf_counter()
+    outcome = run_search(config, run_dir, test_source=test, progress=False)
+    sweep_s = time.perf_counter() - started
+    results = build_results(run_dir)  # cross-validation, refit, ensemble, test scores
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    rows = _in_proposal_order(outcome.rows, run_dir)
+    image_trials = [r for r in rows if _steps_through_images(r)]
+    return {
+        "sweep_s": round(sweep_s, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "load_average_1_5_15min_at_end": [round(v, 1) for v in os.getloadavg()],
+        "best_val_accuracy": float(outcome.best["best_val_accuracy"]),
+        "epochs_to_best": epochs_to_reach(rows, float(outcome.best["best_val_accuracy"])),
+        "trial_epochs": int(sum(int(r.get("epochs_run") or 0) for r in rows)),
+        "decoy_image_trials": sum(r["backbone"] in decoys for r in image_trials),
+        "image_trials": {b: sum(r["backbone"] == b for r in image_trials) for b in backbones},
+        "best_test_accuracy": results["best"]["test"]["accuracy"],
+        "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
+        "best_trial": {k: outcome.best.get(k) for k in ("backbone", "freeze_depth", "augmentation")},
+        "transferability": summary["transferability"],
+        "rows": [{k: r.get(k) for k in ("trial_id", "backbone", "freeze_depth", "augmentation",
+                                        "best_val_accuracy", "best_epoch", "epochs_run", "feature_cache")}
+                 for r in rows],
+    }  # fmt: skip
+
+
+def bench_pruning(args: argparse.Namespace) -> None:
+    """The four registered backbones plus two random-init decoys, ranking on against off, seed by seed.
+
+    The results file is rewritten after every seed, merged with the seeds earlier invocations wrote (a seed run
+    again replaces its old figures), so a run cut short, or data sets and seeds run one at a time, lose nothing.
+    """
+    from automl_tl.backbones import list_backbones
+
+    path = RESULTS / f"sweep_{args.results_name}.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    settings = {"trials": args.trials, "max_epochs": args.max_epochs, "image_size": args.image_size or "each backbone's own"}
+    if earlier and earlier.get("settings") != settings:
+        raise SystemExit(f"{path} holds runs with other settings ({earlier.get('settings')}): pass another --results-name")
+    figures: dict[str, Any] = {
+        "settings": settings, "decoys": list(DECOYS), "concurrency": 1,
+        "target": "no decoy image trial with ranking on; >= 30 % fewer trial-epochs to the best validation "
+                  "accuracy; test accuracy within noise",
+        **{name: earlier[name] for name in ACCURACY_CASES if name in earlier},
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         decoys = _decoy_weights(Path(tmp) / "weights")
         backbones = [*list_backbones(), *decoys]
         cache = Path(tmp) / "cache"
         for name in args.datasets:
             data, test, test_fraction, _ = ACCURACY_CASES[name]
-            runs = []
+            runs = {r["seed"]: r for r in figures.get(name, {}).get("runs", [])}
             for seed in args.seeds:
                 arms: dict[str, Any] = {}
                 for arm in ("on", "off"):
@@ -491,50 +548,16 @@ def bench_pruning(args: argparse.Namespace) -> None:
                         "search": {"num_samples": args.trials, "max_concurrent_trials": 1, "time_budget_s": 24 * 3600,
                                    "seed": seed, "rank_backbones": arm},
                     })  # fmt: skip
-                    run_dir = Path(tmp) / f"{name}-{seed}-{arm}"
-                    started = time.perf_counter()
-                    outcome = run_search(config, run_dir, test_source=test, progress=False)
-                    results_started = time.perf_counter()
-                    results = build_results(run_dir)  # cross-validation, refit, ensemble, test scores
-                    results_s = time.perf_counter() - results_started
-                    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-                    rows = _in_proposal_order(outcome.rows, run_dir)
-                    image_trials = [r for r in rows if _steps_through_images(r)]
-                    arms[arm] = {
-                        "wall_s": round(time.perf_counter() - started, 1),
-                        "best_val_accuracy": float(outcome.best["best_val_accuracy"]),
-                        "epochs_to_best": epochs_to_reach(rows, float(outcome.best["best_val_accuracy"])),
-                        "trial_epochs": int(sum(int(r.get("epochs_run") or 0) for r in rows)),
-                        "decoy_image_trials": sum(r["backbone"] in decoys for r in image_trials),
-                        "image_trials": {b: sum(r["backbone"] == b for r in image_trials) for b in backbones},
-                        "best_test_accuracy": results["best"]["test"]["accuracy"],
-                        "ensemble_test_accuracy": results["ensemble"]["test"]["accuracy"],
-                        "best_trial": {k: outcome.best.get(k) for k in ("backbone", "freeze_depth", "augmentation")},
-                        "transferability": summary["transferability"],
-                        "rows": [{k: r.get(k) for k in ("trial_id", "backbone", "freeze_depth", "augmentation",
-                                                        "best_val_accuracy", "best_epoch", "epochs_run", "feature_cache")}
-                                 for r in rows],
-                    }  # fmt: skip
+                    arms[arm] = _pruning_arm(config, Path(tmp) / f"{name}-{seed}-{arm}", test, decoys, backbones)
                 common = min(arms["on"]["best_val_accuracy"], arms["off"]["best_val_accuracy"])
-                for arm in arms.values():  # the same bar for both: the lower of the two bests
-                    arm["epochs_to_common_best"] = epochs_to_reach(arm["rows"], common)
-                runs.append({"seed": seed, **arms})
+                for figures_of_arm in arms.values():  # the same bar for both: the lower of the two bests
+                    figures_of_arm["epochs_to_common_best"] = epochs_to_reach(figures_of_arm["rows"], common)
+                runs[seed] = {"seed": seed, "date": time.strftime("%Y-%m-%d %H:%M"), **arms}
+                figures[name] = _pruning_summary([runs[s] for s in sorted(runs)])
+                _write(args.results_name, figures)
                 print(f"[bench] {name} seed {seed}: epochs to best on {arms['on']['epochs_to_best']} / off "
                       f"{arms['off']['epochs_to_best']}; test on {arms['on']['best_test_accuracy']:.4f} / off "
                       f"{arms['off']['best_test_accuracy']:.4f}; decoy image trials on {arms['on']['decoy_image_trials']}")
-            per_arm = {arm: {key: _spread([float(r[arm][key]) for r in runs if r[arm][key] is not None])
-                             for key in ("epochs_to_best", "epochs_to_common_best", "trial_epochs", "best_val_accuracy",
-                                         "best_test_accuracy", "ensemble_test_accuracy")}
-                       for arm in ("on", "off")}  # fmt: skip
-            off_epochs, on_epochs = per_arm["off"]["epochs_to_best"]["mean"], per_arm["on"]["epochs_to_best"]["mean"]
-            figures[name] = {
-                "date": time.strftime("%Y-%m-%d %H:%M"),
-                "no_decoy_image_trial_with_ranking": all(r["on"]["decoy_image_trials"] == 0 for r in runs),
-                "epochs_to_best_saved": round(1 - on_epochs / off_epochs, 3) if off_epochs else None,
-                **per_arm,
-                "runs": runs,
-            }
-    _write(args.results_name, figures)
 
 
 def main() -> None:

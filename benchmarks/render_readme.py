@@ -160,6 +160,40 @@ def render_sweep_efficiency(f: Figures) -> list[str]:
     return lines
 
 
+def render_sweep_pruning(f: Figures) -> list[str]:
+    """Ranking on against off, per data set and seed: decoy image trials, trial-epochs to the best, test accuracy."""
+    sets = [key for key, value in f.items() if isinstance(value, Mapping) and "runs" in value]
+    lines = [f"The four registered backbones and the random-init decoys {fmt(f.get('decoys'))}; "
+             f"{fmt(get(f, 'settings.trials'))} trials of at most {fmt(get(f, 'settings.max_epochs'))} epochs, "
+             f"one at a time. Target: {fmt(f.get('target'))}.", ""]  # fmt: skip
+    lines += table(["data", "seeds", "no decoy image trial (on)", "trial-epochs to best on / off", "saved",
+                    "best test acc on / off"],
+                   [(name, get(f, f"{name}.seeds_run"), get(f, f"{name}.no_decoy_image_trial_with_ranking"),
+                     f"{fmt(get(f, f'{name}.on.epochs_to_best.mean'))} / {fmt(get(f, f'{name}.off.epochs_to_best.mean'))}",
+                     get(f, f"{name}.epochs_to_best_saved"),
+                     f"{fmt(get(f, f'{name}.on.best_test_accuracy.mean'))} / "
+                     f"{fmt(get(f, f'{name}.off.best_test_accuracy.mean'))}") for name in sets])  # fmt: skip
+    rows = []
+    for name in sets:
+        for run in get(f, f"{name}.runs"):
+            rows += [(name, run.get("seed"), arm, get(run, f"{arm}.decoy_image_trials"), get(run, f"{arm}.epochs_to_best"),
+                      get(run, f"{arm}.epochs_to_common_best"), get(run, f"{arm}.trial_epochs"),
+                      get(run, f"{arm}.best_val_accuracy"), get(run, f"{arm}.best_test_accuracy"),
+                      get(run, f"{arm}.wall_s")) for arm in ("on", "off")]  # fmt: skip
+    lines += [""] + table(["data", "seed", "ranking", "decoy image trials", "trial-epochs to best",
+                           "to the lower best", "trial-epochs", "best val acc", "best test acc", "wall s"], rows)
+    return lines
+
+
+def render_preflight(f: Figures) -> list[str]:
+    cases = [key for key, value in f.items() if isinstance(value, Mapping) and "median_wall_s" in value]
+    lines = [f"`{fmt(f.get('command'))}`, {fmt(f.get('repeats'))} runs per case. Target: {fmt(f.get('target'))}.", ""]
+    lines += table(["offline machine", "median wall s", "max wall s", "exit codes", "load average at end"],
+                   [(c, get(f, f"{c}.median_wall_s"), get(f, f"{c}.max_wall_s"), get(f, f"{c}.exit_codes"),
+                     get(f, f"{c}.load_average_1_5_15min_at_end")) for c in cases])  # fmt: skip
+    return lines
+
+
 SERVE_KEYS = ("benchmark", "started", "wall_s", "smoke_test", "machine", "setup", "in_process", "in_process_runs",
               "serve", "deployments", "checks", "ensemble_layouts", "ingress_haproxy_vs_python_proxy",
               "best_vs_ensemble")  # fmt: skip
@@ -283,6 +317,8 @@ RENDERERS: dict[str, tuple[str, Callable[[Figures], list[str]]]] = {
     "sweep_overhead.json": ("Trial overhead", render_sweep_overhead),
     "sweep_train_vs_bare.json": ("Ray Train against a bare torch loop", render_sweep_train_vs_bare),
     "sweep_feature_cache.json": ("Frozen trials on cached features", render_sweep_feature_cache),
+    "sweep_pruning.json": ("Backbones ranked before fine-tuning, against not", render_sweep_pruning),
+    "preflight.json": ("Pre-flight: refusing an unreachable hub backbone", render_preflight),
     "data.json": ("Data loading and the cache", render_data),
     "gpu_check.json": ("GPU training throughput", render_gpu_check),
     "soak.json": ("Soak: replicas killed under load", render_soak),

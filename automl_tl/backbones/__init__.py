@@ -14,18 +14,10 @@ True
 
 from __future__ import annotations
 
-from automl_tl.backbones._builder import (
-    HUB_PREFIX,
-    TransferNet,
-    check_backbones,
-    create_backbone,
-    layer_index,
-    memory_format_for,
-    resolve_spec,
-    timm_weights_source,
-)
-from automl_tl.backbones._hub import weights_status
-from automl_tl.backbones._inference import ready_for_inference
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from automl_tl.backbones._reach import HUB_PREFIX, refuse_unreachable_early, weights_dir
 from automl_tl.backbones._registry import (
     BackboneSpec,
     FetchedFile,
@@ -38,7 +30,38 @@ from automl_tl.backbones._registry import (
     list_backbones,
     register_backbone,
 )
-from automl_tl.backbones._weights import fetch_weights, source_status, weights_dir
+
+if TYPE_CHECKING:
+    from automl_tl.backbones._builder import (
+        TransferNet,
+        check_backbones,
+        create_backbone,
+        layer_index,
+        memory_format_for,
+        resolve_spec,
+        timm_weights_source,
+    )
+    from automl_tl.backbones._hub import weights_status
+    from automl_tl.backbones._inference import ready_for_inference
+    from automl_tl.backbones._weights import fetch_weights, source_status
+
+# Names whose modules import torch and timm: loaded on first use, so that the registry and the early
+# pre-flight check (:func:`refuse_unreachable_early`) cost no heavy import.
+_LAZY = {
+    **dict.fromkeys(("TransferNet", "check_backbones", "create_backbone", "layer_index", "memory_format_for",
+                     "resolve_spec", "timm_weights_source"), "_builder"),
+    "weights_status": "_hub",
+    "ready_for_inference": "_inference",
+    "fetch_weights": "_weights",
+    "source_status": "_weights",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BackboneSpec",
@@ -65,6 +88,7 @@ __all__ = [
     "source_status",
     "weights_status",
     "weights_dir",
+    "refuse_unreachable_early",
 ]
 
 # timm's EfficientNet/MobileNetV2 layout: conv_stem+bn1, seven stages of blocks, then conv_head+bn2.

@@ -29,10 +29,10 @@ from automl_tl.backbones._registry import (
     WeightSource,
     get_backbone_spec,
 )
-from automl_tl.backbones._weights import load_source_state_dict, weights_dir
+from automl_tl.backbones._reach import HUB_PREFIX, weights_dir
+from automl_tl.backbones._weights import load_source_state_dict
 from automl_tl.errors import BackboneError
 
-HUB_PREFIX = "timm:"
 
 
 class TransferNet(nn.Module):

@@ -9,23 +9,19 @@ pre-flight check (:func:`check_weights`) asks whether the hub answers, with a de
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from automl_tl.backbones._reach import HUB_TIMEOUT_S, answers_within, unreachable, weights_dir
 from automl_tl.backbones._registry import BackboneSpec, TimmHub, WeightSource
-from automl_tl.backbones._weights import source_status, weights_dir
+from automl_tl.backbones._weights import source_status
 from automl_tl.errors import BackboneError
 
 __all__ = [
     "HUB_TIMEOUT_S", "check_weights", "hub_reasons", "hub_source", "hub_weights_file", "local_weights_file",
     "weights_status",
 ]
-
-HUB_TIMEOUT_S = 2.0  # how long the pre-flight check waits for the hub to answer
-
 
 def local_weights_file(names: Sequence[str]) -> Path | None:
     """The first ``<name>.safetensors`` of ``names`` present in the weights folder."""
@@ -114,40 +110,13 @@ def _hub_answers(source: TimmHub, timeout_s: float) -> str | None:
         return f"{type(exc).__name__}: {first[:160]}"
 
 
-def _within(checks: dict[str, Callable[[], str | None]], deadline_s: float) -> dict[str, str | None]:
-    """Run every check at once on daemon threads; one still waiting at the deadline counts as no answer.
-
-    A daemon thread, not an executor: a request stuck in name resolution cannot be cancelled, and must not
-    keep the process from exiting either."""
-    answers: dict[str, str | None] = {}
-    threads = []
-    for key, check in checks.items():
-
-        def run(key: str = key, check: Callable[[], str | None] = check) -> None:
-            answers[key] = check()
-
-        thread = threading.Thread(target=run, name=f"automl_tl-hub-{key}", daemon=True)
-        thread.start()
-        threads.append(thread)
-    end = time.monotonic() + deadline_s
-    for thread in threads:
-        thread.join(max(0.0, end - time.monotonic()))
-    return {key: answers.get(key, f"no answer within {deadline_s:g} s") for key in checks}
-
-
 def _unreachable(spec: BackboneSpec, source: TimmHub, reason: str) -> str:
     from huggingface_hub import constants
 
-    arch = spec.architecture
     where = f"{constants.ENDPOINT}/{source.repo_id}" if source.repo_id else source.url
     cached = f"{constants.HF_HUB_CACHE}" if source.repo_id else str(_url_cache_file(source.url).parent)
-    return (
-        f"backbone '{spec.name}': no pretrained weights reachable. Looked for {weights_dir() / (arch + '.safetensors')} "
-        f"(absent), in the local cache {cached} (no {source.repo_id or source.url}) and at {where} ({reason}). "
-        f"Put the weights, in timm's key layout, at that .safetensors path ($AUTOML_TL_WEIGHTS_DIR sets the folder), "
-        f"or fill the cache on a machine that reaches the hub"
-        + (f" (`hf download {source.repo_id}`)" if source.repo_id else "")
-    )
+    return unreachable(spec.name, weights_dir() / f"{spec.architecture}.safetensors",
+                       f"{cached} (no {source.repo_id or source.url})", f"{where} ({reason})", source.repo_id)
 
 
 def hub_reasons(sources: Mapping[str, TimmHub], timeout_s: float = HUB_TIMEOUT_S) -> dict[str, str | None]:
@@ -166,7 +135,7 @@ def hub_reasons(sources: Mapping[str, TimmHub], timeout_s: float = HUB_TIMEOUT_S
             reasons[key] = "timm has no pretrained weights for it"
         else:
             asks[key] = lambda source=source: _hub_answers(source, timeout_s)  # type: ignore[misc]
-    reasons.update(_within(asks, timeout_s + 0.5))
+    reasons.update(answers_within(asks, timeout_s + 0.5))
     return reasons
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
-
-from automl_tl.backbones._builder import memory_format_for
+if TYPE_CHECKING:  # torch is imported by the caller that holds a model; the flags below must not need it
+    import torch
 
 __all__ = ["AB_OFF_ENV", "ab_off", "ready_for_inference"]
 
@@ -22,4 +22,6 @@ def ab_off(mechanism: str) -> bool:
 
 def ready_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` in eval mode on ``device``, in the memory layout that is fastest there."""
+    from automl_tl.backbones._builder import memory_format_for
+
     return model.eval().to(device).to(memory_format=memory_format_for(device)).eval()

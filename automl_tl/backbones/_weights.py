@@ -16,7 +16,6 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from automl_tl.backbones._reach import weights_dir
 from automl_tl.backbones._registry import FetchedFile, LocalFile, PackagedFile, WeightSource
 from automl_tl.errors import BackboneError
 from automl_tl.runs.storage import atomic_path
@@ -35,12 +35,6 @@ from automl_tl.runs.storage import atomic_path
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-
-
-def weights_dir() -> Path:
-    """Where fetched weight files live: ``$AUTOML_TL_WEIGHTS_DIR`` or ``~/.cache/automl_tl/weights``."""
-    env = os.environ.get("AUTOML_TL_WEIGHTS_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "automl_tl" / "weights"
 
 
 @functools.lru_cache(maxsize=64)
