@@ -32,6 +32,7 @@ __all__ = [
     "Outlier",
     "ConfusablePair",
     "diagnose",
+    "near_duplicates",
     "near_duplicate_pairs",
     "leaked_rows",
     "format_diagnostics",
@@ -121,14 +122,10 @@ def diagnose(
     """All four findings for the images whose features are the rows of ``features``."""
     x = _normalised(features)
     labels = np.asarray(labels, dtype=np.int64)
-    split_of = np.asarray(splits).astype(str)
     path_of = np.asarray(paths).astype(str)
     names = [str(c) for c in class_names]
     notes: list[str] = []
-    pairs = tuple(
-        NearDuplicate((str(path_of[i]), str(path_of[j])), round(s, 4), _pair_kind(labels, split_of, i, j), (i, j))
-        for i, j, s in near_duplicate_pairs(x, similarity)
-    )
+    pairs = near_duplicates(x, labels, splits, path_of, similarity=similarity)
     probs, why = _out_of_fold_probs(x, labels, len(names), seed)
     issues: tuple[LabelIssue, ...] = ()
     confusable: tuple[ConfusablePair, ...] = ()
@@ -139,6 +136,25 @@ def diagnose(
         confusable = _confusable_pairs(probs, labels, names)
     outliers = _outliers(x, labels, path_of)
     return Diagnostics(issues, pairs, outliers, confusable, tuple(notes))
+
+
+def near_duplicates(
+    features: np.ndarray[Any, Any],
+    labels: np.ndarray[Any, Any],
+    splits: Sequence[str] | np.ndarray[Any, Any],
+    paths: Sequence[str] | np.ndarray[Any, Any],
+    *,
+    similarity: float = NEAR_DUPLICATE_SIMILARITY,
+) -> tuple[NearDuplicate, ...]:
+    """The near-duplicate finding alone (what the leak check needs, without fitting the label-error heads)."""
+    x = _normalised(features)
+    labels = np.asarray(labels, dtype=np.int64)
+    split_of = np.asarray(splits).astype(str)
+    path_of = np.asarray(paths).astype(str)
+    return tuple(
+        NearDuplicate((str(path_of[i]), str(path_of[j])), round(s, 4), _pair_kind(labels, split_of, i, j), (i, j))
+        for i, j, s in near_duplicate_pairs(x, similarity)
+    )
 
 
 def near_duplicate_pairs(x: np.ndarray[Any, Any], similarity: float) -> list[tuple[int, int, float]]:
