@@ -55,8 +55,8 @@ EXACT_SEARCH_MAX = 20_000
 _NEIGHBOURS = 16  # neighbours examined per image
 _FOLDS = 5
 # Prior logit variances tried for the out-of-fold head. A loose head fits the labels it is given, the wrong
-# ones too (and takes hundreds of iterations to); a tight one cannot separate close classes.
-_HEAD_LOGIT_VARIANCES = (1.0, 10.0, 100.0)
+# ones too, and takes hundreds of iterations to; a tight one cannot separate close classes.
+_HEAD_LOGIT_VARIANCES = (1.0, 10.0)
 _MAX_PAIRS = 20  # confusable pairs listed
 _OUTLIER_FENCE = 3.0  # interquartile ranges below the lower quartile of the OOD scores
 
