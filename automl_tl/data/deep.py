@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from automl_tl.data.diagnostics import Diagnostics, diagnose, leaked_rows
+from automl_tl.data.diagnostics import Diagnostics, diagnose, leaked_rows, near_duplicates
 
 if TYPE_CHECKING:
     from automl_tl.config import ExperimentConfig
@@ -57,15 +57,19 @@ def leak_free_splits(
     dataset: Dataset, config: ExperimentConfig
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Row indices of train, val and test, less (with ``data.near_duplicates: drop-across-splits``) the val
-    and test images that nearly duplicate a train image; says how many it left out."""
+    and test images that nearly duplicate a train image; says how many it left out. Only the near-duplicate
+    finding runs here: the label-error heads wait for :func:`write_run_diagnostics` after the sweep."""
     train, val, test = (np.asarray(dataset.indices(s), dtype=np.int64) for s in ("train", "val", "test"))
     if config.data.near_duplicates == "keep" or len(val) + len(test) == 0:
         return train, val, test
     backbone, size = searched_features(config)
     logger.info(f"checking val and test for near-duplicates of train images ({backbone} features of all "
                 f"{len(dataset)} images, computed once and shared with its frozen trials)", extra=_DATA)  # fmt: skip
-    found = diagnose_dataset(dataset, backbone, size)
-    leaked = leaked_rows(found.near_duplicates, dataset.splits)
+    from automl_tl.train.features import dataset_features
+
+    features = dataset_features(dataset.cache_path, backbone, size)
+    pairs = near_duplicates(features, dataset.labels, dataset.splits, dataset.paths)
+    leaked = leaked_rows(pairs, dataset.splits)
     if leaked.size:
         logger.info(f"left out {leaked.size} val/test image(s) that nearly duplicate a train image (val "
             f"{int(np.isin(val, leaked).sum())}, test {int(np.isin(test, leaked).sum())}); "

@@ -32,6 +32,7 @@ __all__ = [
     "Outlier",
     "ConfusablePair",
     "diagnose",
+    "near_duplicates",
     "near_duplicate_pairs",
     "leaked_rows",
     "format_diagnostics",
@@ -53,6 +54,9 @@ NEAR_DUPLICATE_MARGIN_SHARE = 0.3
 EXACT_SEARCH_MAX = 20_000
 _NEIGHBOURS = 16  # neighbours examined per image
 _FOLDS = 5
+# Prior logit variances tried for the out-of-fold head. A loose head fits the labels it is given, the wrong
+# ones too, and takes hundreds of iterations to; a tight one cannot separate close classes.
+_HEAD_LOGIT_VARIANCES = (1.0, 10.0)
 _MAX_PAIRS = 20  # confusable pairs listed
 _OUTLIER_FENCE = 3.0  # interquartile ranges below the lower quartile of the OOD scores
 
@@ -121,14 +125,10 @@ def diagnose(
     """All four findings for the images whose features are the rows of ``features``."""
     x = _normalised(features)
     labels = np.asarray(labels, dtype=np.int64)
-    split_of = np.asarray(splits).astype(str)
     path_of = np.asarray(paths).astype(str)
     names = [str(c) for c in class_names]
     notes: list[str] = []
-    pairs = tuple(
-        NearDuplicate((str(path_of[i]), str(path_of[j])), round(s, 4), _pair_kind(labels, split_of, i, j), (i, j))
-        for i, j, s in near_duplicate_pairs(x, similarity)
-    )
+    pairs = near_duplicates(x, labels, splits, path_of, similarity=similarity)
     probs, why = _out_of_fold_probs(x, labels, len(names), seed)
     issues: tuple[LabelIssue, ...] = ()
     confusable: tuple[ConfusablePair, ...] = ()
@@ -139,6 +139,25 @@ def diagnose(
         confusable = _confusable_pairs(probs, labels, names)
     outliers = _outliers(x, labels, path_of)
     return Diagnostics(issues, pairs, outliers, confusable, tuple(notes))
+
+
+def near_duplicates(
+    features: np.ndarray[Any, Any],
+    labels: np.ndarray[Any, Any],
+    splits: Sequence[str] | np.ndarray[Any, Any],
+    paths: Sequence[str] | np.ndarray[Any, Any],
+    *,
+    similarity: float = NEAR_DUPLICATE_SIMILARITY,
+) -> tuple[NearDuplicate, ...]:
+    """The near-duplicate finding alone (what the leak check needs, without fitting the label-error heads)."""
+    x = _normalised(features)
+    labels = np.asarray(labels, dtype=np.int64)
+    split_of = np.asarray(splits).astype(str)
+    path_of = np.asarray(paths).astype(str)
+    return tuple(
+        NearDuplicate((str(path_of[i]), str(path_of[j])), round(s, 4), _pair_kind(labels, split_of, i, j), (i, j))
+        for i, j, s in near_duplicate_pairs(x, similarity)
+    )
 
 
 def near_duplicate_pairs(x: np.ndarray[Any, Any], similarity: float) -> list[tuple[int, int, float]]:
@@ -245,8 +264,11 @@ def _pair_kind(labels: np.ndarray[Any, Any], splits: np.ndarray[Any, Any], i: in
 def _out_of_fold_probs(
     x: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], num_classes: int, seed: int
 ) -> tuple[np.ndarray[Any, Any] | None, str]:
-    """Each image's class probabilities from a logistic-regression head fitted on the other folds."""
+    """Each image's class probabilities from a logistic-regression head fitted on the other folds, on
+    features standardised per dimension; of the L2 strengths :data:`_HEAD_LOGIT_VARIANCES`, the one whose
+    out-of-fold probabilities have the lowest log loss (the data, not a constant, says how much to hold back)."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     counts = np.bincount(labels, minlength=num_classes)
@@ -256,9 +278,16 @@ def _out_of_fold_probs(
     folds = int(min(_FOLDS, present.min()))
     if folds < 2:
         return None, "a class with a single image"
-    head = LogisticRegression(C=1.0, max_iter=500)
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    fold_probs = cross_val_predict(head, x * np.sqrt(x.shape[1]), labels, cv=cv, method="predict_proba")
+    standardised = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
+    tried = []
+    for spread in _HEAD_LOGIT_VARIANCES:
+        # sklearn's C is the variance of the Gaussian prior on each weight: spread/width gives an image's
+        # logit that prior variance however wide the standardised features are.
+        head = LogisticRegression(C=spread / x.shape[1], max_iter=500)
+        found = cross_val_predict(head, standardised, labels, cv=cv, method="predict_proba")
+        tried.append((log_loss(labels, found, labels=np.flatnonzero(counts > 0)), spread, found))
+    fold_probs = min(tried, key=lambda t: (t[0], t[1]))[2]
     probs = np.zeros((x.shape[0], num_classes))
     probs[:, np.flatnonzero(counts > 0)] = fold_probs  # classes with no image get probability 0
     return probs, ""
