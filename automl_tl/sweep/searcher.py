@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from automl_tl.config import ExperimentConfig
@@ -41,42 +42,63 @@ MAX_DECLINES = 200
 
 
 class RankedOptunaSearch(OptunaSearch):
-    """:class:`OptunaSearch` that declines image-stepping proposals for backbones ranked out (see module)."""
+    """:class:`OptunaSearch` that runs each effective configuration once and declines image-stepping proposals
+    for backbones ranked out (see module)."""
 
-    def __init__(self, constants: Mapping[str, Any], prune: bool, margin: float, record: Path, **kwargs: Any) -> None:
+    def __init__(self, constants: Mapping[str, Any], prune: bool, margin: float, record: Path,
+                 points: int | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self._constants = dict(constants)  # the param space's fixed values: a proposal only holds searched ones
         self._prune, self._margin, self._record = prune, margin, str(record)
+        self._points = points  # the space's distinct effective points when it is finite
         self._scores: dict[str, float] = {}
         self._pruned: dict[str, str] = {}
         self._declined: dict[str, int] = {}
         self._scoring: dict[str, str] = {}  # trial id -> the unscored backbone whose features that trial trains on
+        self._ran: dict[tuple[tuple[str, Any], ...], str] = {}  # identity -> the trial that runs it
+        self._values: dict[str, float | None] = {}  # finished trial -> the value Optuna was told (None: none)
+        self._waiting: dict[str, list[Any]] = {}  # running trial -> Optuna trials of its duplicates, told at its end
+        self._duplicates: dict[str, int] = {}  # trial -> proposals skipped as its duplicates
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._points is not None and len(self._ran) >= self._points:
+            return self._exhausted()
         params: dict[str, Any] | None = None
         for attempt in range(MAX_DECLINES + 1):
             params = super().suggest(trial_id) or {}
-            full = {**self._constants, **params}
-            backbone = str(full.get("backbone"))
-            if TrialConfig.from_params(full).frozen_features:
-                if backbone not in self._scores:
-                    self._scoring[trial_id] = backbone  # this trial will score its backbone
-                return params
-            if not self._prune:
-                return params
-            if backbone not in self._scores and backbone in self._scoring.values():
+            cfg = TrialConfig.from_params({**self._constants, **params})
+            identity = cfg.identity()
+            if identity in self._ran:
+                self._skip_duplicate(trial_id, self._ran[identity])
+                continue
+            verdict = self._rank(trial_id, cfg)
+            if verdict == "wait":
                 self._withdraw(trial_id)  # its score is on the way: Tune asks again on its next step
                 return None
-            if backbone not in self._pruned:
-                return params
-            if attempt == MAX_DECLINES:
-                logger.warning(f"ranking declined {MAX_DECLINES} proposals in a row; letting one on {backbone} run",
+            if verdict == "decline" and attempt < MAX_DECLINES:
+                self._withdraw(trial_id)
+                self._declined[cfg.backbone] = self._declined.get(cfg.backbone, 0) + 1
+                self._write()
+                continue
+            if verdict == "decline":
+                logger.warning(f"ranking declined {MAX_DECLINES} proposals in a row; letting one on {cfg.backbone} run",
                                extra={"stage": "search"})  # fmt: skip
-                return params
-            self._withdraw(trial_id)
-            self._declined[backbone] = self._declined.get(backbone, 0) + 1
-            self._write()
-        return params
+            self._ran[identity] = trial_id
+            return params
+        return None
+
+    def _rank(self, trial_id: str, cfg: TrialConfig) -> str:
+        """What ranking says of a proposal: ``run``, ``wait`` (its backbone's score is on the way) or ``decline``."""
+        backbone = cfg.backbone
+        if cfg.frozen_features:
+            if backbone not in self._scores:
+                self._scoring[trial_id] = backbone  # this trial will score its backbone
+            return "run"
+        if not self._prune or (backbone not in self._scores and backbone not in self._scoring.values()):
+            return "run"
+        if backbone not in self._scores:
+            return "wait"
+        return "decline" if backbone in self._pruned else "run"
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._note(trial_id, result)
@@ -86,6 +108,42 @@ class RankedOptunaSearch(OptunaSearch):
         self._note(trial_id, result or {})
         self._scoring.pop(trial_id, None)  # scored, or it never will: nothing waits on it any more
         super().on_trial_complete(trial_id, result, error)
+        trial = self._ot_trials.get(trial_id)
+        if trial is None:
+            return
+        told = self._ot_study.get_trials(deepcopy=False)[trial.number]  # what OptunaSearch told of it
+        self._values[trial_id] = told.value if told.state == TrialState.COMPLETE else None
+        for duplicate in self._waiting.pop(trial_id, []):
+            self._tell_as(duplicate, trial_id)
+
+    def _skip_duplicate(self, trial_id: str, first: str) -> None:
+        """The proposal for ``trial_id`` trains what trial ``first`` trains: not run, and told to Optuna as that
+        trial ends (now, if it has)."""
+        duplicate = self._ot_trials.pop(trial_id)
+        if first in self._values:
+            self._tell_as(duplicate, first)
+        else:
+            self._waiting.setdefault(first, []).append(duplicate)
+        self._duplicates[first] = self._duplicates.get(first, 0) + 1
+        if self._duplicates[first] == 1:
+            logger.info(f"proposals that train what trial {first} trains (they differ only in settings its kind of "
+                        "trial ignores) are not run again: Optuna is told its result", extra={"stage": "search"})  # fmt: skip
+        self._write()
+
+    def _tell_as(self, duplicate: Any, first: str) -> None:
+        """Tell Optuna the result of trial ``first`` for its ``duplicate`` proposal: its value, or a failure
+        (left out of the model) when it had none."""
+        study: Any = self._ot_study
+        value = self._values[first]
+        if value is None:
+            study.tell(duplicate, state=TrialState.FAIL)
+        else:
+            study.tell(duplicate, values=value)
+
+    def _exhausted(self) -> str:
+        logger.info(f"search: each of the space's {self._points} distinct point(s) has been proposed; no more trials",
+                    extra={"stage": "search"})  # fmt: skip
+        return str(Searcher.FINISHED)
 
     def _withdraw(self, trial_id: str) -> None:
         """Tell Optuna the proposal for ``trial_id`` failed (out of its model) and forget it."""
@@ -111,7 +169,8 @@ class RankedOptunaSearch(OptunaSearch):
         self._write()
 
     def _write(self) -> None:
-        record = {"scores": self._scores, "pruned": self._pruned, "declined": self._declined}
+        record = {"scores": self._scores, "pruned": self._pruned, "declined": self._declined,
+                  "duplicates_skipped": sum(self._duplicates.values()), "duplicates_of": self._duplicates}  # fmt: skip
         Path(self._record).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(self._record), json.dumps(record, indent=2))
 
@@ -134,6 +193,7 @@ def ranking_summary(config: ExperimentConfig, rows: list[dict[str, Any]], record
         "best": max(scores, key=lambda n: scores[n]) if scores else None,
         "pruned": pruned,
         "declined_proposals": {name: int(n) for name, n in dict(record.get("declined") or {}).items()},
+        "duplicates_skipped": int(record.get("duplicates_skipped") or 0),
     }
 
 
@@ -148,6 +208,8 @@ def ranked_search(config: ExperimentConfig, param_space: Mapping[str, Any], reco
     """The sweep's searcher for ``config`` (``kwargs`` go to :class:`OptunaSearch`)."""
     from ray.tune.search.sample import Domain
 
+    from automl_tl.sweep.space import count_points
+
     constants = {k: v for k, v in param_space.items() if not isinstance(v, Domain)}
     prune = ranking_enabled(config.search.rank_backbones, len(config.space.backbones))
-    return RankedOptunaSearch(constants, prune, config.search.rank_margin, record, **kwargs)
+    return RankedOptunaSearch(constants, prune, config.search.rank_margin, record, count_points(dict(param_space)), **kwargs)

@@ -12,6 +12,8 @@ takes every valid value of the chosen backbones (0 = fine-tune everything, the b
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 from ray import tune
@@ -21,8 +23,11 @@ from automl_tl.backbones import resolve_spec
 from automl_tl.config import ExperimentConfig, FloatRange
 from automl_tl.errors import ConfigError
 from automl_tl.train.loop import HYPERPARAMETERS
+from automl_tl.train.trial_config import TrialConfig
 
 __all__ = ["build_param_space", "count_points", "freeze_depth_choices", "frozen_start_points"]
+
+_COUNTED = 20_000  # the most raw points count_points enumerates to find the distinct ones
 
 # The trial each backbone starts with when ``search.frozen_first`` is on: a frozen feature extractor, no
 # augmentation and a linear head. Its pooled features are computed once and shared (``automl_tl.train.features``),
@@ -94,14 +99,21 @@ def _dimension(values: FloatRange | tuple[Any, ...]) -> Any:
 
 
 def count_points(param_space: dict[str, Any]) -> int | None:
-    """How many distinct trials the space holds when it is finite (no continuous dimension), else None."""
-    count = 1
-    for domain in param_space.values():
-        if isinstance(domain, Categorical):
-            count *= len(domain.categories)
-        elif isinstance(domain, Domain):
-            return None
-    return count
+    """How many distinct trials the space holds when it is finite (no continuous dimension), else None.
+
+    Points that train the same model (equal :meth:`TrialConfig.identity`, such as probes that differ only in
+    learning rate) count once; a space of more than ``_COUNTED`` raw points is not enumerated and its raw
+    count is returned (an upper bound).
+    """
+    names = [name for name, domain in param_space.items() if isinstance(domain, Domain)]
+    if any(not isinstance(param_space[name], Categorical) for name in names):
+        return None
+    choices = [list(param_space[name].categories) for name in names]
+    raw = math.prod(len(c) for c in choices)
+    if raw > _COUNTED:
+        return raw
+    fixed = {name: value for name, value in param_space.items() if name not in names}
+    return len({TrialConfig.from_params({**fixed, **dict(zip(names, point))}).identity() for point in itertools.product(*choices)})
 
 
 def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:
