@@ -1,4 +1,11 @@
-"""The sweep's searcher: Optuna proposing, with backbones ranked by transferability before they are fine-tuned.
+"""The sweep's searcher: Optuna proposing, each effective configuration run once, and backbones ranked by
+transferability before they are fine-tuned.
+
+Two proposals that differ only in settings their kind of trial ignores (the learning rate of a probe on
+cached features, the layer decay of a frozen backbone: :meth:`TrialConfig.identity`) train the same model.
+A proposal whose identity a trial already has (finished or running) is not run: the searcher asks Optuna
+again. When every distinct point of a finite space has been proposed the searcher says so and Tune ends the
+sweep (``summary.json``'s ``sweep.stop_reason`` is ``space_exhausted``), instead of waiting out the budget.
 
 Every trial that trains a head on a backbone's cached features (the frozen-first probe among them) reports
 the LogME score of those features (``automl_tl.train.transferability``). Once a backbone's score trails the
@@ -13,6 +20,12 @@ sampling from what it learnt of trials that ran, restricted to what ranking allo
 and the trial cap and the budget go to trials that run. Telling it PRUNED would instead teach TPE that low
 freeze depths are bad in general, since only fine-tuning proposals are ever declined; ending such a trial
 inside Tune would spend a trial slot and a process start on it.
+
+A duplicate is told FAILED too, whether the trial it repeats has finished or still runs, and for the same
+reason: the model keeps one observation per point, the one the trial that ran reported. Telling it
+COMPLETE with that trial's value adds a copy of the point for every repeat, and since TPE proposes again
+where it has seen good values, the copies of the best point pull each categorical choice towards it until
+nearly every proposal repeats it and the sweep stalls. Duplicates are counted in ``ranking.json`` (``duplicates_skipped``) and logged once per trial.
 """
 
 from __future__ import annotations
@@ -35,9 +48,10 @@ from automl_tl.train.transferability import backbone_scores, prune_decisions, ra
 __all__ = ["MAX_DECLINES", "RANKING_FILE", "RankedOptunaSearch", "ranked_search", "ranking_summary", "with_ranking"]
 
 logger = logging.getLogger(__name__)
-RANKING_FILE = "ranking.json"  # the searcher's record: backbones pruned (and why), proposals declined
-# Declined proposals in a row before one is let through anyway: TPE gives every category some prior weight,
-# so reaching it means the space left by ranking is all but empty.
+RANKING_FILE = "ranking.json"  # the searcher's record: backbones pruned (and why), proposals declined or skipped
+# Proposals in a row that cannot run (declined or duplicates) before the searcher stops asking: a declined
+# one is then let through, a duplicate left for Tune's next request. TPE gives every category some prior
+# weight, so reaching it means the space left is all but empty.
 MAX_DECLINES = 200
 
 
@@ -56,8 +70,6 @@ class RankedOptunaSearch(OptunaSearch):
         self._declined: dict[str, int] = {}
         self._scoring: dict[str, str] = {}  # trial id -> the unscored backbone whose features that trial trains on
         self._ran: dict[tuple[tuple[str, Any], ...], str] = {}  # identity -> the trial that runs it
-        self._values: dict[str, float | None] = {}  # finished trial -> the value Optuna was told (None: none)
-        self._waiting: dict[str, list[Any]] = {}  # running trial -> Optuna trials of its duplicates, told at its end
         self._duplicates: dict[str, int] = {}  # trial -> proposals skipped as its duplicates
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -85,7 +97,7 @@ class RankedOptunaSearch(OptunaSearch):
                                extra={"stage": "search"})  # fmt: skip
             self._ran[identity] = trial_id
             return params
-        return None
+        return None  # every proposal repeated a trial: Tune asks again on its next step
 
     def _rank(self, trial_id: str, cfg: TrialConfig) -> str:
         """What ranking says of a proposal: ``run``, ``wait`` (its backbone's score is on the way) or ``decline``."""
@@ -108,37 +120,16 @@ class RankedOptunaSearch(OptunaSearch):
         self._note(trial_id, result or {})
         self._scoring.pop(trial_id, None)  # scored, or it never will: nothing waits on it any more
         super().on_trial_complete(trial_id, result, error)
-        trial = self._ot_trials.get(trial_id)
-        if trial is None:
-            return
-        told = self._ot_study.get_trials(deepcopy=False)[trial.number]  # what OptunaSearch told of it
-        self._values[trial_id] = told.value if told.state == TrialState.COMPLETE else None
-        for duplicate in self._waiting.pop(trial_id, []):
-            self._tell_as(duplicate, trial_id)
 
     def _skip_duplicate(self, trial_id: str, first: str) -> None:
-        """The proposal for ``trial_id`` trains what trial ``first`` trains: not run, and told to Optuna as that
-        trial ends (now, if it has)."""
-        duplicate = self._ot_trials.pop(trial_id)
-        if first in self._values:
-            self._tell_as(duplicate, first)
-        else:
-            self._waiting.setdefault(first, []).append(duplicate)
+        """The proposal for ``trial_id`` trains what trial ``first`` trains: withdrawn, counted, and logged the
+        first time only."""
+        self._withdraw(trial_id)
         self._duplicates[first] = self._duplicates.get(first, 0) + 1
         if self._duplicates[first] == 1:
             logger.info(f"proposals that train what trial {first} trains (they differ only in settings its kind of "
-                        "trial ignores) are not run again: Optuna is told its result", extra={"stage": "search"})  # fmt: skip
+                        "trial ignores) are not run again", extra={"stage": "search"})  # fmt: skip
         self._write()
-
-    def _tell_as(self, duplicate: Any, first: str) -> None:
-        """Tell Optuna the result of trial ``first`` for its ``duplicate`` proposal: its value, or a failure
-        (left out of the model) when it had none."""
-        study: Any = self._ot_study
-        value = self._values[first]
-        if value is None:
-            study.tell(duplicate, state=TrialState.FAIL)
-        else:
-            study.tell(duplicate, values=value)
 
     def _exhausted(self) -> str:
         logger.info(f"search: each of the space's {self._points} distinct point(s) has been proposed; no more trials",

@@ -99,21 +99,27 @@ def _dimension(values: FloatRange | tuple[Any, ...]) -> Any:
 
 
 def count_points(param_space: dict[str, Any]) -> int | None:
-    """How many distinct trials the space holds when it is finite (no continuous dimension), else None.
+    """How many distinct trials the space holds when it is finite, else None.
 
-    Points that train the same model (equal :meth:`TrialConfig.identity`, such as probes that differ only in
-    learning rate) count once; a space of more than ``_COUNTED`` raw points is not enumerated and its raw
-    count is returned (an upper bound).
+    Points that train the same model (equal :meth:`TrialConfig.identity`) count once, so a continuous
+    dimension that no point's kind of trial reads (the learning rate of a space of probes) leaves the space
+    finite. A space of more than ``_COUNTED`` combinations of its choices is not enumerated: its raw count is
+    returned when it has no continuous dimension (an upper bound), else None.
     """
-    names = [name for name, domain in param_space.items() if isinstance(domain, Domain)]
-    if any(not isinstance(param_space[name], Categorical) for name in names):
-        return None
-    choices = [list(param_space[name].categories) for name in names]
-    raw = math.prod(len(c) for c in choices)
+    searched = {name: dom for name, dom in param_space.items() if isinstance(dom, Domain)}
+    choices = {name: list(dom.categories) for name, dom in searched.items() if isinstance(dom, Categorical)}
+    continuous = {name: dom.sample() for name, dom in searched.items() if name not in choices}  # any value will do
+    raw = math.prod(len(values) for values in choices.values())
     if raw > _COUNTED:
-        return raw
-    fixed = {name: value for name, value in param_space.items() if name not in names}
-    return len({TrialConfig.from_params({**fixed, **dict(zip(names, point))}).identity() for point in itertools.product(*choices)})
+        return None if continuous else raw
+    fixed = {**{k: v for k, v in param_space.items() if k not in searched}, **continuous}
+    points = set()
+    for combination in itertools.product(*choices.values()):
+        identity = TrialConfig.from_params({**fixed, **dict(zip(choices, combination))}).identity()
+        if any(name in continuous for name, _ in identity):
+            return None  # a continuous dimension this trial reads: endless distinct points
+        points.add(identity)
+    return len(points)
 
 
 def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:
