@@ -72,7 +72,8 @@ class RankedOptunaSearch(OptunaSearch):
         self._ran: dict[tuple[tuple[str, Any], ...], str] = {}  # identity -> the trial that runs it
         self._duplicates: dict[str, int] = {}  # trial -> proposals skipped as its duplicates
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Searcher.FINISHED (a str) ends the search: Ray documents it, though its annotation leaves it out.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self._points is not None and len(self._ran) >= self._points:
             return self._exhausted()
         params: dict[str, Any] | None = None
