@@ -76,7 +76,6 @@ class RankedOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self._points is not None and len(self._ran) >= self._points:
             return self._exhausted()
-        params: dict[str, Any] | None = None
         for attempt in range(MAX_DECLINES + 1):
             params = super().suggest(trial_id) or {}
             cfg = TrialConfig.from_params({**self._constants, **params})
@@ -98,7 +97,7 @@ class RankedOptunaSearch(OptunaSearch):
                                extra={"stage": "search"})  # fmt: skip
             self._ran[identity] = trial_id
             return params
-        return None  # every proposal repeated a trial: Tune asks again on its next step
+        return None  # proposals kept repeating trials: Tune asks again on its next step
 
     def _rank(self, trial_id: str, cfg: TrialConfig) -> str:
         """What ranking says of a proposal: ``run``, ``wait`` (its backbone's score is on the way) or ``decline``."""
@@ -133,7 +132,7 @@ class RankedOptunaSearch(OptunaSearch):
         self._write()
 
     def _exhausted(self) -> str:
-        logger.info(f"search: each of the space's {self._points} distinct point(s) has been proposed; no more trials",
+        logger.info(f"each of the search space's {self._points} distinct point(s) has been proposed; no more trials",
                     extra={"stage": "search"})  # fmt: skip
         return str(Searcher.FINISHED)
 
