@@ -11,6 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from automl_tl.backbones import list_backbones
 from automl_tl.config import ExperimentConfig, load_config
 from automl_tl.train.trial_config import PROBE_IGNORES, TrialConfig
 
@@ -56,6 +59,18 @@ def test_image_trials_ignore_the_feature_scale_and_a_decay_that_has_one_layer_to
     assert _identity(**everything, feature_scale=1.25) == _identity(**everything)  # only a frozen extractor reads it
     augmented = dict(optimizer="lbfgs", augmentation="light")  # LP-FT on images: every step setting counts
     assert _identity(**augmented, learning_rate=3e-2) != _identity(**augmented)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_the_backbone_rates_count_exactly_where_backbone_layers_train(name: str) -> None:
+    """The identity's count of trained layers against the network itself, over the registry."""
+    from automl_tl.backbones import create_backbone, resolve_spec
+
+    deepest = resolve_spec(name).max_freeze_depth
+    for depth in sorted({0, 1, deepest - 1, deepest}):
+        layers = sum(1 for layer in create_backbone(name, 3, pretrained=False, freeze_depth=depth).trainable_layers() if layer)
+        fields = dict(_identity(backbone=name, freeze_depth=depth, optimizer="adamw", augmentation="light"))
+        assert ("layer_decay" in fields, "backbone_lr_ratio" in fields) == (layers >= 2, layers >= 1), depth
 
 
 # --- the searcher -------------------------------------------------------------------------------------------
