@@ -289,6 +289,7 @@ def _finish(
         errors = "; ".join(sorted({str(r["stop_reason"]) for r in rows})) or "no trial ran"
         raise SearchError(f"no trial finished an epoch: {errors}")
     ranking = ranking_summary(config, rows, run.path / RANKING_FILE)  # LogME per backbone, and what it pruned
+    end = {**end, "duplicates_skipped": ranking["duplicates_skipped"]}  # proposals that repeated a trial
     rows = with_ranking(rank_rows(rows, metric), ranking)
     best = rows[0]
     wall_s = time.time() - started

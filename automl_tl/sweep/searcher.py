@@ -1,4 +1,11 @@
-"""The sweep's searcher: Optuna proposing, with backbones ranked by transferability before they are fine-tuned.
+"""The sweep's searcher: Optuna proposing, each effective configuration run once, and backbones ranked by
+transferability before they are fine-tuned.
+
+Two proposals that differ only in settings their kind of trial ignores (the learning rate of a probe on
+cached features, the layer decay of a frozen backbone: :meth:`TrialConfig.identity`) train the same model.
+A proposal whose identity a trial already has (finished or running) is not run: the searcher asks Optuna
+again. When every distinct point of a finite space has been proposed the searcher says so and Tune ends the
+sweep (``summary.json``'s ``sweep.stop_reason`` is ``space_exhausted``), instead of waiting out the budget.
 
 Every trial that trains a head on a backbone's cached features (the frozen-first probe among them) reports
 the LogME score of those features (``automl_tl.train.transferability``). Once a backbone's score trails the
@@ -13,6 +20,12 @@ sampling from what it learnt of trials that ran, restricted to what ranking allo
 and the trial cap and the budget go to trials that run. Telling it PRUNED would instead teach TPE that low
 freeze depths are bad in general, since only fine-tuning proposals are ever declined; ending such a trial
 inside Tune would spend a trial slot and a process start on it.
+
+A duplicate is told FAILED too, whether the trial it repeats has finished or still runs, and for the same
+reason: the model keeps one observation per point, the one the trial that ran reported. Telling it
+COMPLETE with that trial's value adds a copy of the point for every repeat, and since TPE proposes again
+where it has seen good values, the copies of the best point pull each categorical choice towards it until
+nearly every proposal repeats it and the sweep stalls. Duplicates are counted in ``ranking.json`` (``duplicates_skipped``) and logged once per trial.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from automl_tl.config import ExperimentConfig
@@ -34,49 +48,69 @@ from automl_tl.train.transferability import backbone_scores, prune_decisions, ra
 __all__ = ["MAX_DECLINES", "RANKING_FILE", "RankedOptunaSearch", "ranked_search", "ranking_summary", "with_ranking"]
 
 logger = logging.getLogger(__name__)
-RANKING_FILE = "ranking.json"  # the searcher's record: backbones pruned (and why), proposals declined
-# Declined proposals in a row before one is let through anyway: TPE gives every category some prior weight,
-# so reaching it means the space left by ranking is all but empty.
+RANKING_FILE = "ranking.json"  # the searcher's record: backbones pruned (and why), proposals declined or skipped
+# Proposals in a row that cannot run (declined or duplicates) before the searcher stops asking: a declined
+# one is then let through, a duplicate left for Tune's next request. TPE gives every category some prior
+# weight, so reaching it means the space left is all but empty.
 MAX_DECLINES = 200
 
 
 class RankedOptunaSearch(OptunaSearch):
-    """:class:`OptunaSearch` that declines image-stepping proposals for backbones ranked out (see module)."""
+    """:class:`OptunaSearch` that runs each effective configuration once and declines image-stepping proposals
+    for backbones ranked out (see module)."""
 
-    def __init__(self, constants: Mapping[str, Any], prune: bool, margin: float, record: Path, **kwargs: Any) -> None:
+    def __init__(self, constants: Mapping[str, Any], prune: bool, margin: float, record: Path,
+                 points: int | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self._constants = dict(constants)  # the param space's fixed values: a proposal only holds searched ones
         self._prune, self._margin, self._record = prune, margin, str(record)
+        self._points = points  # the space's distinct effective points when it is finite
         self._scores: dict[str, float] = {}
         self._pruned: dict[str, str] = {}
         self._declined: dict[str, int] = {}
         self._scoring: dict[str, str] = {}  # trial id -> the unscored backbone whose features that trial trains on
+        self._ran: dict[tuple[tuple[str, Any], ...], str] = {}  # identity -> the trial that runs it
+        self._duplicates: dict[str, int] = {}  # trial -> proposals skipped as its duplicates
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        params: dict[str, Any] | None = None
+    # Searcher.FINISHED (a str) ends the search: Ray documents it, though its annotation leaves it out.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        if self._points is not None and len(self._ran) >= self._points:
+            return self._exhausted()
         for attempt in range(MAX_DECLINES + 1):
             params = super().suggest(trial_id) or {}
-            full = {**self._constants, **params}
-            backbone = str(full.get("backbone"))
-            if TrialConfig.from_params(full).frozen_features:
-                if backbone not in self._scores:
-                    self._scoring[trial_id] = backbone  # this trial will score its backbone
-                return params
-            if not self._prune:
-                return params
-            if backbone not in self._scores and backbone in self._scoring.values():
+            cfg = TrialConfig.from_params({**self._constants, **params})
+            identity = cfg.identity()
+            if identity in self._ran:
+                self._skip_duplicate(trial_id, self._ran[identity])
+                continue
+            verdict = self._rank(trial_id, cfg)
+            if verdict == "wait":
                 self._withdraw(trial_id)  # its score is on the way: Tune asks again on its next step
                 return None
-            if backbone not in self._pruned:
-                return params
-            if attempt == MAX_DECLINES:
-                logger.warning(f"ranking declined {MAX_DECLINES} proposals in a row; letting one on {backbone} run",
+            if verdict == "decline" and attempt < MAX_DECLINES:
+                self._withdraw(trial_id)
+                self._declined[cfg.backbone] = self._declined.get(cfg.backbone, 0) + 1
+                self._write()
+                continue
+            if verdict == "decline":
+                logger.warning(f"ranking declined {MAX_DECLINES} proposals in a row; letting one on {cfg.backbone} run",
                                extra={"stage": "search"})  # fmt: skip
-                return params
-            self._withdraw(trial_id)
-            self._declined[backbone] = self._declined.get(backbone, 0) + 1
-            self._write()
-        return params
+            self._ran[identity] = trial_id
+            return params
+        return None  # proposals kept repeating trials: Tune asks again on its next step
+
+    def _rank(self, trial_id: str, cfg: TrialConfig) -> str:
+        """What ranking says of a proposal: ``run``, ``wait`` (its backbone's score is on the way) or ``decline``."""
+        backbone = cfg.backbone
+        if cfg.frozen_features:
+            if backbone not in self._scores:
+                self._scoring[trial_id] = backbone  # this trial will score its backbone
+            return "run"
+        if not self._prune or (backbone not in self._scores and backbone not in self._scoring.values()):
+            return "run"
+        if backbone not in self._scores:
+            return "wait"
+        return "decline" if backbone in self._pruned else "run"
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._note(trial_id, result)
@@ -86,6 +120,21 @@ class RankedOptunaSearch(OptunaSearch):
         self._note(trial_id, result or {})
         self._scoring.pop(trial_id, None)  # scored, or it never will: nothing waits on it any more
         super().on_trial_complete(trial_id, result, error)
+
+    def _skip_duplicate(self, trial_id: str, first: str) -> None:
+        """The proposal for ``trial_id`` trains what trial ``first`` trains: withdrawn, counted, and logged the
+        first time only."""
+        self._withdraw(trial_id)
+        self._duplicates[first] = self._duplicates.get(first, 0) + 1
+        if self._duplicates[first] == 1:
+            logger.info(f"proposals that train what trial {first} trains (they differ only in settings its kind of "
+                        "trial ignores) are not run again", extra={"stage": "search"})  # fmt: skip
+        self._write()
+
+    def _exhausted(self) -> str:
+        logger.info(f"each of the search space's {self._points} distinct point(s) has been proposed; no more trials",
+                    extra={"stage": "search"})  # fmt: skip
+        return str(Searcher.FINISHED)
 
     def _withdraw(self, trial_id: str) -> None:
         """Tell Optuna the proposal for ``trial_id`` failed (out of its model) and forget it."""
@@ -111,7 +160,8 @@ class RankedOptunaSearch(OptunaSearch):
         self._write()
 
     def _write(self) -> None:
-        record = {"scores": self._scores, "pruned": self._pruned, "declined": self._declined}
+        record = {"scores": self._scores, "pruned": self._pruned, "declined": self._declined,
+                  "duplicates_skipped": sum(self._duplicates.values()), "duplicates_of": self._duplicates}  # fmt: skip
         Path(self._record).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(self._record), json.dumps(record, indent=2))
 
@@ -134,6 +184,7 @@ def ranking_summary(config: ExperimentConfig, rows: list[dict[str, Any]], record
         "best": max(scores, key=lambda n: scores[n]) if scores else None,
         "pruned": pruned,
         "declined_proposals": {name: int(n) for name, n in dict(record.get("declined") or {}).items()},
+        "duplicates_skipped": int(record.get("duplicates_skipped") or 0),
     }
 
 
@@ -148,6 +199,8 @@ def ranked_search(config: ExperimentConfig, param_space: Mapping[str, Any], reco
     """The sweep's searcher for ``config`` (``kwargs`` go to :class:`OptunaSearch`)."""
     from ray.tune.search.sample import Domain
 
+    from automl_tl.sweep.space import count_points
+
     constants = {k: v for k, v in param_space.items() if not isinstance(v, Domain)}
     prune = ranking_enabled(config.search.rank_backbones, len(config.space.backbones))
-    return RankedOptunaSearch(constants, prune, config.search.rank_margin, record, **kwargs)
+    return RankedOptunaSearch(constants, prune, config.search.rank_margin, record, count_points(dict(param_space)), **kwargs)

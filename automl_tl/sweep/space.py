@@ -12,6 +12,8 @@ takes every valid value of the chosen backbones (0 = fine-tune everything, the b
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 from ray import tune
@@ -21,8 +23,11 @@ from automl_tl.backbones import resolve_spec
 from automl_tl.config import ExperimentConfig, FloatRange
 from automl_tl.errors import ConfigError
 from automl_tl.train.loop import HYPERPARAMETERS
+from automl_tl.train.trial_config import TrialConfig
 
 __all__ = ["build_param_space", "count_points", "freeze_depth_choices", "frozen_start_points"]
+
+_COUNTED = 20_000  # the most raw points count_points enumerates to find the distinct ones
 
 # The trial each backbone starts with when ``search.frozen_first`` is on: a frozen feature extractor, no
 # augmentation and a linear head. Its pooled features are computed once and shared (``automl_tl.train.features``),
@@ -94,14 +99,27 @@ def _dimension(values: FloatRange | tuple[Any, ...]) -> Any:
 
 
 def count_points(param_space: dict[str, Any]) -> int | None:
-    """How many distinct trials the space holds when it is finite (no continuous dimension), else None."""
-    count = 1
-    for domain in param_space.values():
-        if isinstance(domain, Categorical):
-            count *= len(domain.categories)
-        elif isinstance(domain, Domain):
-            return None
-    return count
+    """How many distinct trials the space holds when it is finite, else None.
+
+    Points that train the same model (equal :meth:`TrialConfig.identity`) count once, so a continuous
+    dimension that no point's kind of trial reads (the learning rate of a space of probes) leaves the space
+    finite. A space of more than ``_COUNTED`` combinations of its choices is not enumerated: its raw count is
+    returned when it has no continuous dimension (an upper bound), else None.
+    """
+    searched = {name: dom for name, dom in param_space.items() if isinstance(dom, Domain)}
+    choices = {name: list(dom.categories) for name, dom in searched.items() if isinstance(dom, Categorical)}
+    continuous = {name: dom.sample() for name, dom in searched.items() if name not in choices}  # any value will do
+    raw = math.prod(len(values) for values in choices.values())
+    if raw > _COUNTED:
+        return None if continuous else raw
+    fixed = {**{k: v for k, v in param_space.items() if k not in searched}, **continuous}
+    points = set()
+    for combination in itertools.product(*choices.values()):
+        identity = TrialConfig.from_params({**fixed, **dict(zip(choices, combination))}).identity()
+        if any(name in continuous for name, _ in identity):
+            return None  # a continuous dimension this trial reads: endless distinct points
+        points.add(identity)
+    return len(points)
 
 
 def frozen_start_points(config: ExperimentConfig, param_space: dict[str, Any]) -> list[dict[str, Any]]:

@@ -176,7 +176,8 @@ def sweep_end(config: ExperimentConfig, param_space: dict[str, Any], trials: int
 
     budget, cap, points = config.search.time_budget_s, config.search.max_trials(), count_points(param_space)
     if points is not None and trials >= points and (cap is None or points <= cap):
-        reason = f"space_exhausted: the search space has {points} distinct point(s) and each ran"
+        reason = (f"space_exhausted: each of the search space's {points} distinct point(s) ran (proposals that "
+                  "train the same model count as one point)")
     elif cap is not None and trials >= cap:
         reason = f"trial_cap: search.num_samples={cap} trials ran"
     elif budget is not None and fit_s >= 0.9 * budget:

@@ -102,7 +102,7 @@ def train_trial(
 
         features = cached_features(data, cfg.backbone, pre, model)
         scored["transferability"] = train_logme(data, cfg.backbone, pre, features.train)
-        probe = cfg.optimizer == "lbfgs"  # the logistic-regression probe: the head fitted to convergence
+        probe = cfg.is_probe  # the logistic-regression probe: the head fitted to convergence
         steps: Steps = (ProbeSteps if probe else FeatureSteps)(
             model.head, features.train, data.labels[data.train_idx], features.val,
             data.labels[data.val_idx], cfg, weight, balance,

@@ -14,7 +14,7 @@ from automl_tl.train.augment import is_deterministic
 from automl_tl.backbones import resolve_spec
 from automl_tl.inference.transforms import Preprocessing
 
-__all__ = ["HYPERPARAMETERS", "TrialConfig"]
+__all__ = ["HYPERPARAMETERS", "PROBE_IGNORES", "TrialConfig"]
 
 # The searched hyperparameters: the TrialConfig fields the sweep varies, each with the ``space`` section field
 # that lists its values. The search space, leaderboard, summary, report and demo read the names from here.
@@ -25,6 +25,14 @@ HYPERPARAMETERS: dict[str, str] = {
     "image_size": "image_sizes", "head": "heads", "head_dropout": "mlp_dropout",
     "layer_decay": "layer_decay", "feature_scale": "feature_scales",
 }  # fmt: skip
+
+# What the logistic-regression probe (``lbfgs`` on cached features) never reads: it fits the head to
+# convergence by full-batch L-BFGS without label smoothing, in eval mode (no dropout), chooses its own L2 on
+# validation and ends after its first epoch, so no step size, batch, schedule or patience reaches it.
+PROBE_IGNORES = frozenset({
+    "learning_rate", "backbone_lr_ratio", "layer_decay", "weight_decay", "label_smoothing", "batch_size",
+    "head_dropout", "max_epochs", "plateau_patience",
+})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,36 @@ class TrialConfig:
         if self.feature_scale != 1.0 and self.frozen_features:
             size = max(16, 16 * round(size * self.feature_scale / 16))
         return Preprocessing.from_spec(spec, size)
+
+    def identity(self) -> tuple[tuple[str, Any], ...]:
+        """What this trial trains, as ``(field, value)`` pairs: two trials with the same identity train the
+        same model. Every field counts except those this kind of trial ignores:
+
+        * the freeze depth past the whole extractor and the image size or feature scale are folded into the
+          depth and input side the trial really uses (:meth:`preprocessing`);
+        * ``layer_decay`` needs two trained backbone layers (the deepest learns at the ratio's rate alone),
+          ``backbone_lr_ratio`` one;
+        * the probe on cached features reads none of :data:`PROBE_IGNORES`.
+        """
+        spec = resolve_spec(self.backbone)
+        depth = min(self.freeze_depth, spec.max_freeze_depth)
+        values = {**self.to_dict(), "freeze_depth": depth, "image_size": self.preprocessing().input_size}
+        # The layers that train besides the head: the stem and every stage at depth 0, else the unfrozen stages.
+        trained = spec.max_freeze_depth + 1 if depth == 0 else spec.max_freeze_depth - depth
+        ignored = {"feature_scale"}  # folded into image_size
+        if trained < 2:
+            ignored.add("layer_decay")
+        if trained == 0:
+            ignored.add("backbone_lr_ratio")
+        if self.is_probe:
+            ignored |= PROBE_IGNORES
+        return tuple((name, value) for name, value in values.items() if name not in ignored)
+
+    @property
+    def is_probe(self) -> bool:
+        """Whether this trial is the logistic-regression probe: ``lbfgs`` on a pretrained extractor's cached
+        features (``automl_tl.train.probe``)."""
+        return self.optimizer == "lbfgs" and self.frozen_features and self.pretrained
 
     @property
     def frozen_features(self) -> bool:
