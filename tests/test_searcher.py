@@ -129,6 +129,25 @@ def test_the_searcher_runs_each_effective_configuration_once(tmp_path: Path) -> 
     assert len(trials) - len(failed) == len(ran)  # no Optuna trial left behind besides the ones that run
 
 
+def test_after_the_probe_is_best_the_next_proposal_leaves_it_at_once(tmp_path: Path) -> None:
+    """TPE, having seen only the probe and that it was good, proposes it again and again: the searcher must
+    not spend thousands of asks (minutes) waiting for TPE to leave it."""
+    import optuna
+
+    space = {"backbones": ["mobilenetv2_100"], "freeze_depths": [8], "augmentations": ["none"],
+             "image_sizes": [64], "batch_sizes": [32]}  # fmt: skip
+    search = _searcher(tmp_path, load_config({"space": space}), optuna.samplers.TPESampler(seed=0, n_startup_trials=1))
+    first = search.suggest("t0")
+    assert isinstance(first, dict) and _config(search, first).is_probe
+    search.on_trial_complete("t0", {"val_accuracy": 0.9, "training_iteration": 1})
+    for i in range(1, 4):
+        params = search.suggest(f"t{i}")
+        assert isinstance(params, dict) and not _config(search, params).is_probe
+        search.on_trial_complete(f"t{i}", {"val_accuracy": 0.5, "training_iteration": 1})
+    record = json.loads((tmp_path / "ranking.json").read_text(encoding="utf-8")) if (tmp_path / "ranking.json").exists() else {}
+    assert record.get("duplicates_skipped", 0) <= 10, record
+
+
 def test_a_space_whose_distinct_points_have_all_run_ends_the_search(tmp_path: Path) -> None:
     from ray.tune.search import Searcher
 

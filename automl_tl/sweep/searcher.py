@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from optuna.samplers import RandomSampler
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -60,7 +61,7 @@ class RankedOptunaSearch(OptunaSearch):
     for backbones ranked out (see module)."""
 
     def __init__(self, constants: Mapping[str, Any], prune: bool, margin: float, record: Path,
-                 points: int | None = None, **kwargs: Any) -> None:  # fmt: skip
+                 points: int | None = None, seed: int | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self._constants = dict(constants)  # the param space's fixed values: a proposal only holds searched ones
         self._prune, self._margin, self._record = prune, margin, str(record)
@@ -71,6 +72,7 @@ class RankedOptunaSearch(OptunaSearch):
         self._scoring: dict[str, str] = {}  # trial id -> the unscored backbone whose features that trial trains on
         self._ran: dict[tuple[tuple[str, Any], ...], str] = {}  # identity -> the trial that runs it
         self._duplicates: dict[str, int] = {}  # trial -> proposals skipped as its duplicates
+        self._explore = RandomSampler(seed=seed)  # draws what is asked after a repeat
 
     # Searcher.FINISHED (a str) ends the search: Ray documents it, though its annotation leaves it out.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
@@ -82,6 +84,8 @@ class RankedOptunaSearch(OptunaSearch):
             identity = cfg.identity()
             if identity in self._ran:
                 self._skip_duplicate(trial_id, self._ran[identity])
+                study: Any = self._ot_study  # set up by OptunaSearch before the first suggestion
+                study.enqueue_trial(self._random_point())  # the next ask: see _random_point
                 continue
             verdict = self._rank(trial_id, cfg)
             if verdict == "wait":
@@ -98,6 +102,18 @@ class RankedOptunaSearch(OptunaSearch):
             self._ran[identity] = trial_id
             return params
         return None  # proposals kept repeating trials: Tune asks again on its next step
+
+    def _random_point(self) -> dict[str, Any]:
+        """A point drawn at random from the searched dimensions, asked next in place of a repeat.
+
+        A sampler that has learnt one point is best keeps proposing it (TPE sees only trials that ran, and the
+        repeats it is told failed are out of its model), so asking it again after a repeat can take thousands
+        of asks to leave a point that a probe made best. A random draw leaves it at once; the trial it becomes
+        is a completed trial like any other, which the sampler then learns from."""
+        space: Any = self._space  # flat name -> Optuna distribution, set up by OptunaSearch
+        study: Any = self._ot_study
+        return {name: self._explore.sample_independent(study, None, name, dist)  # type: ignore[arg-type]
+                for name, dist in space.items()}  # fmt: skip
 
     def _rank(self, trial_id: str, cfg: TrialConfig) -> str:
         """What ranking says of a proposal: ``run``, ``wait`` (its backbone's score is on the way) or ``decline``."""
@@ -203,4 +219,5 @@ def ranked_search(config: ExperimentConfig, param_space: Mapping[str, Any], reco
 
     constants = {k: v for k, v in param_space.items() if not isinstance(v, Domain)}
     prune = ranking_enabled(config.search.rank_backbones, len(config.space.backbones))
-    return RankedOptunaSearch(constants, prune, config.search.rank_margin, record, count_points(dict(param_space)), **kwargs)
+    return RankedOptunaSearch(constants, prune, config.search.rank_margin, record, count_points(dict(param_space)),
+                              config.search.seed, **kwargs)  # fmt: skip
