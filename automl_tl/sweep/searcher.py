@@ -4,7 +4,7 @@ transferability before they are fine-tuned.
 Two proposals that differ only in settings their kind of trial ignores (the learning rate of a probe on
 cached features, the layer decay of a frozen backbone: :meth:`TrialConfig.identity`) train the same model.
 A proposal whose identity a trial already has (finished or running) is not run: the searcher asks Optuna
-again. When every distinct point of a finite space has been proposed the searcher says so and Tune ends the
+again, for a point drawn at random (see ``_random_point``). When every distinct point of a finite space has been proposed the searcher says so and Tune ends the
 sweep (``summary.json``'s ``sweep.stop_reason`` is ``space_exhausted``), instead of waiting out the budget.
 
 Every trial that trains a head on a backbone's cached features (the frozen-first probe among them) reports
@@ -84,8 +84,6 @@ class RankedOptunaSearch(OptunaSearch):
             identity = cfg.identity()
             if identity in self._ran:
                 self._skip_duplicate(trial_id, self._ran[identity])
-                study: Any = self._ot_study  # set up by OptunaSearch before the first suggestion
-                study.enqueue_trial(self._random_point())  # the next ask: see _random_point
                 continue
             verdict = self._rank(trial_id, cfg)
             if verdict == "wait":
@@ -141,6 +139,8 @@ class RankedOptunaSearch(OptunaSearch):
         """The proposal for ``trial_id`` trains what trial ``first`` trains: withdrawn, counted, and logged the
         first time only."""
         self._withdraw(trial_id)
+        study: Any = self._ot_study  # set up by OptunaSearch before the first suggestion
+        study.enqueue_trial(self._random_point())  # what the next ask returns: see _random_point
         self._duplicates[first] = self._duplicates.get(first, 0) + 1
         if self._duplicates[first] == 1:
             logger.info(f"proposals that train what trial {first} trains (they differ only in settings its kind of "
