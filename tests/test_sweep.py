@@ -299,7 +299,9 @@ def test_tuned_malloc_stops_page_faulting_every_large_activation(ray_session: An
         counts[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     pages = 10 * 64 * 2**20 // 4096
     assert all(n > 0.5 * pages for n in counts["default"])  # glibc maps and faults in every block afresh
-    assert all(n < 0.2 * pages for n in counts["tuned"]), counts  # in the main thread and in another one
+    # In the main thread and in another one. A block now and then still lands on fresh pages (CI saw two in
+    # one run), so the bound sits well below "every block" and above a few strays.
+    assert all(n < 0.35 * pages for n in counts["tuned"]), counts
 
     @ray_session.remote(num_cpus=0)
     def worker_env() -> dict[str, str | None]:
